@@ -1,0 +1,192 @@
+"""The ``diffim`` command line: ``simulate``, ``subtract``, ``run`` and ``demo``.
+
+Exit codes
+----------
+0
+    Success.
+1
+    Unexpected internal error (a bug: please report it with the traceback shown by ``--debug``).
+2
+    Bad input or configuration: missing/corrupt file, missing HDU, bad override, no overlap, ...
+3
+    The subtraction failed its quality checks (too few kernel candidates, bad residuals).
+130
+    Interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import DiffimError
+
+__all__ = ["main", "EXIT_OK", "EXIT_INTERNAL", "EXIT_BAD_INPUT", "EXIT_QUALITY"]
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_QUALITY = 3
+EXIT_INTERRUPTED = 130
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. -c subtract.name=zogy -c detection.thresholdValue=5.5 (repeatable)")
+    p.add_argument("-C", "--config-file", dest="config_files", action="append", default=[], metavar="FILE",
+                   help="Python config override file assigning to `config` (as written to OUTDIR/config.py; repeatable)")
+    p.add_argument("--show-config", action="store_true", help="print the full config that would be used and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffim",
+        description="Difference imaging for time-domain astronomy (a Python ImageDifferenceTask).",
+        epilog="Exit codes: 0 ok, 1 internal error, 2 bad input/config, 3 subtraction failed quality checks.",
+    )
+    parser.add_argument("--version", action="version", version=f"diffim {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only print errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print debug messages")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="simulate a science/template pair with known truth")
+    p.add_argument("outdir", type=Path)
+    p.add_argument("--size", type=int, default=1024, help="image size in pixels (square; default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--psf", default=None, help="PSF profile: gaussian, elliptical or moffat")
+    p.add_argument("--template-psf", dest="template_psf", default=None,
+                   help="template PSF relative to the science: sharper, broader or mixed")
+    p.add_argument("--rotation", type=float, default=None, help="template WCS rotation in degrees (default none)")
+    p.add_argument("--offset", type=float, nargs=2, default=None, metavar=("DX", "DY"),
+                   help="template WCS offset in pixels (default none)")
+
+    p = sub.add_parser("subtract", help="PSF-match and subtract: SCIENCE − TEMPLATE → difference exposure")
+    p.add_argument("science", type=Path)
+    p.add_argument("template", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="output difference FITS file (LSST MEF)")
+    _add_config_args(p)
+
+    p = sub.add_parser("run", help="the whole job: subtract, detect, measure; write images and the DIA catalogue")
+    p.add_argument("science", type=Path)
+    p.add_argument("template", type=Path, nargs="?", help="template exposure (omit with --coadd-dir)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output directory (must not exist, or use --overwrite)")
+    p.add_argument("--coadd-dir", type=Path, default=None, help="build the template from the coadd patches in DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write diagnostics.png")
+    _add_config_args(p)
+
+    p = sub.add_parser("demo", help="simulate a pair, run the whole job on it and print a summary")
+    p.add_argument("outdir", type=Path, nargs="?", default=Path("demo_output"))
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=1)
+    return parser
+
+
+def _setup_logging(args) -> None:
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("matplotlib", "PIL", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_simulate(args) -> int:
+    from .sim import write_simulation
+
+    opts = {}
+    if args.psf:
+        opts["psf_profile"] = args.psf
+    if args.template_psf:
+        opts["template_psf_mode"] = args.template_psf
+    if args.rotation is not None:
+        opts["wcs_rotation_deg"] = args.rotation
+    if args.offset is not None:
+        opts["wcs_offset_pix"] = tuple(args.offset)
+    write_simulation(args.outdir, size=args.size, seed=args.seed, **opts)
+    if not args.quiet:
+        print(f"wrote {args.outdir}/science.fits, template.fits and the truth table")
+    return EXIT_OK
+
+
+def _cmd_subtract(args) -> int:
+    from .pipeline import make_config, subtract_files
+
+    config = make_config(args.overrides, args.config_files, subtract_only=True)
+    if args.show_config:
+        config.saveToStream(sys.stdout)
+        return EXIT_OK
+    res = subtract_files(args.science, args.template, args.output, config=config)
+    if not args.quiet:
+        print(f"wrote {args.output}  (noise ratio {res.metadata.get('noiseRatio', float('nan')):.3f})")
+    return EXIT_OK
+
+
+def _cmd_run(args) -> int:
+    from .pipeline import make_config, run_files
+
+    config = make_config(args.overrides, args.config_files)
+    if args.show_config:
+        config.saveToStream(sys.stdout)
+        return EXIT_OK
+    if args.template is None and args.coadd_dir is None:
+        from .errors import BadInputError
+
+        raise BadInputError("Give a TEMPLATE exposure or --coadd-dir DIR to build one from coadd patches.")
+    t0 = time.perf_counter()
+    res = run_files(args.science, args.template, args.output, config=config, coadd_dir=args.coadd_dir,
+                    overwrite=args.overwrite, plot=args.plot, progress=not args.quiet)
+    if not args.quiet:
+        print(res.summary(time.perf_counter() - t0))
+    return EXIT_OK
+
+
+def _cmd_demo(args) -> int:
+    from .pipeline import make_config, run_files
+    from .sim import write_simulation
+
+    out = args.outdir
+    inputs = out / "inputs"
+    t0 = time.perf_counter()
+    print(f"Simulating a {args.size}×{args.size} science/template pair (seed {args.seed}) in {inputs} ...")
+    write_simulation(inputs, size=args.size, seed=args.seed)
+    config = make_config([], [])
+    res = run_files(inputs / "science.fits", inputs / "template.fits", out / "results", config=config,
+                    overwrite=True, plot=True, progress=True, truth=inputs / "truth.fits")
+    print(res.summary(time.perf_counter() - t0))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``diffim`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    handler = {"simulate": _cmd_simulate, "subtract": _cmd_subtract, "run": _cmd_run, "demo": _cmd_demo}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("diffim: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except DiffimError as exc:
+        if args.debug:
+            raise
+        code = getattr(exc, "exit_code", EXIT_INTERNAL)
+        print(f"diffim: error: {exc}", file=sys.stderr)
+        return code
+    except MemoryError:
+        print("diffim: error: out of memory; try a smaller image or fewer workers", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception as exc:  # an unexpected failure is a bug: say so, briefly, unless --debug
+        if args.debug:
+            raise
+        print(f"diffim: internal error: {type(exc).__name__}: {exc} (re-run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""One-call helpers for file paths: what the ``diffim`` command runs.
+
+:func:`run_files` reads two exposures, runs :class:`~diffim.tasks.image_difference.ImageDifferenceTask`
+and writes every output into a directory that appears only when the run succeeded (outputs are assembled
+in a temporary sibling directory and renamed into place).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BadInputError, DiffimIOError
+from .tasks.base import apply_config_overrides
+
+__all__ = ["make_config", "run_files", "subtract_files", "RunResult", "prepare_exposure"]
+
+log = logging.getLogger("diffim.pipeline")
+
+
+def make_config(overrides=(), files=(), *, subtract_only: bool = False):
+    """Default :class:`ImageDifferenceConfig` with override files (``-C``) and ``key=value`` strings (``-c``)."""
+    from .tasks.image_difference import ImageDifferenceConfig
+
+    config = ImageDifferenceConfig()
+    if subtract_only:
+        config.doDetection = False
+        config.doMeasurement = False
+        config.doMerge = False
+        config.doSkySources = False
+        config.doForcedMeasurement = False
+        config.doScaleDiffimVariance = False
+    apply_config_overrides(config, overrides, files)
+    try:
+        config.validate()
+    except Exception as exc:
+        from .errors import ConfigError
+
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"Invalid configuration: {exc}") from None
+    return config
+
+
+def prepare_exposure(exposure, *, label: str):
+    """Make a read exposure usable: estimate a PSF if it has none (plain FITS inputs)."""
+    if exposure.psf is None:
+        from .psf import estimate_psf
+
+        log.info("%s has no PSF model: estimating one from its stars", label)
+        exposure.psf = estimate_psf(exposure)
+    return exposure
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_files` produced: output paths, the task's result Struct, metadata and figures."""
+
+    outdir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    result: Any = None
+
+    def summary(self, elapsed: float | None = None) -> str:
+        md = self.metadata
+        lines = [f"diffim finished: outputs in {self.outdir}"]
+        counts = md.get("counts", {})
+        if counts:
+            lines.append(
+                "  DIA sources: {n} ({pos} positive, {neg} negative, {dip} dipoles)".format(
+                    n=counts.get("nDiaSources", 0), pos=counts.get("nPositive", 0),
+                    neg=counts.get("nNegative", 0), dip=counts.get("nDipoles", 0))
+            )
+        q = md.get("quality", {})
+        if "noiseRatio" in q:
+            lines.append(f"  noise ratio (robust std of difference/σ on empty sky): {q['noiseRatio']:.3f}")
+        if "truth" in md:
+            t = md["truth"]
+            lines.append("  against truth: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                    for k, v in t.items()))
+        if elapsed is not None:
+            lines.append(f"  wall time: {elapsed:.1f} s")
+        for name in ("difference", "diaSources_parquet", "diaSources_fits", "diagnostics"):
+            if name in self.files:
+                lines.append(f"  {name}: {self.files[name]}")
+        return "\n".join(lines)
+
+
+def _atomic_outdir(outdir: Path, overwrite: bool) -> Path:
+    outdir = Path(outdir)
+    if outdir.exists() and not overwrite:
+        raise DiffimIOError(f"Output directory {outdir} already exists; choose another -o or pass --overwrite.")
+    parent = outdir.parent if str(outdir.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise DiffimIOError(f"Cannot create the output directory next to {outdir}: {exc.strerror}.") from None
+    return tmp
+
+
+def _commit_outdir(tmp: Path, outdir: Path) -> None:
+    if outdir.exists():
+        old = outdir.with_name(f".{outdir.name}.old-{os.getpid()}")
+        os.replace(outdir, old)
+        os.replace(tmp, outdir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, outdir)
+
+
+def _read_pair(science_path, template_path):
+    from .io import read_exposure
+
+    science = prepare_exposure(read_exposure(science_path), label=f"science {science_path}")
+    template = None
+    if template_path is not None:
+        template = prepare_exposure(read_exposure(template_path), label=f"template {template_path}")
+    return science, template
+
+
+def subtract_files(science_path, template_path, output, *, config=None) -> RunResult:
+    """PSF-match and subtract two exposure files; write the difference exposure to ``output`` (atomic)."""
+    from .io import write_exposure
+    from .tasks.image_difference import ImageDifferenceTask
+
+    config = config if config is not None else make_config(subtract_only=True)
+    science, template = _read_pair(science_path, template_path)
+    task = ImageDifferenceTask(config=config)
+    res = task.run(exposure=science, templateExposure=template)
+    write_exposure(res.subtractedExposure, output)
+    md = task.metadata.to_plain()
+    return RunResult(outdir=Path(output).parent, files={"difference": Path(output)}, metadata=md, result=res)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        v = float(obj)
+        return v if np.isfinite(v) else None
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def run_files(science_path, template_path, outdir, *, config=None, coadd_dir=None, overwrite=False,
+              plot=True, progress=True, truth=None) -> RunResult:
+    """Run the whole ImageDifferenceTask on two files and write all outputs into ``outdir``.
+
+    Outputs (per the ``doWrite*`` switches): ``difference.fits``, ``diaSources.parquet`` and ``.fits``,
+    ``score.fits``, ``matched.fits``, ``warped.fits``, ``config.py``, ``metadata.json`` and
+    ``diagnostics.png``. Nothing is left behind if the run fails.
+    """
+    from .io import write_exposure
+    from .tasks.image_difference import ImageDifferenceTask
+
+    config = config if config is not None else make_config()
+    outdir = Path(outdir)
+    t_start = time.perf_counter()
+    science, template = _read_pair(science_path, template_path)
+    if template is None and coadd_dir is None:
+        raise BadInputError("No template: give a template exposure or a coadd directory.")
+    tmp = _atomic_outdir(outdir, overwrite)
+    try:
+        task = ImageDifferenceTask(config=config, progress=progress)
+        res = task.run(exposure=science, templateExposure=template, coaddDir=coadd_dir)
+        files: dict[str, Path] = {}
+        if config.doWriteSubtractedExp and res.subtractedExposure is not None:
+            write_exposure(res.subtractedExposure, tmp / "difference.fits")
+            files["difference"] = outdir / "difference.fits"
+        if config.doWriteScoreExp and getattr(res, "scoreExposure", None) is not None:
+            write_exposure(res.scoreExposure, tmp / "score.fits")
+            files["score"] = outdir / "score.fits"
+        if config.doWriteMatchedExp and getattr(res, "matchedExposure", None) is not None:
+            write_exposure(res.matchedExposure, tmp / "matched.fits")
+            files["matched"] = outdir / "matched.fits"
+        if config.doWriteWarpedExp and getattr(res, "warpedExposure", None) is not None:
+            write_exposure(res.warpedExposure, tmp / "warped.fits")
+            files["warped"] = outdir / "warped.fits"
+        if config.doWriteSources and res.diaSources is not None:
+            from .catalog import write_catalog
+
+            written = write_catalog(res.diaSources, tmp / "diaSources")
+            for p in written:
+                files[f"diaSources_{Path(p).suffix.lstrip('.')}"] = outdir / Path(p).name
+        config.save(str(tmp / "config.py"))
+        files["config"] = outdir / "config.py"
+        md = task.metadata.to_plain()
+        md["inputs"] = {"science": str(science_path), "template": str(template_path) if template_path else None,
+                        "coaddDir": str(coadd_dir) if coadd_dir else None}
+        if truth is not None:
+            md["truth"] = _truth_figures(res, truth)
+        md["wallTimeTotal"] = time.perf_counter() - t_start
+        if plot:
+            try:
+                from .plots import write_diagnostics
+
+                write_diagnostics(tmp / "diagnostics.png", science=science, template=res.warpedExposure or template,
+                                  result=res, task=task)
+                files["diagnostics"] = outdir / "diagnostics.png"
+            except ImportError as exc:
+                log.warning("diagnostics.png skipped: %s (install diffim[plot])", exc)
+        with open(tmp / "metadata.json", "w") as fh:
+            json.dump(_jsonable(md), fh, indent=2, sort_keys=True)
+        files["metadata"] = outdir / "metadata.json"
+        _commit_outdir(tmp, outdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return RunResult(outdir=outdir, files=files, metadata=md, result=res)
+
+
+def _truth_figures(res, truth_path) -> dict:
+    """Figures of metrics.md against a simulator truth table (for ``diffim demo``)."""
+    from astropy.table import Table
+
+    from . import metrics
+
+    truth = Table.read(truth_path)
+    diff = res.subtractedExposure
+    fwhm = diff.psf.fwhm() if diff.psf is not None else 4.0
+    cat = res.diaSources
+    scale = 1.0
+    pc = res.subtractedExposure.photo_calib
+    if pc is not None and cat is not None and cat.meta.get("flux_unit", "nJy") == "nJy":
+        scale = 1.0 / pc.calibration_mean
+    figs = metrics.evaluate(diff, cat, truth, fwhm, flux_unit_scale=scale)
+    keep = ("noise_ratio", "star_chi2_p95", "completeness_snr7", "false_per_mpix", "flux_bias", "pull_std")
+    return {k: figs[k] for k in keep if k in figs}
