@@ -123,3 +123,13 @@ class SubtractionQualityError(DiffimError):
     """The difference image failed its quality checks."""
 
     exit_code = 3
+
+
+class ExceedsMaxVarianceScaleError(DiffimError):
+    """The variance-plane correction factor exceeds ``ScaleVarianceConfig.limit`` (LSST
+    ``ExceedsMaxVarianceScaleError``)."""
+
+    exit_code = 3
+
+
+__all__.append("ExceedsMaxVarianceScaleError")

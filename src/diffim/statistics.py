@@ -1,0 +1,156 @@
+"""afw-style robust statistics: sigma-clipped mean and standard deviation.
+
+The convention is afw's ``MEANCLIP`` / ``STDEVCLIP`` / ``VARIANCECLIP`` with ``numSigmaClip=3`` and
+``numIter=3``:
+
+* pixels flagged in the ignore mask, or non-finite, never take part;
+* pass 0 keeps values within ``median ± nsigma · 0.741301109 · IQR`` (0.7413 IQR is the Gaussian σ);
+* passes 1 … ``niter − 1`` keep values within ``mean ± nsigma · std`` of the previous pass, each pass
+  re-clipping the *full* sample (not the survivors of the previous pass);
+* the result is the mean and the unbiased (``n − 1``) standard deviation of the last pass.
+
+Two entry points share this definition: :func:`clipped_mean_std` for one sample (quantiles by partition,
+O(n)) and :func:`clipped_mean_std_rows` for many small samples at once (rows of a 2-D array, used for the
+super-pixels of a mesh background).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["IQR_TO_SIGMA", "clipped_mean_std", "clipped_mean_std_rows", "clipped_mean", "nan_quantiles_rows"]
+
+#: Ratio σ/IQR of a Gaussian, as afw uses it for the first clipping pass.
+IQR_TO_SIGMA = 0.741301109
+
+
+def _good_values(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    v = np.asarray(values)
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != v.shape:
+            raise ValueError(f"Mask shape {m.shape} does not match the values' shape {v.shape}.")
+        v = v[~m]
+    v = v.ravel()
+    return v[np.isfinite(v)]
+
+
+def clipped_mean_std(
+    values: np.ndarray, mask: np.ndarray | None = None, nsigma: float = 3.0, niter: int = 3
+) -> tuple[float, float]:
+    """Sigma-clipped mean and standard deviation, afw ``MEANCLIP`` / ``STDEVCLIP`` convention.
+
+    Parameters
+    ----------
+    values
+        Array of any shape.
+    mask
+        Boolean array of the same shape, True where a value must be ignored (e.g. ``mask.get(planes)``).
+    nsigma
+        Clipping half-width in σ (afw ``numSigmaClip``).
+    niter
+        Number of clipping passes, the first one based on median and IQR (afw ``numIter``).
+
+    Returns
+    -------
+    mean, std
+        Floats; ``(nan, nan)`` if no finite unmasked value exists, std is ``nan`` for a single value.
+    """
+    v = _good_values(values, mask)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    if v.dtype not in (np.float32, np.float64):
+        v = v.astype(np.float64)
+    q25, med, q75 = (float(q) for q in np.quantile(v, [0.25, 0.5, 0.75]))
+    # Work on values relative to the median: float32 differences are exact enough and the float64
+    # accumulations of Σd and Σd² then suffer no cancellation.
+    d = v - v.dtype.type(med)
+    center, half = 0.0, nsigma * IQR_TO_SIGMA * (q75 - q25)
+    mean, std = med, float("nan")
+    for _ in range(max(int(niter), 1)):
+        keep = np.abs(d - d.dtype.type(center)) <= half
+        k = int(np.count_nonzero(keep))
+        if k == 0:
+            break
+        kept = d[keep]
+        s1 = float(kept.sum(dtype=np.float64))
+        s2 = float(np.dot(kept.astype(np.float64), kept.astype(np.float64))) if kept.dtype != np.float64 else float(np.dot(kept, kept))
+        m = s1 / k
+        std = float(np.sqrt(max(s2 - s1 * m, 0.0) / (k - 1))) if k > 1 else float("nan")
+        center, mean = m, med + m
+        half = nsigma * std if np.isfinite(std) else 0.0
+    return mean, std
+
+
+def clipped_mean(values: np.ndarray, mask: np.ndarray | None = None, nsigma: float = 3.0, niter: int = 3) -> float:
+    """The clipped mean of :func:`clipped_mean_std` (afw ``MEANCLIP``)."""
+    return clipped_mean_std(values, mask, nsigma, niter)[0]
+
+
+def nan_quantiles_rows(values: np.ndarray, valid: np.ndarray, qs: tuple[float, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Per-row quantiles (numpy "linear" definition) of the ``valid`` entries of a 2-D array.
+
+    Returns ``(n_valid, [quantile arrays])``; rows without valid entries get NaN. Rows are sorted once, with
+    invalid entries pushed to the end as +inf, so all quantiles cost one sort.
+    """
+    v = np.where(valid, values, np.inf)
+    v.sort(axis=1)
+    n = valid.sum(axis=1)
+    out = []
+    rows = np.arange(v.shape[0])
+    for q in qs:
+        pos = q * np.maximum(n - 1, 0)
+        lo = np.floor(pos).astype(np.intp)
+        hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
+        frac = pos - lo
+        a = v[rows, lo].astype(np.float64)
+        b = v[rows, hi].astype(np.float64)
+        res = a + (b - a) * frac
+        res[n == 0] = np.nan
+        out.append(res)
+    return n, out
+
+
+def clipped_mean_std_rows(
+    values: np.ndarray, valid: np.ndarray, nsigma: float = 3.0, niter: int = 3
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`clipped_mean_std` applied to every row of a 2-D array at once.
+
+    Parameters
+    ----------
+    values
+        ``(m, n)`` array: ``m`` independent samples of up to ``n`` values.
+    valid
+        ``(m, n)`` boolean array, True for values that take part (finite and unmasked).
+
+    Returns
+    -------
+    mean, std, median
+        Arrays of length ``m`` (NaN for rows without valid values).
+    """
+    values = np.asarray(values)
+    valid = np.asarray(valid, dtype=bool) & np.isfinite(values)
+    n, (q25, med, q75) = nan_quantiles_rows(values, valid, (0.25, 0.5, 0.75))
+    # Values relative to the row median, invalid entries NaN (every comparison with NaN is False).
+    dt = values.dtype if values.dtype in (np.float32, np.float64) else np.float64
+    d = np.where(valid, values - med[:, None].astype(dt), np.nan).astype(dt, copy=False)
+    center = np.zeros(values.shape[0], dtype=dt)
+    half = (nsigma * IQR_TO_SIGMA * (q75 - q25)).astype(dt)
+    mean = med.copy()
+    std = np.full(values.shape[0], np.nan)
+    for _ in range(max(int(niter), 1)):
+        with np.errstate(invalid="ignore"):
+            keep = np.abs(d - center[:, None]) <= half[:, None]
+        kept = np.where(keep, d, 0)
+        k = keep.sum(axis=1)
+        s1 = kept.sum(axis=1, dtype=np.float64)
+        s2 = np.einsum("ij,ij->i", kept, kept, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m = s1 / k
+            var = np.maximum(s2 - s1 * m, 0.0) / (k - 1)
+        ok = k > 0
+        mean = np.where(ok, med + np.where(ok, m, 0.0), mean)
+        std = np.where(k > 1, np.sqrt(np.where(k > 1, var, 0.0)), np.where(ok, np.nan, std))
+        center = np.where(ok, m, center).astype(dt)
+        half = np.where(np.isfinite(std), nsigma * std, 0.0).astype(dt)
+    return mean, std, med
