@@ -1,0 +1,929 @@
+"""Read and write :class:`~diffim.model.Exposure` objects as FITS files.
+
+Two kinds of input are understood by :func:`read_exposure`:
+
+* **LSST/afw multi-extension files** (``IMAGE``, ``MASK``, ``VARIANCE`` extensions, found by ``EXTNAME``, by
+  afw's ``EXTTYPE`` card, or — for afw ``MaskedImage`` files written without names — by position 1, 2, 3), and
+  any file written by :func:`write_exposure`. Mask planes are mapped **by name** through the ``MP_<name>``
+  cards of the mask header; planes we do not know are registered. ``xy0`` comes from ``CRVAL1A/CRVAL2A``
+  (afw's ``A`` WCS) or ``LTV1/LTV2`` (``x0 = -LTV1``).
+* **Plain single-image FITS** from any telescope: the image is the primary HDU, or the first HDU with 2-D data.
+  The variance comes from a separate image (``variance=``: a file path or an extension name), or is modelled
+  from the gain and read noise (see :func:`read_exposure`).
+
+The FITS layout written by :func:`write_exposure` is described in ``docs/io.md``. All WCS objects in memory map
+0-based *parent* pixel coordinates to the sky; in files, as in afw, ``CRPIX`` refers to the stored array
+(1-based), so ``CRPIX`` is shifted by ``xy0`` on read and back on write.
+
+Every failure is reported as a :mod:`diffim.errors` exception with a one-line message naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+
+from ..errors import (
+    BadInputError,
+    DiffimIOError,
+    InputFileNotFoundError,
+    MissingHduError,
+    PsfError,
+    ShapeMismatchError,
+    WcsError,
+)
+from ..model.calib import NJY_AB_ZEROPOINT, PhotoCalib, VisitInfo
+from ..model.exposure import Exposure, MaskedImage
+from ..model.mask import DEFAULT_MASK_PLANES, Mask
+from ..model.psf import ImagePsf, Psf, psf_type_registry, shift_image
+
+__all__ = ["read_exposure", "write_exposure", "read_psf_file", "FORMAT_VERSION"]
+
+log = logging.getLogger("diffim.io.fits")
+
+#: Version of the layout written by :func:`write_exposure` (``DIFFIMV`` card of the primary header).
+FORMAT_VERSION = 1
+
+# Header cards that describe the structure of an HDU or its WCS; they are not copied into ``metadata``.
+_STRUCTURAL = {
+    "SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "XTENSION", "PCOUNT", "GCOUNT",
+    "EXTNAME", "EXTTYPE", "EXTVER", "BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM", "INHERIT", "COMMENT",
+    "HISTORY", "",
+}
+# Cards written by write_exposure from Exposure attributes (so they are not duplicated through metadata).
+_OWN_CARDS = {
+    "DIFFIMV", "EXPID", "BAND", "FILTER", "MJD-OBS", "EXPTIME", "AIRMASS", "VISIT", "DETECTOR", "PHOTCALM",
+    "PHOTCALE", "LTV1", "LTV2", "CRVAL1A", "CRVAL2A", "CRPIX1A", "CRPIX2A", "CTYPE1A", "CTYPE2A", "CUNIT1A",
+    "CUNIT2A", "NPSFHDU", "PSFHDU",
+}
+_ZEROPOINT_CARDS = ("MAGZP", "MAGZPT", "MAGZERO", "ZEROPT", "PHOTZP", "ZP")
+_GAIN_CARDS = ("GAIN", "EGAIN", "CCDGAIN", "GAINEFF")
+_READNOISE_CARDS = ("RDNOISE", "READNOIS", "RON", "READNOISE", "ENOISE")
+_AFW_TYPES = ("IMAGE", "MASK", "VARIANCE")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Low-level helpers
+# ----------------------------------------------------------------------------------------------------------
+def _open(path: str | os.PathLike) -> fits.HDUList:
+    """Open a FITS file (memory-mapped off: files are small enough and this avoids dangling maps)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputFileNotFoundError(f"{path}: file not found; check the path.")
+    if os.path.isdir(path):
+        raise BadInputError(f"{path}: is a directory, not a FITS file.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+            for h in hdul:  # force reading so truncated data is detected here, with the file name
+                _ = h.data
+    except (OSError, ValueError, TypeError, IndexError) as exc:
+        raise BadInputError(
+            f"{path}: not a readable FITS file ({_one_line(exc)}); check that the file is complete and is FITS."
+        ) from None
+    if len(hdul) == 0:
+        raise BadInputError(f"{path}: FITS file has no HDUs.")
+    return hdul
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _is_image(hdu) -> bool:
+    return isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)) and hdu.data is not None
+
+
+def _hdu_names(hdul: fits.HDUList) -> list[str]:
+    return [h.name or f"#{i}" for i, h in enumerate(hdul)]
+
+
+def _find_hdu(hdul: fits.HDUList, key: str | int, path: str, what: str):
+    """HDU by name (case-insensitive EXTNAME or EXTTYPE) or index; MissingHduError otherwise."""
+    if isinstance(key, (int, np.integer)):
+        if 0 <= key < len(hdul):
+            return hdul[int(key)]
+    else:
+        want = str(key).upper()
+        for h in hdul:
+            if h.name.upper() == want:
+                return h
+        for h in hdul:
+            if str(h.header.get("EXTTYPE", "")).strip().upper() == want:
+                return h
+    raise MissingHduError(
+        f"{path}: no {what} HDU {key!r}; the file has HDUs {_hdu_names(hdul)}. Pass the right name/index."
+    )
+
+
+def _afw_layout(hdul: fits.HDUList) -> tuple[int, int | None, int | None] | None:
+    """Indices ``(image, mask, variance)`` if ``hdul`` looks like an afw (Masked)Image/Exposure file."""
+    idx: dict[str, int] = {}
+    for i, h in enumerate(hdul):
+        for label in (h.name.upper(), str(h.header.get("EXTTYPE", "")).strip().upper()):
+            if label in _AFW_TYPES and label not in idx and _is_image(h):
+                idx[label] = i
+    if "IMAGE" in idx:
+        return idx["IMAGE"], idx.get("MASK"), idx.get("VARIANCE")
+    # afw MaskedImage written without EXTNAME: empty primary, then image, integer mask, variance.
+    if (
+        len(hdul) >= 4
+        and hdul[0].data is None
+        and all(_is_image(hdul[i]) and not hdul[i].name for i in (1, 2, 3))
+        and hdul[1].data.shape == hdul[2].data.shape == hdul[3].data.shape
+        and np.issubdtype(hdul[2].data.dtype, np.integer)
+    ):
+        return 1, 2, 3
+    return None
+
+
+def _image_data(hdu, path: str, what: str) -> np.ndarray:
+    data = hdu.data
+    if data is None:
+        raise BadInputError(f"{path}: the {what} HDU {hdu.name or '(primary)'} has no data.")
+    data = np.asarray(data)
+    if data.ndim > 2:  # accept degenerate leading axes (e.g. NAXIS3 = 1 cubes)
+        squeezed = data.reshape(data.shape[-2:]) if int(np.prod(data.shape[:-2])) == 1 else None
+        if squeezed is None:
+            raise BadInputError(f"{path}: the {what} HDU has shape {data.shape}; a 2-D image is needed.")
+        data = squeezed
+    if data.ndim != 2:
+        raise BadInputError(f"{path}: the {what} HDU has shape {data.shape}; a 2-D image is needed.")
+    if data.size == 0:
+        raise BadInputError(f"{path}: the {what} image is empty (shape {data.shape}).")
+    return data
+
+
+def _as_float32(data: np.ndarray) -> np.ndarray:
+    """Native-endian float32 copy (BZERO/BSCALE have already been applied by astropy)."""
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def _header_float(header, keys, path: str, what: str) -> float | None:
+    for key in keys:
+        if key in header:
+            try:
+                val = float(header[key])
+            except (TypeError, ValueError):
+                raise BadInputError(f"{path}: header card {key}={header[key]!r} is not a number ({what}).") from None
+            return val
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# xy0 and WCS
+# ----------------------------------------------------------------------------------------------------------
+def _read_xy0(header) -> tuple[int, int]:
+    if "CRVAL1A" in header and "CRVAL2A" in header and str(header.get("CTYPE1A", "LINEAR")).strip() == "LINEAR":
+        return int(round(float(header["CRVAL1A"]))), int(round(float(header["CRVAL2A"])))
+    if "LTV1" in header or "LTV2" in header:
+        return int(round(-float(header.get("LTV1", 0.0)))), int(round(-float(header.get("LTV2", 0.0))))
+    return 0, 0
+
+
+def _read_wcs(header, xy0: tuple[int, int], path: str) -> WCS | None:
+    """Celestial WCS of ``header`` mapping 0-based parent pixels to the sky, or None if there is none."""
+    has_linear = any(k in header for k in ("CD1_1", "CD2_2", "PC1_1", "CDELT1"))
+    if not has_linear or "CRVAL1" not in header:
+        return None
+    h = header.copy()
+    for key in list(h.keys()):
+        # Drop the afw xy0 'A' WCS and other alternates; they are not sky coordinates.
+        if len(key) > 1 and key[-1] == "A" and key[:-1].rstrip("0123456789_").upper() in ("CRVAL", "CRPIX", "CTYPE", "CUNIT", "CDELT", "CD", "PC"):
+            del h[key]
+    ctype1 = str(h.get("CTYPE1", "")).strip()
+    ctype2 = str(h.get("CTYPE2", "")).strip()
+    if not ctype1 and not ctype2:
+        # The LSST alert stamps (and some old headers) carry CD/PC matrices without CTYPE: assume TAN.
+        h["CTYPE1"], h["CTYPE2"] = "RA---TAN", "DEC--TAN"
+        h["CUNIT1"], h["CUNIT2"] = "deg", "deg"
+    elif not (ctype1.startswith(("RA", "GLON", "ELON")) or ctype2.startswith(("DEC", "GLAT", "ELAT"))):
+        return None  # a linear/physical WCS, not celestial
+    # SIP coefficients without A_ORDER (seen next to TPV) confuse wcslib: drop the unusable ones.
+    if "A_ORDER" not in h:
+        for key in [k for k in h.keys() if k[:2] in ("A_", "B_") or k[:3] in ("AP_", "BP_")]:
+            del h[key]
+    try:
+        crpix1 = float(h.get("CRPIX1", 0.0)) + xy0[0]
+        crpix2 = float(h.get("CRPIX2", 0.0)) + xy0[1]
+        h["CRPIX1"], h["CRPIX2"] = crpix1, crpix2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(h, naxis=2, relax=True, fix=True)
+    except Exception as exc:  # astropy raises many types for bad WCS headers
+        raise WcsError(f"{path}: cannot interpret the WCS ({_one_line(exc)}); fix or remove the WCS cards.") from None
+    _check_wcs(wcs, path)
+    return wcs
+
+
+def _check_wcs(wcs: WCS, path: str) -> None:
+    w = wcs.wcs
+    mat = w.cd if w.has_cd() else w.get_pc() * w.cdelt[:, None]
+    vals = np.concatenate([np.ravel(mat), np.ravel(w.crval), np.ravel(w.crpix)])
+    if not np.all(np.isfinite(vals)):
+        raise WcsError(f"{path}: the WCS has non-finite CRVAL/CRPIX/CD values; fix or remove the WCS cards.")
+    if abs(np.linalg.det(mat)) == 0:
+        raise WcsError(f"{path}: the WCS matrix is singular; fix or remove the WCS cards.")
+
+
+def _wcs_cards(wcs: WCS, xy0: tuple[int, int]) -> fits.Header:
+    """Header cards of ``wcs`` for an array whose first pixel is ``xy0`` (CRPIX relative to the array)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        h = wcs.to_header(relax=True)
+    h["CRPIX1"] = wcs.wcs.crpix[0] - xy0[0]
+    h["CRPIX2"] = wcs.wcs.crpix[1] - xy0[1]
+    for key in ("DATE-OBS", "MJD-OBS", "DATEREF", "MJDREF"):
+        h.remove(key, ignore_missing=True, remove_all=True)
+    return h
+
+
+def _xy0_cards(header: fits.Header, xy0: tuple[int, int]) -> None:
+    """afw's cards: the 'A' WCS giving parent coordinates, and IRAF's LTV."""
+    header["CRPIX1A"], header["CRPIX2A"] = 1.0, 1.0
+    header["CRVAL1A"], header["CRVAL2A"] = xy0[0], xy0[1]
+    header["CTYPE1A"], header["CTYPE2A"] = "LINEAR", "LINEAR"
+    header["CUNIT1A"], header["CUNIT2A"] = "PIXEL", "PIXEL"
+    header["LTV1"], header["LTV2"] = -xy0[0], -xy0[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------------------
+def _mask_planes_from_header(header) -> dict[str, int]:
+    planes = {}
+    for key, val in header.items():
+        if key.startswith("MP_") and len(key) > 3:
+            try:
+                planes[key[3:]] = int(val)
+            except (TypeError, ValueError):
+                continue
+    return planes
+
+
+def _read_mask(hdu, path: str, shape: tuple[int, int]) -> Mask:
+    data = _image_data(hdu, path, "mask")
+    if data.shape != shape:
+        raise ShapeMismatchError(f"{path}: mask shape {data.shape} differs from image shape {shape}.")
+    if not np.issubdtype(data.dtype, np.integer):
+        if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
+            raise BadInputError(f"{path}: the MASK HDU holds non-integer values; it cannot be a bit mask.")
+    raw = np.asarray(data).astype(np.int64)
+    file_planes = _mask_planes_from_header(hdu.header) or dict(DEFAULT_MASK_PLANES)
+    out = Mask.zeros(shape)
+    used = 0
+    for name, bit in sorted(file_planes.items(), key=lambda kv: kv[1]):
+        if not 0 <= bit < 63:
+            continue
+        used |= 1 << bit
+        sel = (raw >> bit) & 1
+        if sel.any() or name not in out.planes:
+            out.array |= (sel.astype(np.int32) << out.add_plane(name)).astype(np.int32)
+    stray = int(np.bitwise_or.reduce(raw.ravel() & ~used)) if raw.size else 0
+    if stray:
+        log.warning("%s: mask bits %s have no MP_ name card; they are dropped.", path, bin(stray))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PSF
+# ----------------------------------------------------------------------------------------------------------
+def _psf_from_image(data: np.ndarray, source: str) -> ImagePsf:
+    k = np.asarray(data, dtype=float)
+    if k.ndim != 2 or k.size == 0:
+        raise PsfError(f"{source}: a PSF image must be 2-D, got shape {k.shape}.")
+    if not np.all(np.isfinite(k)):
+        raise PsfError(f"{source}: the PSF image contains non-finite values.")
+    # Even-sized images are centred between pixels: pad to odd and shift by half a pixel onto the centre.
+    dx = 0.5 if k.shape[1] % 2 == 0 else 0.0
+    dy = 0.5 if k.shape[0] % 2 == 0 else 0.0
+    if dx or dy:
+        k = np.pad(k, ((0, int(dy > 0)), (0, int(dx > 0))))
+        k = shift_image(k, dx, dy)
+    if k.sum() == 0:
+        raise PsfError(f"{source}: the PSF image sums to zero.")
+    return ImagePsf(k)
+
+
+def _psf_from_hdus(hdul: fits.HDUList, start: int, path: str) -> Psf:
+    """PSF persisted from HDU ``start`` on (``PSFTYPE`` card), or an :class:`ImagePsf` of a bare image."""
+    first = hdul[start]
+    ptype = first.header.get("PSFTYPE")
+    if ptype is None:
+        if not _is_image(first):
+            raise PsfError(f"{path}: HDU {first.name or start} holds neither a PSF image nor a PSFTYPE card.")
+        return _psf_from_image(first.data, f"{path}[{first.name or start}]")
+    registry = psf_type_registry()
+    if ptype not in registry:
+        _import_psf_types()
+        registry = psf_type_registry()
+    if ptype not in registry:
+        raise PsfError(f"{path}: unknown PSFTYPE {ptype!r}; known types are {sorted(registry)}.")
+    n = int(first.header.get("NPSFHDU", 1))
+    hdus = list(hdul[start : start + n])
+    try:
+        return registry[ptype].from_fits_hdus(hdus)
+    except PsfError as exc:
+        raise PsfError(f"{path}: cannot read the {ptype} PSF: {exc}") from None
+    except Exception as exc:
+        raise PsfError(f"{path}: cannot read the {ptype} PSF ({_one_line(exc)}); the PSF HDU is corrupt.") from None
+
+
+def _import_psf_types() -> None:
+    """Import the modules that register the spatially varying PSF classes."""
+    try:
+        from .. import psf as _psf  # noqa: F401
+    except ImportError:  # pragma: no cover - partial installs
+        pass
+
+
+def read_psf_file(path: str | os.PathLike, hdu: str | int | None = None) -> Psf:
+    """Read a PSF from its own file: a PSFEx ``.psf`` file, a diffim PSF HDU, or a bare PSF image.
+
+    Parameters
+    ----------
+    path
+        File name.
+    hdu
+        Extension holding the PSF (default: the first HDU with a ``PSFTYPE`` card, PSFEx's ``PSF_DATA`` table,
+        or the first image HDU).
+    """
+    path = os.fspath(path)
+    with _open(path) as hdul:
+        if hdu is not None:
+            h = _find_hdu(hdul, hdu, path, "PSF")
+            return _psf_from_hdus(hdul, hdul.index(h), path)
+        for i, h in enumerate(hdul):
+            if "PSFTYPE" in h.header:
+                return _psf_from_hdus(hdul, i, path)
+        if any(h.name == "PSF_DATA" for h in hdul):
+            from ..psf.psfex import read_psfex
+
+            return read_psfex(path)
+        for i, h in enumerate(hdul):
+            if _is_image(h):
+                return _psf_from_hdus(hdul, i, path)
+    raise PsfError(f"{path}: no PSF found (no PSFTYPE card, PSF_DATA table or image HDU).")
+
+
+def _resolve_psf(psf, hdul: fits.HDUList, path: str, image_index: int) -> Psf | None:
+    if psf is None:
+        for i, h in enumerate(hdul):
+            if i != image_index and "PSFTYPE" in h.header:
+                return _psf_from_hdus(hdul, i, path)
+        return None
+    if isinstance(psf, Psf):
+        return psf
+    if isinstance(psf, (int, np.integer)):
+        h = _find_hdu(hdul, int(psf), path, "PSF")
+        return _psf_from_hdus(hdul, hdul.index(h), path)
+    if isinstance(psf, (str, os.PathLike)):
+        name = os.fspath(psf)
+        if _looks_like_path(name, hdul):
+            return read_psf_file(name)
+        h = _find_hdu(hdul, name, path, "PSF")
+        return _psf_from_hdus(hdul, hdul.index(h), path)
+    raise PsfError(f"psf= must be a Psf, an HDU name/index or a file path, got {type(psf).__name__}.")
+
+
+def _looks_like_path(name: str, hdul: fits.HDUList) -> bool:
+    """A string argument names a file (rather than an extension) if it is not an extension name of ``hdul``."""
+    if any(h.name.upper() == name.upper() for h in hdul):
+        return False
+    return os.path.exists(name) or os.sep in name or "." in name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Variance for plain images
+# ----------------------------------------------------------------------------------------------------------
+_KIND_WORDS = {
+    "weight": ("WEIGHT", "WHT", "IVAR", "INVVAR", "INVERSEVARIANCE", "WT"),
+    "sigma": ("NOISE", "SIGMA", "ERR", "ERROR", "RMS", "STD", "STDDEV", "UNC", "STDDEVUNCERTAINTY"),
+    "variance": ("VAR", "VARIANCE", "VARIANCEUNCERTAINTY"),
+}
+
+
+def _infer_variance_kind(label: str, header) -> str:
+    """``'variance'``, ``'weight'`` (1/var) or ``'sigma'`` (√var) from UTYPE/EXTNAME/file name words."""
+    utype = str(header.get("UTYPE", "")).replace(" ", "").upper()
+    for kind, words in _KIND_WORDS.items():
+        if utype and utype in words:
+            return kind
+    text = (label + " " + str(header.get("EXTNAME", "")) + " " + str(header.get("BUNIT", ""))).upper()
+    tokens = [t for t in "".join(c if c.isalnum() else " " for c in text).split() if t]
+    for kind in ("weight", "sigma"):
+        if any(t in _KIND_WORDS[kind] or any(t.startswith(w) for w in _KIND_WORDS[kind] if len(w) > 3) for t in tokens):
+            return kind
+    return "variance"
+
+
+def _variance_from_kind(data: np.ndarray, kind: str) -> np.ndarray:
+    d = np.asarray(data, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if kind == "variance":
+            return d
+        if kind == "weight":
+            return np.where(d > 0, 1.0 / d, np.inf)
+        if kind == "sigma":
+            return d * d
+    raise BadInputError(f"variance_kind must be 'variance', 'weight' or 'sigma', got {kind!r}.")
+
+
+def _robust_sigma(image: np.ndarray) -> float:
+    """Pixel noise σ from the MAD of differences of horizontal neighbours (insensitive to smooth structure)."""
+    d = np.diff(image, axis=1)
+    d = d[np.isfinite(d)]
+    if d.size < 10:
+        return 0.0
+    if d.size > 2_000_000:  # a regular subsample is plenty for a robust scale
+        d = d[:: d.size // 1_000_000]
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2.0))
+
+
+def model_variance(
+    image: np.ndarray, gain: float | None, read_noise: float | None = None
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Variance (image units²) of a plain image from the gain, read noise and the image itself.
+
+    ``var = max(image − sky, 0)/gain + max(sky/gain + (rn/gain)², σ_sky²)`` where ``sky`` is the median of the
+    finite pixels and ``σ_sky`` the robust pixel-to-pixel noise (MAD of neighbour differences / √2). The
+    ``max`` keeps the sky term honest for sky-subtracted images, whose counts no longer show the Poisson
+    sky; for raw images the two agree. Without a gain, ``var = σ_sky²`` everywhere.
+    """
+    finite = np.isfinite(image)
+    sky = float(np.median(image[finite])) if finite.any() else 0.0
+    sigma_sky = _robust_sigma(np.where(finite, image, sky))
+    info = {"sky": sky, "sigmaSky": sigma_sky}
+    if gain is None:
+        return np.full(image.shape, sigma_sky**2, dtype=np.float64), info
+    rn = 0.0 if read_noise is None else float(read_noise)
+    sky_var = max(max(sky, 0.0) / gain + (rn / gain) ** 2, sigma_sky**2)
+    var = np.clip(np.where(finite, image, sky) - sky, 0, None) / gain + sky_var
+    info.update(gain=gain, readNoise=rn, skyVariance=sky_var)
+    return var, info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------
+def _external_or_hdu(arg, hdul: fits.HDUList, path: str, what: str):
+    """``(data, header, label)`` for a ``variance=``/``mask=`` argument: array, file path or extension name."""
+    if isinstance(arg, np.ndarray):
+        return arg, fits.Header(), what
+    if isinstance(arg, (int, np.integer)):
+        h = _find_hdu(hdul, int(arg), path, what)
+        return _image_data(h, path, what), h.header, h.name
+    name = os.fspath(arg)
+    if _looks_like_path(name, hdul):
+        with _open(name) as other:
+            idx = next((i for i, h in enumerate(other) if _is_image(h)), None)
+            if idx is None:
+                raise BadInputError(f"{name}: no image data found for the {what}.")
+            h = other[idx]
+            return _image_data(h, name, what).copy(), h.header.copy(), os.path.basename(name)
+    h = _find_hdu(hdul, name, path, what)
+    return _image_data(h, path, what), h.header, h.name
+
+
+def _check_positive(value, name: str, path: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise BadInputError(f"{path}: {name}={value!r} is not a number; pass a positive value.") from None
+    if not math.isfinite(v) or v <= 0:
+        raise BadInputError(f"{path}: {name}={value!r} is invalid; it must be a finite number > 0 (e-/ADU).")
+    return v
+
+
+def _visit_info(headers) -> VisitInfo:
+    def get(*keys):
+        for hdr in headers:
+            for k in keys:
+                if k in hdr and hdr[k] not in (None, ""):
+                    return hdr[k]
+        return None
+
+    mjd = get("MJD-OBS", "MJD_OBS", "MJD")
+    if mjd is None:
+        date = get("DATE-OBS", "DATE-BEG")
+        if date is not None:
+            try:
+                from astropy.time import Time
+
+                mjd = Time(str(date), scale="utc").mjd
+            except Exception:  # unparseable dates are simply unknown
+                mjd = None
+
+    def num(v, cast=float):
+        try:
+            return None if v is None else cast(v)
+        except (TypeError, ValueError):
+            return None
+
+    return VisitInfo(
+        mjd=num(mjd),
+        exposure_time=num(get("EXPTIME", "EXPOSURE", "ITIME")),
+        airmass=num(get("AIRMASS", "SECZ")),
+        visit=num(get("VISIT", "EXPNUM"), int),
+        detector=num(get("DETECTOR", "CCDNUM"), int),
+    )
+
+
+def _photo_calib(headers) -> PhotoCalib | None:
+    for hdr in headers:
+        if "PHOTCALM" in hdr:
+            return PhotoCalib(float(hdr["PHOTCALM"]), float(hdr.get("PHOTCALE", 0.0)))
+    for hdr in headers:
+        if str(hdr.get("BUNIT", "")).strip().lower() == "njy":
+            return PhotoCalib(1.0)
+    for hdr in headers:
+        if "FLUXMAG0" in hdr and float(hdr["FLUXMAG0"]) > 0:  # old afw Calib: counts of a 0-mag source
+            return PhotoCalib(3631e9 / float(hdr["FLUXMAG0"]))
+        for key in _ZEROPOINT_CARDS:
+            if key in hdr:
+                try:
+                    zp = float(hdr[key])
+                except (TypeError, ValueError):
+                    continue
+                if math.isfinite(zp):
+                    return PhotoCalib(10 ** ((NJY_AB_ZEROPOINT - zp) / 2.5))
+    return None
+
+
+def _metadata(header) -> fits.Header:
+    md = fits.Header()
+    for card in header.cards:
+        key = card.keyword
+        if key in _STRUCTURAL or key in _OWN_CARDS:
+            continue
+        try:
+            md.append(card, end=True)
+        except Exception:  # malformed cards are not worth failing a read for
+            continue
+    return md
+
+
+def _ap_corr_map(hdul: fits.HDUList) -> dict | None:
+    if "APCORR" not in [h.name for h in hdul]:
+        return None
+    tab = hdul["APCORR"].data
+    return {str(n).strip(): float(v) for n, v in zip(tab["NAME"], tab["VALUE"])}
+
+
+def read_exposure(
+    path: str | os.PathLike,
+    *,
+    hdu: str | int | None = None,
+    variance: str | int | os.PathLike | np.ndarray | None = None,
+    mask: str | int | os.PathLike | np.ndarray | None = None,
+    gain: float | None = None,
+    read_noise: float | None = None,
+    psf: Psf | str | int | os.PathLike | None = None,
+    variance_kind: str | None = None,
+) -> Exposure:
+    """Read an exposure from an LSST/afw multi-extension FITS file or a plain FITS image.
+
+    Parameters
+    ----------
+    path
+        FITS file.
+    hdu
+        Extension (name or index) of the image. Default: the ``IMAGE`` extension of afw-style files, else the
+        primary HDU if it has data, else the first image extension.
+    variance
+        Where the variance comes from: an extension name/index of the same file, another file's path, or an
+        array. How it is interpreted is ``variance_kind``; if that is None it is inferred from the ``UTYPE``
+        card (``VarianceUncertainty``, ``StdDevUncertainty``, ``InverseVariance``) or from words in the
+        extension/file name and ``BUNIT``: *weight/wht/ivar* → a weight map, ``var = 1/w`` (``w <= 0`` → no
+        data); *noise/err/sigma/rms/std/unc* → a 1σ map, ``var = σ²``; anything else → variance. Default:
+        the ``VARIANCE`` extension of afw-style files, else modelled from ``gain`` and ``read_noise`` (see
+        :func:`model_variance`: ``var = max(image − sky, 0)/gain + max(sky/gain + (rn/gain)², σ_sky²)``,
+        ``sky`` the median of the image, ``σ_sky`` its robust pixel noise).
+    mask
+        Extension name/index, file path or integer array of a mask. For afw-style masks the plane names come
+        from the ``MP_<name>`` cards; any other mask is read as *nonzero → BAD*. Default: the ``MASK``
+        extension of afw-style files, else none.
+    gain
+        e-/ADU for the variance model (default: the ``GAIN`` card; without any gain, the variance is the
+        constant robust sky variance). Must be finite and > 0.
+    read_noise
+        Read noise in electrons (default: the ``RDNOISE``/``READNOIS`` card, else 0).
+    psf
+        A :class:`~diffim.model.psf.Psf`, an extension name/index holding a PSF (a diffim PSF with a
+        ``PSFTYPE`` card, or a bare PSF image such as the LSST alert stamps' ``SCI_PSF``, read as an
+        :class:`~diffim.model.psf.ImagePsf`), or a file path (PSFEx ``.psf`` file or PSF image). Default: the
+        PSF persisted by :func:`write_exposure` if any.
+    variance_kind
+        ``'variance'``, ``'weight'`` or ``'sigma'`` to override the inference above.
+
+    Returns
+    -------
+    Exposure
+        float32 image and variance, int32 mask. Non-finite image or variance pixels, and pixels with
+        non-positive weight, get the ``NO_DATA`` plane, image value 0 and the median finite variance, so that
+        no NaN or infinity reaches FFTs and sums; algorithms must honour ``NO_DATA``. For plain images, pixels
+        at or above the ``SATURATE`` card get ``SAT``.
+
+    Raises
+    ------
+    InputFileNotFoundError
+        ``path`` (or a ``variance``/``mask``/``psf`` file) does not exist.
+    BadInputError
+        Not FITS, truncated, empty or all-NaN image, invalid gain.
+    MissingHduError
+        A requested extension is not in the file.
+    ShapeMismatchError
+        Image, variance and mask shapes differ.
+    WcsError
+        The WCS cards cannot be interpreted or are non-finite.
+    PsfError
+        The PSF cannot be read.
+    """
+    path = os.fspath(path)
+    with _open(path) as hdul:
+        layout = _afw_layout(hdul) if hdu is None else None
+        if hdu is not None:
+            img_hdu = _find_hdu(hdul, hdu, path, "image")
+        elif layout is not None:
+            img_hdu = hdul[layout[0]]
+        else:
+            img_hdu = next((h for h in hdul if _is_image(h)), None)
+            if img_hdu is None:
+                raise MissingHduError(f"{path}: no image HDU with data; the file has HDUs {_hdu_names(hdul)}.")
+        image_index = hdul.index(img_hdu)
+        raw = _image_data(img_hdu, path, "image")
+        image = _as_float32(raw)
+        shape = image.shape
+        primary = hdul[0].header
+        headers = [img_hdu.header, primary] if image_index != 0 else [primary]
+
+        # -- variance
+        kind_used = None
+        var_info: dict[str, float] = {}
+        if variance is None and layout is not None and layout[2] is not None:
+            vdata = _image_data(hdul[layout[2]], path, "variance")
+            var = np.asarray(vdata, dtype=np.float64) if vdata.dtype != np.float32 else vdata
+            kind_used = "variance"
+        elif variance is not None:
+            vdata, vheader, label = _external_or_hdu(variance, hdul, path, "variance")
+            kind_used = variance_kind or _infer_variance_kind(str(label), vheader)
+            var = vdata if (kind_used == "variance" and vdata.dtype == np.float32) else _variance_from_kind(vdata, kind_used)
+        else:
+            g = _check_positive(gain, "gain", path) if gain is not None else None
+            if g is None:
+                g = _header_float(img_hdu.header, _GAIN_CARDS, path, "gain")
+                if g is None and image_index != 0:
+                    g = _header_float(primary, _GAIN_CARDS, path, "gain")
+                if g is not None:
+                    g = _check_positive(g, "GAIN card", path)
+            rn = read_noise
+            if rn is None:
+                rn = _header_float(img_hdu.header, _READNOISE_CARDS, path, "read noise")
+            if rn is not None and (not math.isfinite(float(rn)) or float(rn) < 0):
+                raise BadInputError(f"{path}: read noise {rn!r} is invalid; it must be a finite number >= 0 (e-).")
+            var, var_info = model_variance(np.asarray(image, dtype=np.float64), g, rn)
+            kind_used = "model"
+        var = np.asarray(var)
+        if var.ndim != 2 or var.shape != shape:
+            raise ShapeMismatchError(f"{path}: variance shape {var.shape} differs from image shape {shape}.")
+        variance32 = _as_float32(var) if var.dtype != np.float32 else np.ascontiguousarray(var, dtype=np.float32)
+
+        # -- mask
+        if mask is None and layout is not None and layout[1] is not None:
+            mask_obj = _read_mask(hdul[layout[1]], path, shape)
+        elif mask is not None:
+            mdata, mheader, _ = _external_or_hdu(mask, hdul, path, "mask")
+            if np.asarray(mdata).shape != shape:
+                raise ShapeMismatchError(
+                    f"{path}: mask shape {np.asarray(mdata).shape} differs from image shape {shape}; "
+                    "pass a mask made for this image."
+                )
+            if _mask_planes_from_header(mheader):
+                mask_obj = _read_mask(fits.ImageHDU(np.asarray(mdata), header=mheader), path, shape)
+            else:
+                mask_obj = Mask.zeros(shape)
+                mask_obj.set("BAD", np.asarray(mdata) != 0)
+        else:
+            mask_obj = Mask.zeros(shape)
+
+        # -- non-finite pixels and saturation
+        bad = ~np.isfinite(image) | ~np.isfinite(variance32)
+        if bad.all():
+            raise BadInputError(f"{path}: every image (or variance) pixel is NaN or infinite; nothing to process.")
+        if bad.any():
+            fill = float(np.median(variance32[~bad]))
+            image = np.where(bad, np.float32(0), image)
+            variance32 = np.where(bad, np.float32(fill), variance32)
+            mask_obj.set("NO_DATA", bad)
+        if layout is None:
+            sat = _header_float(img_hdu.header, ("SATURATE", "SATLEVEL"), path, "saturation")
+            if sat is not None and math.isfinite(sat):
+                mask_obj.set("SAT", (image >= sat) & ~bad)
+
+        xy0 = _read_xy0(img_hdu.header)
+        wcs = _read_wcs(img_hdu.header, xy0, path)
+        resolved_psf = _resolve_psf(psf, hdul, path, image_index)
+        band = None
+        for hdr in headers:
+            for key in ("BAND", "FILTER", "FILTER1"):
+                if hdr.get(key) not in (None, ""):
+                    band = str(hdr[key]).strip()
+                    break
+            if band:
+                break
+        exp_id = primary.get("EXPID")
+        metadata = _metadata(primary)
+        if image_index != 0:
+            for card in _metadata(img_hdu.header).cards:
+                if card.keyword not in metadata and not _is_wcs_key(card.keyword):
+                    metadata.append(card, end=True)
+        if kind_used == "model":
+            for k, v in var_info.items():
+                metadata[f"HIERARCH DIFFIM VARMODEL {k.upper()}"] = v
+        try:
+            ap_corr = _ap_corr_map(hdul)
+        except Exception as exc:
+            log.warning("%s: cannot read the APCORR table (%s); ignoring it.", path, _one_line(exc))
+            ap_corr = None
+        visit = _visit_info(headers)
+        calib = _photo_calib(headers)
+
+    mi = MaskedImage(image, mask_obj, variance32, xy0)
+    return Exposure(
+        mi,
+        psf=resolved_psf,
+        wcs=wcs,
+        photo_calib=calib,
+        band=band,
+        visit_info=visit,
+        metadata=metadata,
+        ap_corr_map=ap_corr,
+        id=int(exp_id) if exp_id is not None else None,
+    )
+
+
+def _is_wcs_key(key: str) -> bool:
+    k = key.rstrip("0123456789_A").upper()
+    return k in {
+        "CRPIX", "CRVAL", "CTYPE", "CUNIT", "CDELT", "CD", "PC", "PV", "WCSAXES", "LONPOLE", "LATPOLE", "RADESYS",
+        "EQUINOX", "A", "B", "AP", "BP", "A_ORDER", "B_ORDER", "AP_ORDER", "BP_ORDER", "WCSNAME", "MJDREF", "CROTA",
+    } or key.startswith(("A_", "B_", "AP_", "BP_", "PV"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------
+def _set_card(header: fits.Header, key: str, value, comment: str = "") -> None:
+    if value is None:
+        return
+    if len(key) > 8 and not key.startswith("HIERARCH "):
+        key = "HIERARCH " + key
+    header[key] = (value, comment) if comment else value
+
+
+def _ap_corr_hdu(ap_corr_map: Mapping[str, Any] | None):
+    if not ap_corr_map:
+        return None
+    names, values = [], []
+    for name, val in ap_corr_map.items():
+        if isinstance(val, (int, float, np.integer, np.floating)) and not isinstance(val, bool):
+            names.append(str(name))
+            values.append(float(val))
+        else:
+            log.warning("Aperture correction %r is a %s, which cannot be written to FITS; skipped.", name, type(val).__name__)
+    if not names:
+        return None
+    width = max(len(n) for n in names)
+    cols = [fits.Column("NAME", f"{width}A", array=np.array(names)), fits.Column("VALUE", "D", array=np.array(values))]
+    return fits.BinTableHDU.from_columns(cols, name="APCORR")
+
+
+def _build_hdul(exposure: Exposure) -> fits.HDUList:
+    primary = fits.PrimaryHDU()
+    ph = primary.header
+    md = exposure.metadata
+    if md:
+        items = md.cards if isinstance(md, fits.Header) else [(k, v) for k, v in dict(md).items()]
+        for item in items:
+            key, value = (item.keyword, item.value) if isinstance(item, fits.Card) else item
+            key = str(key)
+            if key in _STRUCTURAL or key in _OWN_CARDS or _is_wcs_key(key):
+                continue
+            if isinstance(value, (np.integer, np.floating, np.bool_)):
+                value = value.item()
+            if not isinstance(value, (str, int, float, bool)):
+                continue
+            if isinstance(value, str) and not value.isascii():
+                continue
+            try:
+                _set_card(ph, key, value)
+            except (ValueError, TypeError):
+                log.warning("Metadata card %r=%r cannot be written to FITS; skipped.", key, value)
+    _set_card(ph, "DIFFIMV", FORMAT_VERSION, "diffim FITS layout version")
+    _set_card(ph, "EXPID", exposure.id, "exposure id")
+    if exposure.band:
+        _set_card(ph, "BAND", str(exposure.band), "band / filter label")
+        _set_card(ph, "FILTER", str(exposure.band), "band / filter label")
+    vi = exposure.visit_info
+    if vi is not None:
+        _set_card(ph, "MJD-OBS", vi.mjd, "observation start, MJD")
+        _set_card(ph, "EXPTIME", vi.exposure_time, "exposure time (s)")
+        _set_card(ph, "AIRMASS", vi.airmass)
+        _set_card(ph, "VISIT", vi.visit)
+        _set_card(ph, "DETECTOR", vi.detector)
+    pc = exposure.photo_calib
+    if pc is not None:
+        _set_card(ph, "PHOTCALM", float(pc.calibration_mean), "PhotoCalib mean: nJy per count")
+        _set_card(ph, "PHOTCALE", float(pc.calibration_err), "PhotoCalib error: nJy per count")
+        _set_card(ph, "MAGZP", float(pc.zero_point), "AB magnitude of one count")
+
+    xy0 = exposure.xy0
+    wcs_h = _wcs_cards(exposure.wcs, xy0) if exposure.wcs is not None else fits.Header()
+    mask = exposure.mask
+    hdus: list = [primary]
+    for name, data in (("IMAGE", exposure.image), ("MASK", mask.array), ("VARIANCE", exposure.variance)):
+        dtype = np.int32 if name == "MASK" else np.float32
+        h = fits.ImageHDU(np.ascontiguousarray(data, dtype=dtype), name=name)
+        h.header["EXTTYPE"] = name
+        h.header.extend(wcs_h.cards, end=True)
+        _xy0_cards(h.header, xy0)
+        if name == "MASK":
+            for plane, bit in sorted(mask.planes.items(), key=lambda kv: kv[1]):
+                _set_card(h.header, f"MP_{plane}", int(bit))
+        hdus.append(h)
+    if exposure.psf is not None:
+        try:
+            psf_hdus = exposure.psf.to_fits_hdus()
+        except PsfError as exc:
+            log.warning("PSF not written: %s", exc)
+            psf_hdus = []
+        if psf_hdus:
+            psf_hdus[0].header["NPSFHDU"] = (len(psf_hdus), "number of HDUs of this PSF")
+            hdus.extend(psf_hdus)
+    ap = _ap_corr_hdu(exposure.ap_corr_map)
+    if ap is not None:
+        hdus.append(ap)
+    return fits.HDUList(hdus)
+
+
+def write_exposure(exposure: Exposure, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+    """Write an exposure as an afw-compatible multi-extension FITS file, atomically.
+
+    The layout (``PRIMARY`` with visit/calibration cards, ``IMAGE``/``MASK``/``VARIANCE`` with WCS, ``MP_``
+    plane cards and xy0 cards, then the PSF HDUs and an ``APCORR`` table) is described in ``docs/io.md``.
+    The file is written uncompressed to a temporary file in the same directory and moved into place with
+    :func:`os.replace`, so a reader never sees a partial file and a failed write leaves nothing behind.
+
+    Raises
+    ------
+    DiffimIOError
+        The directory does not exist or is not writable, or ``path`` exists and ``overwrite`` is False.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise DiffimIOError(f"{path}: directory {directory} does not exist; create it first.")
+    if os.path.exists(path) and not overwrite:
+        raise DiffimIOError(f"{path}: file exists and overwrite=False; remove it or pass overwrite=True.")
+    hdul = _build_hdul(exposure)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", suffix=".fits", dir=directory)
+    except OSError as exc:
+        raise DiffimIOError(f"{path}: cannot write in {directory} ({exc.strerror}); check permissions.") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hdul.writeto(fh, output_verify="silentfix")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise DiffimIOError(f"{path}: write failed ({exc.strerror or _one_line(exc)}); nothing was written.") from None
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
