@@ -1,0 +1,25 @@
+"""Alard–Lupton PSF matching: kernel bases, candidates, the least-squares solve and spatial kernels."""
+
+from .basis import KernelBasis, alard_lupton_basis, delta_function_basis, make_kernel_basis_list
+from .candidates import KernelCandidate, SpatialCellSet, detect_kernel_sources, make_kernel_candidates
+from .kernel import KernelSolution, SpatialBackground, SpatialFunction, SpatialKernel
+from .solve import build_stamp_system, clipped_mean_std, fit_spatial, solve_psf_matching
+
+__all__ = [
+    "KernelBasis",
+    "alard_lupton_basis",
+    "delta_function_basis",
+    "make_kernel_basis_list",
+    "KernelCandidate",
+    "SpatialCellSet",
+    "detect_kernel_sources",
+    "make_kernel_candidates",
+    "KernelSolution",
+    "SpatialBackground",
+    "SpatialFunction",
+    "SpatialKernel",
+    "build_stamp_system",
+    "clipped_mean_std",
+    "fit_spatial",
+    "solve_psf_matching",
+]

@@ -1,0 +1,451 @@
+"""Alard–Lupton least-squares machinery: per-stamp normal equations, candidate clipping and the spatial fit.
+
+Model (spec §2): ``S ≈ corr(K, T) + bg`` with ``K = Σ_i a_i B_i``. For every candidate stamp the columns
+``C_i = corr(B_i, T_stamp)`` over the stamp's valid region (plus a column of ones for the background) are built
+for all candidates and all bases at once (:meth:`KernelBasis.correlate_stamps` uses the separability of the
+basis), giving ``M_c = CᵀWC`` and ``b_c = CᵀWS`` with constant-variance weighting. The spatial fit stacks the
+candidates' normal equations through the map from spatial parameters to local coefficients (§2.8); that is
+the exact χ² over all candidate pixels with the coefficients frozen at each candidate centre.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+from scipy.signal import fftconvolve
+
+from ..errors import InsufficientKernelCandidatesError, NoKernelCandidatesError
+from ..model.box import Box
+from ..model.exposure import MaskedImage
+from .basis import KernelBasis
+from .candidates import BAD, GOOD, KernelCandidate, SpatialCellSet
+from .kernel import KernelSolution, SpatialBackground, SpatialFunction, SpatialKernel
+
+__all__ = [
+    "clipped_mean_std",
+    "StampSystem",
+    "build_stamp_system",
+    "solve_normal_equations",
+    "solve_single",
+    "residual_statistics",
+    "spatial_design",
+    "fit_spatial",
+    "solve_psf_matching",
+]
+
+_log = logging.getLogger("diffim.psfmatch")
+
+
+def clipped_mean_std(values, nsigma: float = 3.0, niter: int = 3) -> tuple[float, float]:
+    """afw ``MEANCLIP``/``STDEVCLIP``: iteration 0 clips at median ± nσ·0.741·IQR, later ones at mean ± nσ·std.
+
+    Each iteration re-clips the full sample; the std is the unbiased (n − 1) one.
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return math.nan, math.nan
+    if v.size == 1:
+        return float(v[0]), 0.0
+    q1, med, q3 = np.percentile(v, [25, 50, 75])
+    centre, width = med, 0.741301109 * (q3 - q1)
+    sel = v
+    for _ in range(niter):
+        sel = v[np.abs(v - centre) <= nsigma * width] if width > 0 else v[v == centre]
+        if sel.size < 2:
+            sel = v if sel.size == 0 else sel
+            break
+        centre, width = float(sel.mean()), float(sel.std(ddof=1))
+    mean = float(sel.mean())
+    std = float(sel.std(ddof=1)) if sel.size > 1 else 0.0
+    return mean, std
+
+
+class StampSystem:
+    """Per-candidate design matrices and normal equations for a set of equally sized stamps.
+
+    Attributes
+    ----------
+    C
+        ``(nc, npix, n)`` float32 design matrix (``n = N + 1`` with a background column).
+    S, VS
+        ``(nc, npix)`` science pixels and science variance over the valid region.
+    VT
+        ``(nc, H, W)`` template variance stamps (for the ``K²`` variance of the residuals).
+    weight_var
+        ``(nc,)`` constant variance used as weight.
+    M, b
+        ``(nc, n, n)`` and ``(nc, n)`` normal equations (float64).
+    """
+
+    def __init__(self, C, S, VS, VT, weight_var, M, b, fit_background, valid_shape):
+        self.C, self.S, self.VS, self.VT = C, S, VS, VT
+        self.weight_var, self.M, self.b = weight_var, M, b
+        self.fit_background = fit_background
+        self.valid_shape = valid_shape
+
+    def __len__(self) -> int:
+        return len(self.S)
+
+
+def build_stamp_system(
+    basis: KernelBasis,
+    template: MaskedImage,
+    science: MaskedImage,
+    boxes: list[Box],
+    *,
+    fit_background: bool = True,
+    constant_variance_weighting: bool = True,
+    chunk: int = 128,
+) -> StampSystem:
+    """Design matrices and normal equations for the stamps ``boxes`` (all the same size).
+
+    With ``constant_variance_weighting`` the weight of every pixel of a stamp is ``1/median(V_S + V_T)``
+    (1 if that median is ≤ 0); otherwise ``1/(V_S + V_T)`` per pixel.
+    """
+    if not boxes:
+        raise NoKernelCandidatesError("No kernel candidate stamps to fit; supply more stars or relax the mask cuts.")
+    H, W = boxes[0].shape
+    w = basis.size
+    ctr = basis.ctr
+    hv, wv = H - w + 1, W - w + 1
+    inner = (slice(ctr, ctr + hv), slice(ctr, ctr + wv))
+    T = np.stack([template.image[b.slices(template.xy0)] for b in boxes]).astype(np.float64)
+    Sst = np.stack([science.image[b.slices(science.xy0)] for b in boxes]).astype(np.float64)
+    VSst = np.stack([science.variance[b.slices(science.xy0)] for b in boxes]).astype(np.float64)
+    VT = np.stack([template.variance[b.slices(template.xy0)] for b in boxes]).astype(np.float64)
+    nc = len(boxes)
+    S = Sst[:, inner[0], inner[1]].reshape(nc, -1)
+    VS = VSst[:, inner[0], inner[1]].reshape(nc, -1)
+    if constant_variance_weighting:
+        wv_ = np.median((VSst + VT).reshape(nc, -1), axis=1)
+        wv_ = np.where(wv_ > 0, wv_, 1.0)
+        wpix = None
+    else:
+        full = (VSst + VT)[:, inner[0], inner[1]].reshape(nc, -1)
+        wv_ = np.median(full, axis=1)
+        wpix = np.where(full > 0, 1.0 / np.where(full > 0, full, 1.0), 0.0)
+    n = len(basis) + (1 if fit_background else 0)
+    C = np.empty((nc, hv * wv, n), dtype=np.float32)
+    M = np.empty((nc, n, n))
+    b = np.empty((nc, n))
+    for lo in range(0, nc, chunk):
+        hi = min(nc, lo + chunk)
+        cols = basis.correlate_stamps(T[lo:hi])
+        if fit_background:
+            cols = np.concatenate([cols, np.ones(cols.shape[:2] + (1,))], axis=2)
+        C[lo:hi] = cols
+        if wpix is None:
+            wts = 1.0 / wv_[lo:hi, None, None]
+            M[lo:hi] = np.einsum("cpi,cpj->cij", cols, cols, optimize=True) * wts
+            b[lo:hi] = np.einsum("cpi,cp->ci", cols, S[lo:hi], optimize=True) * wts[:, :, 0]
+        else:
+            cw = cols * wpix[lo:hi, :, None]
+            M[lo:hi] = np.einsum("cpi,cpj->cij", cw, cols, optimize=True)
+            b[lo:hi] = np.einsum("cpi,cp->ci", cw, S[lo:hi], optimize=True)
+    return StampSystem(C, S, VS, VT, wv_, M, b, fit_background, (hv, wv))
+
+
+def solve_normal_equations(M: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve ``M x = b`` (batched over leading axes); singular systems fall back to an eigen pseudo-inverse."""
+    M = np.asarray(M, float)
+    b = np.asarray(b, float)
+    try:
+        x = np.linalg.solve(M, b[..., None])[..., 0]
+        if np.all(np.isfinite(x)):
+            return x
+    except np.linalg.LinAlgError:
+        pass
+    if M.ndim == 2:
+        return _eigen_solve(M, b)
+    return np.stack([_eigen_solve(Mi, bi) for Mi, bi in zip(M.reshape(-1, *M.shape[-2:]), b.reshape(-1, b.shape[-1]))]
+                    ).reshape(b.shape)
+
+
+def _eigen_solve(M: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lam, R = np.linalg.eigh(0.5 * (M + M.T))
+    keep = np.abs(lam) > np.abs(lam).max() * 1e-14 if lam.size else lam.astype(bool)
+    inv = np.zeros_like(lam)
+    inv[keep] = 1.0 / lam[keep]
+    return R @ (inv * (R.T @ b))
+
+
+def condition_number(M: np.ndarray) -> float:
+    """Eigenvalue condition number ``max|λ| / min|λ|`` of a symmetric matrix."""
+    lam = np.abs(np.linalg.eigvalsh(0.5 * (M + M.T)))
+    return float(lam.max() / lam.min()) if lam.min() > 0 else math.inf
+
+
+def solve_single(system: StampSystem) -> np.ndarray:
+    """Per-candidate solutions ``(nc, n)`` (NaN rows where the solve failed)."""
+    x = solve_normal_equations(system.M, system.b)
+    x[~np.all(np.isfinite(x), axis=1)] = np.nan
+    return x
+
+
+def residual_statistics(system: StampSystem, coeffs: np.ndarray, basis: KernelBasis) -> tuple[np.ndarray, ...]:
+    """Mean and unbiased rms of ``z = (S − corr(K, T) − bg) / √(V_S + corr(K², V_T))`` per candidate.
+
+    Parameters
+    ----------
+    coeffs
+        ``(nc, n)`` local coefficients (basis coefficients, then the background if fitted).
+
+    Returns
+    -------
+    mean, rms, chi2
+        ``(nc,)`` arrays (chi2 = variance of z); NaN where no pixel is usable.
+    """
+    nc = len(system)
+    good_c = np.all(np.isfinite(coeffs), axis=1)
+    c = np.where(good_c[:, None], coeffs, 0.0)
+    model = np.einsum("cpi,ci->cp", system.C, c.astype(np.float32), optimize=True).astype(float)
+    D = system.S - model
+    N = len(basis)
+    K = np.tensordot(c[:, :N], basis.images, axes=1)  # (nc, w, w)
+    K2 = (K * K)[:, ::-1, ::-1]
+    vt = fftconvolve(system.VT, K2, mode="valid", axes=(1, 2)).reshape(nc, -1)
+    var = system.VS + vt
+    ok = np.isfinite(D) & (var > 0)
+    z = np.where(ok, D / np.sqrt(np.where(ok, var, 1.0)), 0.0)
+    n = ok.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = z.sum(axis=1) / n
+        var_z = ((z - mean[:, None]) ** 2 * ok).sum(axis=1) / (n - 1)
+    rms = np.sqrt(var_z)
+    bad = ~good_c | (n < 2)
+    mean[bad] = rms[bad] = var_z[bad] = np.nan
+    return mean, rms, var_z
+
+
+def spatial_design(
+    xs: np.ndarray,
+    ys: np.ndarray,
+    n_basis: int,
+    kernel_spatial: SpatialFunction,
+    bg_spatial: SpatialFunction | None,
+    constant_first_term: bool = True,
+) -> np.ndarray:
+    """``P (nc, n_basis [+1], nt)``: maps spatial parameters θ to each candidate's local coefficients.
+
+    θ layout: with ``constant_first_term`` ``[a_0, a_{1,1..nkt}, …, a_{N−1,1..nkt}, β_{1..nbt}]``, otherwise
+    ``[a_{0,1..nkt}, …, β]``.
+    """
+    fk = kernel_spatial(np.asarray(xs, float), np.asarray(ys, float))  # (nc, nkt)
+    nc, nkt = fk.shape
+    nbt = 0 if bg_spatial is None else bg_spatial.n_terms
+    nloc = n_basis + (1 if bg_spatial is not None else 0)
+    first = 1 if constant_first_term else 0
+    nt = first + (n_basis - first) * nkt + nbt
+    P = np.zeros((nc, nloc, nt))
+    if constant_first_term:
+        P[:, 0, 0] = 1.0
+    for m in range(first, n_basis):
+        off = first + (m - first) * nkt
+        P[:, m, off : off + nkt] = fk
+    if bg_spatial is not None:
+        P[:, n_basis, nt - nbt :] = bg_spatial(np.asarray(xs, float), np.asarray(ys, float))
+    return P
+
+
+def fit_spatial(
+    M: np.ndarray,
+    b: np.ndarray,
+    xs,
+    ys,
+    n_basis: int,
+    kernel_spatial: SpatialFunction,
+    bg_spatial: SpatialFunction | None,
+    constant_first_term: bool = True,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Solve ``Σ_c P_cᵀ M_c P_c θ = Σ_c P_cᵀ b_c``. Returns θ, P and the eigenvalue condition number."""
+    P = spatial_design(xs, ys, n_basis, kernel_spatial, bg_spatial, constant_first_term)
+    PtM = np.einsum("cin,cij->cnj", P, M, optimize=True)
+    Q = np.einsum("cnj,cjm->nm", PtM, P, optimize=True)
+    w = np.einsum("cin,ci->n", P, b, optimize=True)
+    theta = solve_normal_equations(Q, w)
+    if not np.all(np.isfinite(theta)):
+        raise NoKernelCandidatesError("The spatial kernel solution has NaN coefficients; too few usable stars.")
+    return theta, P, condition_number(Q)
+
+
+def _theta_to_kernel(theta, n_basis, kernel_spatial, bg_spatial, constant_first_term, basis):
+    nkt = kernel_spatial.n_terms
+    coeffs = np.zeros((n_basis, nkt))
+    first = 1 if constant_first_term else 0
+    if constant_first_term:
+        coeffs[0, 0] = theta[0]
+    body = theta[first : first + (n_basis - first) * nkt].reshape(n_basis - first, nkt)
+    coeffs[first:] = body
+    nbt = 0 if bg_spatial is None else bg_spatial.n_terms
+    params = theta[len(theta) - nbt :] if nbt else np.zeros(0)
+    return SpatialKernel(basis, coeffs, kernel_spatial), SpatialBackground(np.array(params), bg_spatial)
+
+
+def solve_psf_matching(
+    template: MaskedImage,
+    science: MaskedImage,
+    candidates: list[KernelCandidate],
+    basis: KernelBasis,
+    *,
+    bbox: Box | None = None,
+    spatial_kernel_order: int = 1,
+    spatial_bg_order: int = 2,
+    fit_for_background: bool = True,
+    spatial_model_type: str = "chebyshev1",
+    constant_first_term: bool | None = None,
+    size_cell_x: int = 128,
+    size_cell_y: int = 128,
+    n_star_per_cell: int = 5,
+    max_spatial_iterations: int = 3,
+    single_kernel_clipping: bool = True,
+    kernel_sum_clipping: bool = True,
+    spatial_kernel_clipping: bool = True,
+    candidate_residual_mean_max: float = 0.25,
+    candidate_residual_std_max: float = 1.5,
+    max_ksum_sigma: float = 3.0,
+    constant_variance_weighting: bool = True,
+    log: logging.Logger | None = None,
+) -> KernelSolution:
+    """The full AL solve loop (spec §2.7): single kernels, kernel-sum clipping, spatial fit, spatial clipping.
+
+    ``template`` is the image that gets convolved, ``science`` the one it is matched to. Candidates are
+    modified in place (status, kernel_sum, residual statistics). Raises
+    :class:`~diffim.errors.NoKernelCandidatesError` when every candidate is rejected.
+    """
+    log = log or _log
+    bbox = science.bbox if bbox is None else bbox
+    if not candidates:
+        raise NoKernelCandidatesError(
+            "No kernel candidates: no usable stars were found in both images (check masks, overlap and S/N)."
+        )
+    if constant_first_term is None:
+        constant_first_term = basis.kind != "delta-function"
+    n_basis = len(basis)
+    kspatial = SpatialFunction(spatial_kernel_order, bbox, spatial_model_type)
+    bspatial = SpatialFunction(spatial_bg_order, bbox, spatial_model_type) if fit_for_background else None
+
+    cells = SpatialCellSet(bbox, size_cell_x, size_cell_y)
+    for c in candidates:
+        cells.insert(c)
+    cands = cells.all_candidates()
+    index = {id(c): i for i, c in enumerate(cands)}
+
+    system = build_stamp_system(
+        basis, template, science, [c.box for c in cands],
+        fit_background=fit_for_background, constant_variance_weighting=constant_variance_weighting,
+    )
+    single = solve_single(system)
+    smean, srms, schi2 = residual_statistics(system, single, basis)
+    ksum = single[:, :n_basis] @ basis.sums
+    for i, c in enumerate(cands):
+        c.coefficients = single[i]
+        c.kernel_sum = float(ksum[i])
+        c.background = float(single[i, n_basis]) if fit_for_background else 0.0
+        c.residual_mean, c.residual_std, c.chi2 = float(smean[i]), float(srms[i]), float(schi2[i])
+
+    def _single_bad(i):
+        if not np.isfinite(single[i]).all() or not np.isfinite(smean[i]):
+            return "single solution failed"
+        if single_kernel_clipping and (
+            abs(smean[i]) > candidate_residual_mean_max or srms[i] > candidate_residual_std_max
+        ):
+            return f"single-kernel residuals mean {smean[i]:.2f} rms {srms[i]:.2f}"
+        return ""
+
+    xs_all = np.array([c.x for c in cands])
+    ys_all = np.array([c.y for c in cands])
+    n_rejected = {"single": 0, "ksum": 0, "spatial": 0}
+    solution = None
+    it = 0
+    while True:
+        # Single-kernel clipping: revisit until no visited candidate is rejected.
+        while True:
+            rej = 0
+            for c in cells.visit(n_star_per_cell):
+                reason = _single_bad(index[id(c)])
+                if reason:
+                    c.status, c.reason = BAD, reason
+                    rej += 1
+                else:
+                    c.status = GOOD
+            n_rejected["single"] += rej
+            if rej == 0:
+                break
+        visited = cells.visit(n_star_per_cell)
+        if not visited:
+            raise NoKernelCandidatesError(
+                f"All {len(cands)} kernel candidates were rejected ({n_rejected}); the images may not match "
+                "(wrong PSFs, misregistration, bad masks) or have too few stars."
+            )
+        if kernel_sum_clipping and len(visited) > 1:
+            ks = np.array([c.kernel_sum for c in visited])
+            mean, std = clipped_mean_std(ks)
+            bad = np.abs(ks - mean) > max_ksum_sigma * std
+            if bad.any():
+                for c, b in zip(visited, bad):
+                    if b:
+                        c.status, c.reason = BAD, f"kernel sum {c.kernel_sum:.4f} vs {mean:.4f}±{std:.4f}"
+                n_rejected["ksum"] += int(bad.sum())
+                continue
+        idx = np.array([index[id(c)] for c in visited])
+        theta, P, cond = fit_spatial(
+            system.M[idx], system.b[idx], xs_all[idx], ys_all[idx], n_basis, kspatial, bspatial, constant_first_term
+        )
+        solution = (theta, idx, cond)
+        if it >= max_spatial_iterations:
+            break
+        # Assess every visited candidate with the spatial kernel at its centre.
+        loc = np.einsum("cin,n->ci", P, theta)
+        sub = _subsystem(system, idx)
+        mean, rms, chi2 = residual_statistics(sub, loc, basis)
+        n_bad = 0
+        for c, m, r, q in zip(visited, mean, rms, chi2):
+            c.chi2 = float(q)
+            if not np.isfinite(m) or (spatial_kernel_clipping and (abs(m) > candidate_residual_mean_max
+                                                                   or r > candidate_residual_std_max)):
+                c.status, c.reason = BAD, f"spatial-kernel residuals mean {m:.2f} rms {r:.2f}"
+                n_bad += 1
+            else:
+                c.status = GOOD
+        n_rejected["spatial"] += n_bad
+        if n_bad == 0:
+            break
+        if n_bad == len(visited):
+            pass  # let the next pass refill the cells or raise
+        it += 1
+
+    theta, idx, cond = solution
+    kernel, background = _theta_to_kernel(theta, n_basis, kspatial, bspatial, constant_first_term, basis)
+    n_used = len(idx)
+    if n_used < 1:
+        raise NoKernelCandidatesError("The final spatial kernel fit used no candidates.")
+    xc, yc = bbox.center
+    nkt = kspatial.n_terms
+    if n_used <= 2 * nkt:
+        log.warning("Spatial kernel model is weakly constrained: %d candidates for %d kernel terms.", n_used, nkt)
+    if cond > 1e10:
+        log.warning("Spatial kernel condition number %.3g exceeds 1e10.", cond)
+    meta = {
+        "spatialKernelSum": kernel.kernel_sum(xc, yc),
+        "spatialConditionNum": cond,
+        "nKernelCandidates": len(cands),
+        "nKernelCandidatesUsed": n_used,
+        "nRejectedSingle": n_rejected["single"],
+        "nRejectedKernelSum": n_rejected["ksum"],
+        "nRejectedSpatial": n_rejected["spatial"],
+    }
+    log.info(
+        "Kernel solved with %d of %d candidates; kernel sum at centre %.5f; condition number %.3g.",
+        n_used, len(cands), meta["spatialKernelSum"], cond,
+    )
+    return KernelSolution(kernel, background, cands, meta)
+
+
+def _subsystem(system: StampSystem, idx: np.ndarray) -> StampSystem:
+    return StampSystem(
+        system.C[idx], system.S[idx], system.VS[idx], system.VT[idx], system.weight_var[idx],
+        system.M[idx], system.b[idx], system.fit_background, system.valid_shape,
+    )
