@@ -1,0 +1,225 @@
+"""Aperture corrections: measure them from bright isolated stars and apply them (cf. meas_algorithms
+``MeasureApCorrTask`` and meas_base ``ApplyApCorrTask``).
+
+The correction of an algorithm's flux is the ratio of a large-aperture flux (the calibration flux,
+``base_CircularApertureFlux_12_0``) to that algorithm's flux for stars, fitted as a constant or a low-order
+Chebyshev polynomial in ``(x, y)`` over the image. An ``ApCorrMap`` is a plain ``dict`` mapping
+``"<algorithm>_instFlux"`` and ``"<algorithm>_instFluxErr"`` to callables ``f(x, y)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.polynomial import chebyshev
+
+from ..errors import DiffimValueError
+from ..model.box import Box
+from ..model.psf import Psf
+from .aperture import aperture_flux
+from .psf_flux import psf_flux
+
+__all__ = ["ApCorrModel", "ApCorrResult", "measure_ap_corr", "apply_ap_corr"]
+
+
+class ApCorrModel:
+    """A Chebyshev polynomial of total degree ``order`` over a bounding box: ``f(x, y) -> correction``.
+
+    Parameters
+    ----------
+    coefficients
+        ``(order+1, order+1)`` Chebyshev coefficients ``c[i, j]`` of ``T_i(u) T_j(v)`` (zero for ``i+j > order``).
+    bbox
+        Parent-coordinate box mapped onto ``[-1, 1]²``.
+    """
+
+    def __init__(self, coefficients: np.ndarray, bbox: Box) -> None:
+        self.coefficients = np.atleast_2d(np.asarray(coefficients, float))
+        self.bbox = bbox
+
+    @classmethod
+    def constant(cls, value: float, bbox: Box) -> "ApCorrModel":
+        return cls(np.array([[float(value)]]), bbox)
+
+    def _uv(self, x, y):
+        b = self.bbox
+        u = 2.0 * (np.asarray(x, float) - b.x0) / max(b.width - 1, 1) - 1.0
+        v = 2.0 * (np.asarray(y, float) - b.y0) / max(b.height - 1, 1) - 1.0
+        return u, v
+
+    def __call__(self, x, y) -> np.ndarray:
+        u, v = self._uv(x, y)
+        return chebyshev.chebval2d(u, v, self.coefficients)
+
+    @property
+    def order(self) -> int:
+        return self.coefficients.shape[0] - 1
+
+    def __repr__(self) -> str:
+        return f"ApCorrModel(order={self.order}, bbox={self.bbox}, c00={self.coefficients[0, 0]:.5g})"
+
+
+def _fit_chebyshev(x, y, z, w, bbox: Box, order: int) -> ApCorrModel:
+    tmp = ApCorrModel(np.zeros((order + 1, order + 1)), bbox)
+    u, v = tmp._uv(x, y)
+    vander = chebyshev.chebvander2d(u, v, [order, order])  # columns: i*(order+1) + j
+    ii, jj = np.divmod(np.arange((order + 1) ** 2), order + 1)
+    keep = ii + jj <= order
+    sw = np.sqrt(w)
+    sol, *_ = np.linalg.lstsq(vander[:, keep] * sw[:, None], z * sw, rcond=None)
+    coeffs = np.zeros((order + 1) ** 2)
+    coeffs[keep] = sol
+    return ApCorrModel(coeffs.reshape(order + 1, order + 1), bbox)
+
+
+@dataclass
+class ApCorrResult:
+    """Measured aperture correction: the map, and per-star ratios and which stars were used."""
+
+    ap_corr_map: dict
+    ratio: np.ndarray
+    ratio_err: np.ndarray
+    used: np.ndarray
+    value: float
+    value_err: float
+
+
+def measure_ap_corr(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray | None,
+    psf: Psf,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    bbox: Box | None = None,
+    xy0: tuple[int, int] = (0, 0),
+    radius: float = 12.0,
+    order: int = 0,
+    min_snr: float = 50.0,
+    bad_mask: int = 0,
+    isolation_radius: float | None = None,
+    n_sigma_clip: float = 3.0,
+    n_iter: int = 3,
+    min_stars: int = 3,
+    algorithm: str = "base_PsfFlux",
+) -> ApCorrResult:
+    """Fit the aperture correction of PSF fluxes from stars at ``(x, y)``.
+
+    Parameters
+    ----------
+    image, variance, mask, psf
+        The science exposure's planes and PSF model.
+    x, y
+        Star positions (parent coordinates), e.g. from the star selector.
+    bbox
+        Box over which the polynomial is defined (default: the image's).
+    radius
+        Radius of the reference aperture (12 px = ``base_CircularApertureFlux_12_0``).
+    order
+        Total degree of the Chebyshev polynomial in ``(x, y)``; 0 = constant.
+    min_snr
+        Stars whose PSF-flux S/N is below this are not used.
+    isolation_radius
+        Stars with another input star closer than this are not used (default ``2·radius``).
+    n_sigma_clip, n_iter
+        Iterative clipping of outlying ratios (robust σ = 0.741·IQR).
+    min_stars
+        Raise if fewer stars survive.
+    algorithm
+        Prefix of the map keys (``<algorithm>_instFlux``, ``<algorithm>_instFluxErr``).
+
+    Returns
+    -------
+    ApCorrResult
+        ``ap_corr_map[algorithm + "_instFlux"]`` is the correction model (multiply fluxes by it);
+        ``[algorithm + "_instFluxErr"]`` is the model's uncertainty (a constant), as LSST stores it.
+
+    Raises
+    ------
+    DiffimValueError
+        If fewer than ``min_stars`` stars are usable.
+    """
+    x = np.atleast_1d(np.asarray(x, float))
+    y = np.atleast_1d(np.asarray(y, float))
+    if bbox is None:
+        bbox = Box.from_shape(image.shape, xy0)
+    if isolation_radius is None:
+        isolation_radius = 2.0 * radius
+    pf = psf_flux(image, variance, mask, psf, x, y, bad_mask, xy0=xy0)
+    ap = aperture_flux(image, variance, x, y, radius, xy0=xy0, mask=mask, bad_mask=bad_mask)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = ap.flux / pf.flux
+        ratio_err = np.abs(ratio) * np.hypot(ap.flux_err / ap.flux, pf.flux_err / pf.flux)
+        snr = pf.flux / pf.flux_err
+    use = ~pf.flag & ~ap.flag & np.isfinite(ratio) & np.isfinite(ratio_err) & (snr >= min_snr)
+    if len(x) > 1 and isolation_radius > 0:
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(np.column_stack([x, y]))
+        pairs = tree.query_pairs(isolation_radius, output_type="ndarray")
+        crowded = np.zeros(len(x), bool)
+        crowded[pairs.ravel()] = True
+        use &= ~crowded
+    if use.sum() < min_stars:
+        raise DiffimValueError(
+            f"Only {int(use.sum())} of {len(x)} stars are usable for aperture corrections (need {min_stars}); "
+            f"lower min_snr ({min_snr}) or the isolation radius ({isolation_radius} px), or disable doApCorr."
+        )
+    weights = 1.0 / np.where(use, ratio_err, 1.0) ** 2
+    model = None
+    for _ in range(max(1, n_iter)):
+        model = _fit_chebyshev(x[use], y[use], ratio[use], weights[use], bbox, order)
+        resid = ratio - model(x, y)
+        q25, q75 = np.percentile(resid[use], [25, 75])
+        sd = 0.741 * (q75 - q25)
+        if not (sd > 0):
+            break
+        new_use = use & (np.abs(resid) <= n_sigma_clip * np.maximum(sd, ratio_err))
+        if new_use.sum() < min_stars or np.array_equal(new_use, use):
+            break
+        use = new_use
+    resid = ratio[use] - model(x[use], y[use])
+    n_used = int(use.sum())
+    dof = max(n_used - (order + 1) * (order + 2) // 2, 1)
+    value_err = float(np.sqrt(np.sum(resid**2) / dof / n_used)) if n_used > 1 else float(ratio_err[use][0])
+    cx, cy = bbox.center
+    value = float(model(cx, cy))
+    ap_corr_map = {
+        f"{algorithm}_instFlux": model,
+        f"{algorithm}_instFluxErr": ApCorrModel.constant(value_err, bbox),
+    }
+    return ApCorrResult(ap_corr_map, ratio, ratio_err, use, value, value_err)
+
+
+def apply_ap_corr(
+    flux: np.ndarray,
+    flux_err: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    ap_corr_map: dict | None,
+    algorithm: str = "base_PsfFlux",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Apply the aperture correction of ``algorithm`` at ``(x, y)``: ``flux·c``, ``err·c`` (naive errors).
+
+    Returns
+    -------
+    flux, flux_err, flag_apCorr, ap_corr
+        Corrected arrays, the per-source failure flag (no model, or ``c`` not finite and > 0: values left
+        unchanged) and the correction ``c`` (NaN where unavailable).
+    """
+    flux = np.array(flux, dtype=float, copy=True)
+    flux_err = np.array(flux_err, dtype=float, copy=True)
+    n = len(flux)
+    model = None if ap_corr_map is None else ap_corr_map.get(f"{algorithm}_instFlux")
+    if model is None:
+        return flux, flux_err, np.ones(n, bool), np.full(n, np.nan)
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    c = np.broadcast_to(np.asarray(model(x, y), float), (n,)).copy()
+    ok = np.isfinite(c) & (c > 0)
+    flux[ok] *= c[ok]
+    flux_err[ok] *= c[ok]
+    c[~ok] = np.nan
+    return flux, flux_err, ~ok, c
