@@ -161,7 +161,7 @@ def _image_data(hdu, path: str, what: str) -> np.ndarray:
     if data.ndim != 2:
         raise BadInputError(f"{path}: the {what} HDU has shape {data.shape}; a 2-D image is needed.")
     if data.size == 0:
-        raise BadInputError(f"{path}: the {what} image is empty (shape {data.shape}).")
+        raise BadInputError(f"{path}: the {what} HDU is empty (shape {data.shape}); nothing to process.")
     return data
 
 
@@ -214,6 +214,17 @@ def _read_wcs(header, xy0: tuple[int, int], path: str) -> WCS | None:
     if "A_ORDER" not in h:
         for key in [k for k in h.keys() if k[:2] in ("A_", "B_") or k[:3] in ("AP_", "BP_")]:
             del h[key]
+    for key in ("CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2", "CD1_1", "CD1_2", "CD2_1", "CD2_2", "PC1_1", "PC1_2",
+                "PC2_1", "PC2_2", "CDELT1", "CDELT2"):
+        if key not in h:
+            continue
+        try:
+            value = float(h[key])
+        except Exception:  # astropy raises VerifyError for unparsable values such as NaN
+            value = float("nan")
+        if not math.isfinite(value):
+            raise WcsError(f"{path}: the WCS has non-finite or unparsable {key}; fix or remove the WCS cards.")
+        h[key] = value
     try:
         crpix1 = float(h.get("CRPIX1", 0.0)) + xy0[0]
         crpix2 = float(h.get("CRPIX2", 0.0)) + xy0[1]
