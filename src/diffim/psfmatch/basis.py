@@ -274,3 +274,29 @@ def make_kernel_basis_list(
         "ALBasisMode": mode,
     }
     return basis, meta
+
+
+def regularization_matrix(size: int, stencil: int = 9, border_penalty: float = 3.0) -> np.ndarray:
+    """``H = BᵀB`` for central-difference (Laplacian) regularisation of a delta-function kernel (spec §2.3).
+
+    Row ``i`` of ``B`` (pixel ``(i % size, i // size)``) holds the stencil over the pixel's 3×3 neighbourhood
+    (5-point ``[[0,1,0],[1,−4,1],[0,1,0]]`` or 9-point ``[[1,4,1],[4,−20,4],[1,4,1]]/6``) for interior pixels,
+    and ``border_penalty`` on the diagonal for pixels on the kernel border.
+    """
+    if stencil == 5:
+        st = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], float)
+    elif stencil == 9:
+        st = np.array([[1, 4, 1], [4, -20, 4], [1, 4, 1]], float) / 6.0
+    else:
+        raise ConfigError(f"centralRegularizationStencil must be 5 or 9, got {stencil}.")
+    n = size * size
+    B = np.zeros((n, n))
+    for i in range(n):
+        x0, y0 = i % size, i // size
+        if x0 in (0, size - 1) or y0 in (0, size - 1):
+            B[i, i] = border_penalty
+            continue
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                B[i, (y0 + dy) * size + (x0 + dx)] = st[dy + 1, dx + 1]
+    return B.T @ B

@@ -307,12 +307,14 @@ def solve_psf_matching(
     candidate_residual_std_max: float = 1.5,
     max_ksum_sigma: float = 3.0,
     constant_variance_weighting: bool = True,
+    regularization: np.ndarray | None = None,
     log: logging.Logger | None = None,
 ) -> KernelSolution:
     """The full AL solve loop (spec §2.7): single kernels, kernel-sum clipping, spatial fit, spatial clipping.
 
     ``template`` is the image that gets convolved, ``science`` the one it is matched to. Candidates are
-    modified in place (status, kernel_sum, residual statistics). Raises
+    modified in place (status, kernel_sum, residual statistics). ``regularization`` (``λH``, basis-sized) is
+    added to every candidate's normal matrix (delta-function bases). Raises
     :class:`~diffim.errors.NoKernelCandidatesError` when every candidate is rejected.
     """
     log = log or _log
@@ -337,6 +339,8 @@ def solve_psf_matching(
         basis, template, science, [c.box for c in cands],
         fit_background=fit_for_background, constant_variance_weighting=constant_variance_weighting,
     )
+    if regularization is not None:
+        system.M[:, :n_basis, :n_basis] += regularization
     single = solve_single(system)
     smean, srms, schi2 = residual_statistics(system, single, basis)
     ksum = single[:, :n_basis] @ basis.sums
