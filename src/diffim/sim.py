@@ -228,8 +228,10 @@ class SimulatedPair:
         outdir = Path(outdir)
         outdir.mkdir(parents=True, exist_ok=True)
         paths = {"science": outdir / "science.fits", "template": outdir / "template.fits"}
-        _write_exposure(self.science, paths["science"])
-        _write_exposure(self.template, paths["template"])
+        from .io import write_exposure
+
+        write_exposure(self.science, paths["science"])
+        write_exposure(self.template, paths["template"])
         paths["truth_fits"] = outdir / "truth.fits"
         self.truth.write(paths["truth_fits"], overwrite=True)
         paths["truth_csv"] = outdir / "truth.csv"
@@ -242,56 +244,6 @@ class SimulatedPair:
         except ImportError:  # optional extra
             pass
         return paths
-
-
-# ----------------------------------------------------------------------------------------------------------
-# FITS output (diffim.io.write_exposure when available; a minimal MEF writer otherwise)
-# ----------------------------------------------------------------------------------------------------------
-def _write_exposure(exposure: Exposure, path: Path) -> None:
-    try:
-        from .io import write_exposure  # type: ignore[attr-defined]
-    except ImportError:
-        write_exposure = None
-    if write_exposure is not None:
-        write_exposure(exposure, path)
-        return
-    _write_exposure_mef(exposure, path)
-
-
-def _write_exposure_mef(exposure: Exposure, path: Path) -> None:
-    """Stand-in writer: primary + IMAGE, MASK, VARIANCE (+ PSF HDUs), afw-like cards (MP_*, LTV, PHOTOCAL)."""
-    from astropy.io import fits
-
-    primary = fits.PrimaryHDU()
-    h = primary.header
-    if exposure.photo_calib is not None:
-        h["FLUXMAG0"] = (1e9 * 3631.0 / exposure.photo_calib.calibration_mean, "counts of a 0 mag AB source")
-        h["PHOTOCAL"] = (exposure.photo_calib.calibration_mean, "nJy per count")
-    if exposure.band:
-        h["FILTER"] = exposure.band
-    if exposure.id is not None:
-        h["EXPID"] = exposure.id
-    for key, value in dict(exposure.metadata).items():
-        if len(key) <= 8 and isinstance(value, (int, float, str, bool)):
-            h[key] = value
-    wcs_header = exposure.wcs.to_header() if exposure.wcs is not None else None
-    hdus = [primary]
-    for name, data in (("IMAGE", exposure.image), ("MASK", exposure.mask.array), ("VARIANCE", exposure.variance)):
-        hdu = fits.ImageHDU(data, name=name)
-        if wcs_header is not None:
-            hdu.header.update(wcs_header)
-        x0, y0 = exposure.xy0
-        hdu.header["LTV1"], hdu.header["LTV2"] = -x0, -y0
-        if name == "MASK":
-            for plane, bit in exposure.mask.planes.items():
-                hdu.header[f"MP_{plane}"] = bit
-        hdus.append(hdu)
-    if exposure.psf is not None:
-        try:
-            hdus.extend(exposure.psf.to_fits_hdus())
-        except Exception:  # a PSF that cannot be persisted is left out of the stand-in file
-            pass
-    fits.HDUList(hdus).writeto(path, overwrite=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
