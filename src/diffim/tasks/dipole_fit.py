@@ -1,0 +1,262 @@
+"""``DipoleFitTask``: dipole measurement of difference-image sources (LSST ``ip_diffim`` ``DipoleFitTask``).
+
+The task selects the footprints that hold peaks of both signs, fits each with the two-lobe PSF model of
+:mod:`diffim.measure.dipole` (difference image + science + matched template), classifies them and returns
+per-source columns under both the APDB DiaSource names and the LSST ``ip_diffim_DipoleFit_*`` names.
+
+The LSST plugin configuration (``config.plugins["ip_diffim_DipoleFit"]``) is the nested field
+``config.dipoleFit`` here, with the same field names and defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import lsst.pex.config as pexConfig
+import numpy as np
+
+from ..footprint import Footprint
+from ..measure.dipole import (
+    DipoleFitResult,
+    LobePsfModel,
+    classify_dipole,
+    fit_dipole,
+    is_dipole_footprint,
+)
+from ..model.exposure import Exposure
+from .base import Struct, Task, timeMethod
+
+__all__ = ["DipoleFitPluginConfig", "DipoleFitConfig", "DipoleFitTask", "DIASOURCE_DIPOLE_COLUMNS"]
+
+#: DiaSource columns produced by :class:`DipoleFitTask` (plus ``dipoleSep_px``, ours).
+DIASOURCE_DIPOLE_COLUMNS = (
+    "dipoleMeanFlux", "dipoleMeanFluxErr", "dipoleFluxDiff", "dipoleFluxDiffErr", "dipoleLength",
+    "dipoleAngle", "dipoleChi2", "dipoleNdata", "isDipole", "dipoleFitAttempted", "dipoleSep_px",
+)
+
+
+class DipoleFitPluginConfig(pexConfig.Config):
+    """Configuration of the dipole fit (LSST ``DipoleFitPluginConfig``, same names and defaults)."""
+
+    fitAllDiaSources = pexConfig.Field(
+        dtype=bool, default=False, doc="Attempt dipole fit of all diaSources (otherwise only ones consisting of "
+        "overlapping but separated peaks)"
+    )
+    maxSeparation = pexConfig.RangeField(
+        dtype=float, default=5.0, min=0.0, doc="Assume dipole is not separated by more than maxSeparation * psfSigma"
+    )
+    relWeight = pexConfig.RangeField(
+        dtype=float, default=0.5, min=0.0,
+        doc="Relative weighting of pre-subtraction images (higher -> greater influence of pre-sub. images on fit)"
+    )
+    tolerance = pexConfig.RangeField(dtype=float, default=1e-7, min=0.0, doc="Fit tolerance")
+    fitBackground = pexConfig.Field(
+        dtype=int, default=1,
+        doc="Set whether and how to fit for linear gradient in pre-sub. images. Possible values: 0: do not fit "
+        "background at all; 1 (default): pre-fit the background using linear least squares and then do not "
+        "fit it as part of the dipole fitting optimization; 2: pre-fit the background using linear least "
+        "squares (as in 1), and use the parameter estimates from that fit as starting parameters for an "
+        "integrated re-fit of the background"
+    )
+    fitSeparateNegParams = pexConfig.Field(
+        dtype=bool, default=False, doc="Include parameters to fit for negative values (flux, gradient) separately "
+        "from pos."
+    )
+    minSn = pexConfig.RangeField(
+        dtype=float, default=math.sqrt(2.0) * 5.0, min=0.0, doc="Minimum quadrature sum of positive+negative lobe "
+        "S/N to be considered a dipole"
+    )
+    maxFluxRatio = pexConfig.RangeField(
+        dtype=float, default=0.65, min=0.0, doc="Maximum flux ratio in either lobe to be considered a dipole"
+    )
+    maxChi2DoF = pexConfig.RangeField(
+        dtype=float, default=0.05, min=0.0,
+        doc="Maximum Chi2/DoF significance of fit to be considered a dipole (unused, as in LSST)"
+    )
+    maxFootprintArea = pexConfig.RangeField(
+        dtype=int, default=1200, min=0, doc="Maximum area for footprints before they are ignored as large; "
+        "non-positive means no threshold applied"
+    )
+    bgGradientOrder = pexConfig.ChoiceField(
+        dtype=int, default=1, allowed={1: "plane [1, x, y]", 2: "quadratic [1, x, y, xy, x², y²]"},
+        doc="Order of the background gradient fitted to the pre-subtraction images"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.fitBackground not in (0, 1, 2):
+            raise pexConfig.FieldValidationError(
+                DipoleFitPluginConfig.fitBackground, self, f"fitBackground must be 0, 1 or 2, not {self.fitBackground}"
+            )
+
+
+class DipoleFitConfig(pexConfig.Config):
+    """Configuration of :class:`DipoleFitTask`."""
+
+    dipoleFit = pexConfig.ConfigField(
+        dtype=DipoleFitPluginConfig, doc="The ip_diffim_DipoleFit plugin configuration"
+    )
+    badMaskPlanes = pexConfig.ListField(
+        dtype=str, default=["NO_DATA"], doc="Mask planes of the difference image whose pixels are left out of the fit"
+    )
+
+
+class DipoleFitTask(Task):
+    """Fit dipole models to difference-image sources (LSST ``lsst.ip.diffim.DipoleFitTask``).
+
+    ``run(sources, exposure, posExp, negExp)`` fits every footprint with peaks of both signs (all footprints if
+    ``fitAllDiaSources``) whose area is at most ``maxFootprintArea``; the others get the fallback centroid.
+    """
+
+    ConfigClass = DipoleFitConfig
+    _DefaultName = "measurement"
+
+    @timeMethod
+    def run(
+        self,
+        sources: Sequence[Footprint],
+        exposure: Exposure,
+        posExp: Exposure | None = None,
+        negExp: Exposure | None = None,
+        centroids: dict | None = None,
+    ) -> Struct:
+        """Measure dipoles.
+
+        Parameters
+        ----------
+        sources
+            Footprints on the difference image (merged: peaks of both signs for dipoles).
+        exposure
+            The difference image with its PSF (and optionally WCS and photo-calibration).
+        posExp, negExp
+            Science image and PSF-matched template on the same pixel grid (either may be None).
+        centroids
+            Optional slot centroids for the sources that are not fitted (or whose fit fails): a mapping with
+            arrays ``x, y`` and optionally ``xErr, yErr, flag``, e.g. SdssCentroid results. Default: the
+            position of each footprint's first peak.
+
+        Returns
+        -------
+        Struct
+            ``dipoles``: dict of per-source arrays (length ``len(sources)``) with the DiaSource columns
+            ``dipoleMeanFlux, dipoleMeanFluxErr, dipoleFluxDiff, dipoleFluxDiffErr`` (nJy if the exposure has a
+            photo-calibration, else image units), ``dipoleLength`` (arcsec with a WCS, else pixels),
+            ``dipoleSep_px``, ``dipoleAngle`` (degrees; with a WCS the bearing east of north from the negative to
+            the positive lobe, else counter-clockwise from +x), ``dipoleChi2`` (= chi2dof), ``dipoleNdata``,
+            ``isDipole`` (= classification), ``dipoleFitAttempted`` (a fit was run), and all ``ip_diffim_DipoleFit_*`` fields (instrumental fluxes,
+            pixel positions, orientation in radians). ``results``: the :class:`DipoleFitResult` of each source.
+        """
+        cfg = self.config.dipoleFit
+        n = len(sources)
+        psf = exposure.require_psf()
+        psf_sigma = psf.determinant_radius(*exposure.psf_position())
+        bad = None
+        if len(self.config.badMaskPlanes):
+            bad = exposure.mask.get(list(self.config.badMaskPlanes), ignore_missing=True)
+        arrays = dict(
+            diff_image=exposure.image, diff_variance=exposure.variance,
+            pos_image=None if posExp is None else posExp.image,
+            pos_variance=None if posExp is None else posExp.variance,
+            neg_image=None if negExp is None else negExp.image,
+            neg_variance=None if negExp is None else negExp.variance,
+        )
+        fx, fy, fxe, fye, fflag = self._fallback_centroids(sources, centroids)
+        results: list[DipoleFitResult] = []
+        n_fit = n_large = 0
+        for i, fp in enumerate(sources):
+            candidate = is_dipole_footprint(fp) or (cfg.fitAllDiaSources and len(fp.peaks) >= 1)
+            too_large = cfg.maxFootprintArea > 0 and fp.area > cfg.maxFootprintArea
+            if candidate and not too_large:
+                cx, cy = fp.bbox.center
+                lobes = LobePsfModel.from_psf(psf, cx, cy)
+                res = fit_dipole(
+                    fp, lobes=lobes, psf_sigma=psf_sigma, bad=bad, xy0=exposure.xy0,
+                    rel_weight=cfg.relWeight, tolerance=cfg.tolerance, fit_background=cfg.fitBackground,
+                    separate_neg_params=cfg.fitSeparateNegParams, max_sep_in_sigma=cfg.maxSeparation,
+                    bg_gradient_order=cfg.bgGradientOrder, **arrays,
+                )
+                n_fit += 1
+                if not res.flag:
+                    res.classification = classify_dipole(res, cfg.minSn, cfg.maxFluxRatio)
+                    res.classification_attempted = True
+            else:
+                res = DipoleFitResult()
+                if candidate:  # too large: a failure, as LSST
+                    res.flag = True
+                    res.message = f"footprint area {fp.area} > maxFootprintArea={cfg.maxFootprintArea}"
+                    n_large += 1
+                else:  # not a dipole: the fit centroid is the slot centroid and its flag
+                    res.flag = bool(fflag[i])
+            if not np.isfinite(res.x) or not np.isfinite(res.y) or (res.flag and not res.flag_edge):
+                res.x, res.y, res.x_err, res.y_err = fx[i], fy[i], fxe[i], fye[i]
+            results.append(res)
+
+        self.metadata["nDipoleCandidates"] = n_fit + n_large
+        self.metadata["nDipoleFits"] = n_fit
+        self.metadata["nDipoleTooLarge"] = n_large
+        self.metadata["nDipoles"] = int(sum(r.classification for r in results))
+        self.log.info("Fitted %d dipole candidates among %d sources; %d classified as dipoles.",
+                      n_fit, n, self.metadata["nDipoles"])
+        return Struct(dipoles=self.make_columns(results, exposure), results=results)
+
+    @staticmethod
+    def _fallback_centroids(sources: Sequence[Footprint], centroids: dict | None):
+        n = len(sources)
+        if centroids is not None:
+            x = np.asarray(centroids["x"], float)
+            y = np.asarray(centroids["y"], float)
+            xe = np.asarray(centroids.get("xErr", np.full(n, np.nan)), float)
+            ye = np.asarray(centroids.get("yErr", np.full(n, np.nan)), float)
+            flag = np.asarray(centroids.get("flag", np.zeros(n, bool)), bool)
+            return x, y, xe, ye, flag
+        x = np.array([fp.peaks[0].x if fp.peaks else fp.centroid()[0] for fp in sources], float)
+        y = np.array([fp.peaks[0].y if fp.peaks else fp.centroid()[1] for fp in sources], float)
+        return x, y, np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool)
+
+    @staticmethod
+    def make_columns(results: Sequence[DipoleFitResult], exposure: Exposure) -> dict:
+        """Per-source column arrays (DiaSource and ``ip_diffim_DipoleFit_*`` names) from fit results."""
+        n = len(results)
+        cols: dict[str, np.ndarray] = {}
+        lsst = [r.as_lsst() for r in results]
+        if n:
+            for key in lsst[0]:
+                cols[key] = np.array([d[key] for d in lsst])
+        else:
+            for key in DipoleFitResult().as_lsst():
+                cols[key] = np.zeros(0)
+        get = lambda name: np.array([getattr(r, name) for r in results], dtype=float)  # noqa: E731
+        mean, mean_err = get("flux"), get("flux_err")
+        diff, diff_err = get("flux_diff"), get("flux_diff_err")
+        if exposure.photo_calib is not None:
+            mean, mean_err = exposure.photo_calib.inst_flux_to_nanojansky(mean, mean_err)
+            diff, diff_err = exposure.photo_calib.inst_flux_to_nanojansky(diff, diff_err)
+        cols["dipoleMeanFlux"], cols["dipoleMeanFluxErr"] = mean, mean_err
+        cols["dipoleFluxDiff"], cols["dipoleFluxDiffErr"] = diff, diff_err
+        sep = get("separation")
+        cols["dipoleSep_px"] = sep
+        px, py, nx_, ny_ = get("pos_x"), get("pos_y"), get("neg_x"), get("neg_y")
+        if exposure.wcs is not None and n:
+            from astropy.coordinates import SkyCoord
+            import astropy.units as u
+
+            ok = np.isfinite(px) & np.isfinite(py) & np.isfinite(nx_) & np.isfinite(ny_)
+            length = np.full(n, np.nan)
+            angle = np.full(n, np.nan)
+            if ok.any():
+                ra_p, dec_p = exposure.pixel_to_sky(px[ok], py[ok])
+                ra_n, dec_n = exposure.pixel_to_sky(nx_[ok], ny_[ok])
+                cp = SkyCoord(ra_p * u.deg, dec_p * u.deg)
+                cn = SkyCoord(ra_n * u.deg, dec_n * u.deg)
+                length[ok] = cn.separation(cp).arcsec
+                angle[ok] = cn.position_angle(cp).deg
+            cols["dipoleLength"], cols["dipoleAngle"] = length, angle
+        else:
+            cols["dipoleLength"] = sep
+            cols["dipoleAngle"] = np.degrees(get("orientation"))
+        cols["dipoleChi2"] = get("chi2dof")
+        cols["dipoleNdata"] = np.array([r.n_data for r in results], dtype=np.int64)
+        cols["isDipole"] = np.array([r.classification for r in results], dtype=bool)
+        cols["dipoleFitAttempted"] = np.array([r.fit_attempted for r in results], dtype=bool)
+        return cols
