@@ -373,9 +373,10 @@ def test_psf_dipole_flux_linear():
 # Catalogue columns and speed
 # ----------------------------------------------------------------------------------------------------------
 def test_columns_in_sky_units_with_wcs_and_calib():
-    """With a photo-calibration of 4 nJy/count and a 0.2″/px TAN WCS (north up, east left), dipoleMeanFlux is
-    4 × the instrumental flux, dipoleLength = 0.2 × the pixel separation, and a dipole pointing from negative
-    to positive along +x (west) has bearing 270°, along +y (north) 0°."""
+    """With a photo-calibration of 4 nJy/count and a 0.2″/px TAN WCS (north up, east left): the catalogue-bound
+    columns stay instrumental (catalog.build calibrates), the ``calibrated`` ones are 4 × the flux in nJy and
+    0.2 × the pixel separation in arcsec; a dipole pointing from negative to positive along +x (west) has
+    bearing 270°, along +y (north) 0°."""
     wcs = WCS(naxis=2)
     wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     wcs.wcs.crval = [45.0, 45.0]
@@ -386,9 +387,12 @@ def test_columns_in_sky_units_with_wcs_and_calib():
                                        photo_calib=PhotoCalib(4.0))
     sources = detect_dipoles(diff)
     assert len(sources) == 2
-    d = DipoleFitTask().run(sources, diff, pos, neg).dipoles
-    np.testing.assert_allclose(d["dipoleMeanFlux"], 4 * d["ip_diffim_DipoleFit_instFlux"], rtol=1e-12)
-    np.testing.assert_allclose(d["dipoleLength"], 0.2 * d["dipoleSep_px"], rtol=1e-3)
+    out = DipoleFitTask().run(sources, diff, pos, neg)
+    d, cal = out.dipoles, out.calibrated
+    np.testing.assert_allclose(d["dipoleMeanFlux"], d["ip_diffim_DipoleFit_instFlux"], rtol=1e-12)
+    np.testing.assert_allclose(cal["dipoleMeanFlux"], 4 * d["ip_diffim_DipoleFit_instFlux"], rtol=1e-12)
+    np.testing.assert_allclose(cal["dipoleLength"], 0.2 * d["dipoleSep_px"], rtol=1e-3)
+    np.testing.assert_array_equal(d["dipoleLength"], d["dipoleSep_px"])  # catalog.build converts to arcsec
     np.testing.assert_allclose(d["dipoleSep_px"], [4.0, 4.0], atol=0.1)
     assert abs(d["dipoleAngle"][0] - 270.0) < 2.0
     assert min(d["dipoleAngle"][1], 360 - d["dipoleAngle"][1]) < 2.0
@@ -408,3 +412,21 @@ def test_fit_is_fast():
         task.run(sources, diff, pos, neg)
         times.append(time.perf_counter() - t0)
     assert np.median(times) < 0.025, np.median(times)
+
+
+def test_with_diffim_detection():
+    """End to end with diffim.detection (LSST's detectDipoleSources: threshold 5.5, both polarities, EDGE
+    excluded, merge grow 3): the LSST §4 scene gives two merged footprints with a positive first and a negative
+    last peak, and the fit recovers the truth to rtol 0.01."""
+    detection = pytest.importorskip("diffim.detection")
+    diff, pos, neg = _lsst_scene()
+    p, n, _, _ = detection.detect_footprints(diff.image, diff.variance, diff.mask.array, SIGMA, threshold=5.5,
+                                             polarity="both", exclude_bits=diff.mask.bitmask("EDGE"))
+    sources = detection.merge_footprints(p, n, grow=3, shape=diff.shape)
+    sources.sort(key=lambda f: f.bbox.y0)
+    assert len(sources) == 2 and all(is_dipole_footprint(s) for s in sources)
+    d = DipoleFitTask().run(sources, diff, pos, neg).dipoles
+    assert d["isDipole"].all()
+    np.testing.assert_allclose(d["ip_diffim_DipoleFit_instFlux"], FLUX, rtol=0.01)
+    np.testing.assert_allclose(d["ip_diffim_DipoleFit_pos_x"], XC + OFF, rtol=0.01)
+    np.testing.assert_allclose(d["ip_diffim_DipoleFit_neg_y"], YC - OFF, rtol=0.01)

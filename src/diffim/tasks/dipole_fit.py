@@ -139,13 +139,17 @@ class DipoleFitTask(Task):
         Returns
         -------
         Struct
-            ``dipoles``: dict of per-source arrays (length ``len(sources)``) with the DiaSource columns
-            ``dipoleMeanFlux, dipoleMeanFluxErr, dipoleFluxDiff, dipoleFluxDiffErr`` (nJy if the exposure has a
-            photo-calibration, else image units), ``dipoleLength`` (arcsec with a WCS, else pixels),
-            ``dipoleSep_px``, ``dipoleAngle`` (degrees; with a WCS the bearing east of north from the negative to
-            the positive lobe, else counter-clockwise from +x), ``dipoleChi2`` (= chi2dof), ``dipoleNdata``,
-            ``isDipole`` (= classification), ``dipoleFitAttempted`` (a fit was run), and all ``ip_diffim_DipoleFit_*`` fields (instrumental fluxes,
-            pixel positions, orientation in radians). ``results``: the :class:`DipoleFitResult` of each source.
+            ``dipoles``: dict of per-source arrays (length ``len(sources)``) in the units
+            :func:`diffim.catalog` expects (it calibrates them): all ``ip_diffim_DipoleFit_*`` fields
+            (instrumental fluxes, both positive; parent-pixel positions; orientation in radians) and the
+            DiaSource columns ``dipoleMeanFlux, dipoleMeanFluxErr, dipoleFluxDiff, dipoleFluxDiffErr`` (image
+            units), ``dipoleLength`` (= ``dipoleSep_px``, pixels), ``dipoleAngle`` (degrees: with a WCS the APDB
+            bearing east of north from the negative to the positive lobe, else counter-clockwise from +x),
+            ``dipoleChi2`` (= chi2dof), ``dipoleNdata``, ``isDipole`` (= classification) and
+            ``dipoleFitAttempted`` (a fit was run).
+            ``calibrated``: the same flux columns in nJy (if the exposure has a photo-calibration),
+            ``dipoleLength`` in arcsec (if it has a WCS) and ``dipoleAngle``.
+            ``results``: the :class:`DipoleFitResult` of each source.
         """
         cfg = self.config.dipoleFit
         n = len(sources)
@@ -198,7 +202,8 @@ class DipoleFitTask(Task):
         self.metadata["nDipoles"] = int(sum(r.classification for r in results))
         self.log.info("Fitted %d dipole candidates among %d sources; %d classified as dipoles.",
                       n_fit, n, self.metadata["nDipoles"])
-        return Struct(dipoles=self.make_columns(results, exposure), results=results)
+        dipoles, calibrated = self.make_columns(results, exposure)
+        return Struct(dipoles=dipoles, calibrated=calibrated, results=results)
 
     @staticmethod
     def _fallback_centroids(sources: Sequence[Footprint], centroids: dict | None):
@@ -215,8 +220,8 @@ class DipoleFitTask(Task):
         return x, y, np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool)
 
     @staticmethod
-    def make_columns(results: Sequence[DipoleFitResult], exposure: Exposure) -> dict:
-        """Per-source column arrays (DiaSource and ``ip_diffim_DipoleFit_*`` names) from fit results."""
+    def make_columns(results: Sequence[DipoleFitResult], exposure: Exposure) -> tuple[dict, dict]:
+        """Per-source column arrays from fit results: ``(instrumental, calibrated)`` (see :meth:`run`)."""
         n = len(results)
         cols: dict[str, np.ndarray] = {}
         lsst = [r.as_lsst() for r in results]
@@ -229,18 +234,28 @@ class DipoleFitTask(Task):
         get = lambda name: np.array([getattr(r, name) for r in results], dtype=float)  # noqa: E731
         mean, mean_err = get("flux"), get("flux_err")
         diff, diff_err = get("flux_diff"), get("flux_diff_err")
-        if exposure.photo_calib is not None:
-            mean, mean_err = exposure.photo_calib.inst_flux_to_nanojansky(mean, mean_err)
-            diff, diff_err = exposure.photo_calib.inst_flux_to_nanojansky(diff, diff_err)
         cols["dipoleMeanFlux"], cols["dipoleMeanFluxErr"] = mean, mean_err
         cols["dipoleFluxDiff"], cols["dipoleFluxDiffErr"] = diff, diff_err
         sep = get("separation")
         cols["dipoleSep_px"] = sep
-        px, py, nx_, ny_ = get("pos_x"), get("pos_y"), get("neg_x"), get("neg_y")
+        cols["dipoleLength"] = sep
+        cols["dipoleAngle"] = np.degrees(get("orientation"))
+        cols["dipoleChi2"] = get("chi2dof")
+        cols["dipoleNdata"] = np.array([r.n_data for r in results], dtype=np.int64)
+        cols["isDipole"] = np.array([r.classification for r in results], dtype=bool)
+        cols["dipoleFitAttempted"] = np.array([r.fit_attempted for r in results], dtype=bool)
+
+        calibrated = {k: cols[k] for k in ("dipoleMeanFlux", "dipoleMeanFluxErr", "dipoleFluxDiff",
+                                            "dipoleFluxDiffErr", "dipoleLength")}
+        if exposure.photo_calib is not None:
+            pc = exposure.photo_calib
+            calibrated["dipoleMeanFlux"], calibrated["dipoleMeanFluxErr"] = pc.inst_flux_to_nanojansky(mean, mean_err)
+            calibrated["dipoleFluxDiff"], calibrated["dipoleFluxDiffErr"] = pc.inst_flux_to_nanojansky(diff, diff_err)
         if exposure.wcs is not None and n:
             from astropy.coordinates import SkyCoord
             import astropy.units as u
 
+            px, py, nx_, ny_ = get("pos_x"), get("pos_y"), get("neg_x"), get("neg_y")
             ok = np.isfinite(px) & np.isfinite(py) & np.isfinite(nx_) & np.isfinite(ny_)
             length = np.full(n, np.nan)
             angle = np.full(n, np.nan)
@@ -251,12 +266,7 @@ class DipoleFitTask(Task):
                 cn = SkyCoord(ra_n * u.deg, dec_n * u.deg)
                 length[ok] = cn.separation(cp).arcsec
                 angle[ok] = cn.position_angle(cp).deg
-            cols["dipoleLength"], cols["dipoleAngle"] = length, angle
-        else:
-            cols["dipoleLength"] = sep
-            cols["dipoleAngle"] = np.degrees(get("orientation"))
-        cols["dipoleChi2"] = get("chi2dof")
-        cols["dipoleNdata"] = np.array([r.n_data for r in results], dtype=np.int64)
-        cols["isDipole"] = np.array([r.classification for r in results], dtype=bool)
-        cols["dipoleFitAttempted"] = np.array([r.fit_attempted for r in results], dtype=bool)
-        return cols
+            calibrated["dipoleLength"] = length
+            cols["dipoleAngle"] = angle  # degrees either way: the APDB bearing when a WCS is known
+        calibrated["dipoleAngle"] = cols["dipoleAngle"]
+        return cols, calibrated
