@@ -261,7 +261,7 @@ def test_lsst_scene_background_modes_and_separate_fluxes():
 
 def test_footprint_too_large_flagged():
     """testDipoleFootprintTooLarge: with maxFootprintArea = 500 (footprints here are larger) every source is a
-    failure: flag set, no fit, not a dipole, centroid = fallback (first peak)."""
+    failure: flag set, no fit, not a dipole, centroid = the fallback slot centroid."""
     diff, pos, neg = _lsst_scene()
     sources = detect_dipoles(diff)
     assert all(s.area > 500 for s in sources)
@@ -270,8 +270,12 @@ def test_footprint_too_large_flagged():
     d = DipoleFitTask(config).run(sources, diff, pos, neg).dipoles
     assert d["ip_diffim_DipoleFit_flag"].all()
     assert not d["isDipole"].any() and not d["dipoleFitAttempted"].any()
-    np.testing.assert_array_equal(d["ip_diffim_DipoleFit_x"], [s.peaks[0].x for s in sources])
     assert np.isnan(d["dipoleMeanFlux"]).all()
+    # the fit centroid falls back to the slot centroid (here given explicitly)
+    given = {"x": np.array([1.5, 2.5]), "y": np.array([3.5, 4.5]), "flag": np.array([False, True])}
+    d = DipoleFitTask(config).run(sources, diff, pos, neg, centroids=given).dipoles
+    np.testing.assert_array_equal(d["ip_diffim_DipoleFit_x"], given["x"])
+    np.testing.assert_array_equal(d["ip_diffim_DipoleFit_y"], given["y"])
 
 
 def test_edge_footprint_flagged():
@@ -325,7 +329,9 @@ def test_single_polarity_transients_not_dipoles():
     assert not any(is_dipole_footprint(s) for s in sources)
     d = DipoleFitTask().run(sources, diff, pos, neg).dipoles
     assert not d["isDipole"].any() and not d["dipoleFitAttempted"].any() and not d["ip_diffim_DipoleFit_flag"].any()
-    np.testing.assert_array_equal(d["ip_diffim_DipoleFit_x"], [25, 70, 70])
+    # their fit centroid is the slot (SdssCentroid-like) centroid of the isolated transients
+    np.testing.assert_allclose(d["ip_diffim_DipoleFit_x"][:2], [25.0, 70.0], atol=0.1)
+    np.testing.assert_allclose(d["ip_diffim_DipoleFit_y"][:2], [25.0, 25.0], atol=0.1)
 
     config = DipoleFitConfig()
     config.dipoleFit.fitAllDiaSources = True

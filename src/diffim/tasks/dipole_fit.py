@@ -133,8 +133,8 @@ class DipoleFitTask(Task):
             Science image and PSF-matched template on the same pixel grid (either may be None).
         centroids
             Optional slot centroids for the sources that are not fitted (or whose fit fails): a mapping with
-            arrays ``x, y`` and optionally ``xErr, yErr, flag``, e.g. SdssCentroid results. Default: the
-            position of each footprint's first peak.
+            arrays ``x, y`` and optionally ``xErr, yErr, flag``. Default: :func:`diffim.measure.centroid.sdss_centroid`
+            from each footprint's first peak (or the peak itself if that module is unavailable or fails).
 
         Returns
         -------
@@ -165,7 +165,7 @@ class DipoleFitTask(Task):
             neg_image=None if negExp is None else negExp.image,
             neg_variance=None if negExp is None else negExp.variance,
         )
-        fx, fy, fxe, fye, fflag = self._fallback_centroids(sources, centroids)
+        fx, fy, fxe, fye, fflag = self._fallback_centroids(sources, exposure, centroids)
         results: list[DipoleFitResult] = []
         n_fit = n_large = 0
         for i, fp in enumerate(sources):
@@ -205,8 +205,8 @@ class DipoleFitTask(Task):
         dipoles, calibrated = self.make_columns(results, exposure)
         return Struct(dipoles=dipoles, calibrated=calibrated, results=results)
 
-    @staticmethod
-    def _fallback_centroids(sources: Sequence[Footprint], centroids: dict | None):
+    def _fallback_centroids(self, sources: Sequence[Footprint], exposure: Exposure, centroids: dict | None):
+        """Slot centroids for sources that are not fitted: given, else SdssCentroid-like, else the first peak."""
         n = len(sources)
         if centroids is not None:
             x = np.asarray(centroids["x"], float)
@@ -215,9 +215,25 @@ class DipoleFitTask(Task):
             ye = np.asarray(centroids.get("yErr", np.full(n, np.nan)), float)
             flag = np.asarray(centroids.get("flag", np.zeros(n, bool)), bool)
             return x, y, xe, ye, flag
-        x = np.array([fp.peaks[0].x if fp.peaks else fp.centroid()[0] for fp in sources], float)
-        y = np.array([fp.peaks[0].y if fp.peaks else fp.centroid()[1] for fp in sources], float)
-        return x, y, np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool)
+        px = np.array([fp.peaks[0].x if fp.peaks else round(fp.centroid()[0]) for fp in sources], float)
+        py = np.array([fp.peaks[0].y if fp.peaks else round(fp.centroid()[1]) for fp in sources], float)
+        fallback = (px, py, np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool))
+        if n == 0:
+            return fallback
+        try:
+            from ..measure.centroid import sdss_centroid
+        except ImportError:
+            return fallback
+        negative = np.array([bool(fp.peaks[0].is_negative or fp.peaks[0].value < 0) if fp.peaks else fp.is_negative
+                             for fp in sources])
+        try:
+            c = sdss_centroid(exposure.image, exposure.variance, exposure.psf, px, py, negative=negative,
+                              xy0=exposure.xy0, footprints=list(sources))
+        except Exception as exc:  # the fallback must never sink the dipole measurement
+            self.log.warning("Centroid fallback failed (%s); using the footprint peaks.", exc)
+            return fallback
+        return (np.asarray(c.x, float), np.asarray(c.y, float), np.asarray(c.x_err, float),
+                np.asarray(c.y_err, float), np.asarray(c.flag, bool))
 
     @staticmethod
     def make_columns(results: Sequence[DipoleFitResult], exposure: Exposure) -> tuple[dict, dict]:
