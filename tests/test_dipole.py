@@ -436,3 +436,18 @@ def test_with_diffim_detection():
     np.testing.assert_allclose(d["ip_diffim_DipoleFit_instFlux"], FLUX, rtol=0.01)
     np.testing.assert_allclose(d["ip_diffim_DipoleFit_pos_x"], XC + OFF, rtol=0.01)
     np.testing.assert_allclose(d["ip_diffim_DipoleFit_neg_y"], YC - OFF, rtol=0.01)
+
+
+def test_bad_pixels_are_left_out():
+    """NaN pixels and NO_DATA-masked pixels inside the footprint are left out of the fit (nData drops by the
+    number of lost pixels × 3 planes), and the dipole is still recovered within the acceptance tolerances."""
+    diff, pos, neg = dipole_test_image(xcen_pos=(51.0,), ycen_pos=(50.0,), xcen_neg=(50.0,), ycen_neg=(50.0,))
+    sources = detect_dipoles(diff)
+    ref = DipoleFitTask().run(sources, diff, pos, neg).dipoles
+    diff.image[48, 45] = np.nan
+    pos.image[52, 55] = np.nan
+    diff.mask.set("NO_DATA", where=np.s_[44:46, 50:52])
+    d = DipoleFitTask().run(sources, diff, pos, neg).dipoles
+    assert d["dipoleNdata"][0] == ref["dipoleNdata"][0] - 3 * 6
+    assert d["isDipole"][0] and abs(d["dipoleSep_px"][0] - 1.0) < 0.1
+    assert abs(d["ip_diffim_DipoleFit_instFlux"][0] / 30000 - 1) < 0.05

@@ -173,13 +173,17 @@ class DipoleFitTask(Task):
             too_large = cfg.maxFootprintArea > 0 and fp.area > cfg.maxFootprintArea
             if candidate and not too_large:
                 cx, cy = fp.bbox.center
-                lobes = LobePsfModel.from_psf(psf, cx, cy)
-                res = fit_dipole(
-                    fp, lobes=lobes, psf_sigma=psf_sigma, bad=bad, xy0=exposure.xy0,
-                    rel_weight=cfg.relWeight, tolerance=cfg.tolerance, fit_background=cfg.fitBackground,
-                    separate_neg_params=cfg.fitSeparateNegParams, max_sep_in_sigma=cfg.maxSeparation,
-                    bg_gradient_order=cfg.bgGradientOrder, **arrays,
-                )
+                lobes = LobePsfModel.from_psf(psf, cx, cy)  # the PSF is taken as constant over the stamp
+                try:
+                    res = fit_dipole(
+                        fp, lobes=lobes, psf_sigma=psf_sigma, bad=bad, xy0=exposure.xy0,
+                        rel_weight=cfg.relWeight, tolerance=cfg.tolerance, fit_background=cfg.fitBackground,
+                        separate_neg_params=cfg.fitSeparateNegParams, max_sep_in_sigma=cfg.maxSeparation,
+                        bg_gradient_order=cfg.bgGradientOrder, **arrays,
+                    )
+                except Exception as exc:  # per-source failures become flags, never exceptions
+                    self.log.warning("Dipole fit of source %d at %s failed: %s", i, fp.bbox, exc)
+                    res = DipoleFitResult(flag=True, fit_attempted=True, message=str(exc))
                 n_fit += 1
                 if not res.flag:
                     res.classification = classify_dipole(res, cfg.minSn, cfg.maxFluxRatio)
