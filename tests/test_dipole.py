@@ -407,16 +407,18 @@ def test_columns_in_sky_units_with_wcs_and_calib():
 
 
 def test_fit_is_fast():
-    """One dipole fit takes ≲ 10 ms (asserted as a median < 25 ms over 10 fits to allow for a loaded machine)."""
+    """One dipole fit takes ≲ 10 ms: asserted on CPU time (not wall time, which a loaded shared machine
+    inflates) as a median < 25 ms over 10 runs — a numerical Jacobian with kernel images recomputed per
+    evaluation would be several times slower."""
     diff, pos, neg = dipole_test_image(xcen_pos=(51.0,), ycen_pos=(50.2,), xcen_neg=(50.0,), ycen_neg=(50.2,))
     sources = detect_dipoles(diff)
     task = DipoleFitTask()
     task.run(sources, diff, pos, neg)
     times = []
     for _ in range(10):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         task.run(sources, diff, pos, neg)
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     assert np.median(times) < 0.025, np.median(times)
 
 

@@ -480,7 +480,6 @@ def fit_dipole(
         return res
     if box != footprint.bbox:
         res.flag = res.flag_edge = True
-    spans = footprint.spans[box.slices(footprint.bbox)]
 
     z0 = _cut(diff_image, box, xy0)
     v0 = _cut(diff_variance, box, xy0)
@@ -527,14 +526,14 @@ def fit_dipole(
         outside[inner.slices(grown)] &= ~footprint.spans[inner.slices(footprint.bbox)]
         if bad is not None:
             outside &= ~np.asarray(bad[grown.slices(xy0)], dtype=bool)
-        src_pos = pos_image if pos_image is not None else None
-        if src_pos is not None:
-            gp = _cut(src_pos, grown, xy0)
-        else:  # no science image given: LSST fits the gradient on the (derived-from) negative image
-            gp = _cut(neg_image, grown, xy0)
+        # the science image's gradient (LSST uses the template's when no science image is given)
+        gp = _cut(pos_image if pos_image is not None else neg_image, grown, xy0)
         bg_start_pos, bg_cov_pos = fit_background_gradient(gp, outside, grown, bg_gradient_order, centre)
         if separate_neg_params:
-            gn = _cut(neg_image, grown, xy0) if neg_image is not None else _cut(pos_image, grown, xy0) - _cut(diff_image, grown, xy0)
+            if neg_image is not None:
+                gn = _cut(neg_image, grown, xy0)
+            else:
+                gn = _cut(pos_image, grown, xy0) - _cut(diff_image, grown, xy0)
             bg_start_neg, bg_cov_neg = fit_background_gradient(gn, outside, grown, bg_gradient_order, centre)
         else:
             bg_start_neg, bg_cov_neg = bg_start_pos, None

@@ -165,8 +165,8 @@ class DipoleFitTask(Task):
             neg_image=None if negExp is None else negExp.image,
             neg_variance=None if negExp is None else negExp.variance,
         )
-        fx, fy, fxe, fye, fflag = self._fallback_centroids(sources, exposure, centroids)
         results: list[DipoleFitResult] = []
+        not_candidate: set[int] = set()
         n_fit = n_large = 0
         for i, fp in enumerate(sources):
             candidate = is_dipole_footprint(fp) or (cfg.fitAllDiaSources and len(fp.peaks) >= 1)
@@ -195,10 +195,20 @@ class DipoleFitTask(Task):
                     res.message = f"footprint area {fp.area} > maxFootprintArea={cfg.maxFootprintArea}"
                     n_large += 1
                 else:  # not a dipole: the fit centroid is the slot centroid and its flag
-                    res.flag = bool(fflag[i])
-            if not np.isfinite(res.x) or not np.isfinite(res.y) or (res.flag and not res.flag_edge):
-                res.x, res.y, res.x_err, res.y_err = fx[i], fy[i], fxe[i], fye[i]
+                    not_candidate.add(i)
             results.append(res)
+
+        # Sources without a usable fit centroid get the slot centroid (computed only for those).
+        need = [i for i, r in enumerate(results)
+                if not (np.isfinite(r.x) and np.isfinite(r.y)) or (r.flag and not r.flag_edge)]
+        if need:
+            sub = None if centroids is None else {k: np.asarray(v)[need] for k, v in centroids.items()}
+            fx, fy, fxe, fye, fflag = self._fallback_centroids([sources[i] for i in need], exposure, sub)
+            for k, i in enumerate(need):
+                r = results[i]
+                r.x, r.y, r.x_err, r.y_err = float(fx[k]), float(fy[k]), float(fxe[k]), float(fye[k])
+                if i in not_candidate:
+                    r.flag = bool(fflag[k])
 
         self.metadata["nDipoleCandidates"] = n_fit + n_large
         self.metadata["nDipoleFits"] = n_fit
