@@ -7,7 +7,7 @@ interpolated to full resolution exactly as afw does it: first along y for every 
 along x for every image row, each time with an Akima spline through the *finite* super-pixel values only (so
 super-pixels without good pixels are skipped, not zero). Fewer points than Akima needs lower the order
 (afw ``undersampleStyle="REDUCE_INTERP_ORDER"``): 3–4 points → natural cubic spline, 2 → linear, 1 → constant.
-Beyond the outermost super-pixel centres the curve is extended linearly with the end slope.
+Beyond the outermost super-pixel centres the curve is extended linearly with the slope of the last interval.
 
 :func:`fit_polynomial_background` is the "approximation" alternative (afw ``useApprox``): a 2-D Chebyshev
 polynomial of total degree ``order`` fitted by least squares to the super-pixel values.
@@ -109,8 +109,8 @@ def bin_statistics(
 
 
 def _median_filter_nan(grid: np.ndarray) -> np.ndarray:
-    """3×3 median filter of a super-pixel grid, ignoring NaN (empty super-pixels) and the grid's outside."""
-    padded = np.pad(grid, 1, constant_values=np.nan)
+    """3×3 median filter of a super-pixel grid, ignoring NaN (empty super-pixels); edges mirrored."""
+    padded = np.pad(grid, 1, mode="symmetric")
     win = np.lib.stride_tricks.sliding_window_view(padded, (3, 3)).reshape(grid.shape + (9,))
     import warnings
 
@@ -153,13 +153,15 @@ def _interp_block(x: np.ndarray, y: np.ndarray, xt: np.ndarray, interp: str) -> 
         t = (xt - x[idx]) / (x[idx + 1] - x[idx])
         return y[idx] * (1 - t)[:, None] + y[idx + 1] * t[:, None]
     out = f(xt)
+    # Beyond the end nodes extend linearly with the slope of the last interval: an exact continuation of
+    # linear fields that amplifies the nodes' noise far less than the spline's end derivative would.
     lo, hi = xt < x[0], xt > x[-1]
-    if lo.any() or hi.any():
-        d = f.derivative()
-        if lo.any():
-            out[lo] = y[0] + d(x[0])[None, :] * (xt[lo] - x[0])[:, None]
-        if hi.any():
-            out[hi] = y[-1] + d(x[-1])[None, :] * (xt[hi] - x[-1])[:, None]
+    if lo.any():
+        s0 = (y[1] - y[0]) / (x[1] - x[0])
+        out[lo] = y[0] + s0[None, :] * (xt[lo] - x[0])[:, None]
+    if hi.any():
+        s1 = (y[-1] - y[-2]) / (x[-1] - x[-2])
+        out[hi] = y[-1] + s1[None, :] * (xt[hi] - x[-1])[:, None]
     return out
 
 

@@ -105,7 +105,8 @@ def nan_quantiles_rows(values: np.ndarray, valid: np.ndarray, qs: tuple[float, .
         frac = pos - lo
         a = v[rows, lo].astype(np.float64)
         b = v[rows, hi].astype(np.float64)
-        res = a + (b - a) * frac
+        with np.errstate(invalid="ignore"):  # rows without valid entries: inf - inf, set to NaN below
+            res = a + (b - a) * frac
         res[n == 0] = np.nan
         out.append(res)
     return n, out
