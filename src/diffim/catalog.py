@@ -139,6 +139,8 @@ LSST_ALIASES: dict[str, str] = {
     **{f"base_PixelFlags_flag_{n}": f"pixelFlags_{n}" for n in pixel_flag_names()},
 }
 
+_IDENTITY = PhotoCalib(1.0)
+
 _NUMPY_TYPES = {"long": np.int64, "short": np.int16, "int": np.int32, "float": np.float32, "double": np.float64,
                 "boolean": np.bool_}
 
@@ -154,10 +156,21 @@ def _default(apdb_type: str, n: int) -> np.ndarray:
     return np.full(n, np.nan, dt)
 
 
-def _as_columns(columns: Any) -> dict[str, np.ndarray]:
+def _as_columns(columns: Any) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Plain arrays, and the units of the inputs that carry one (a Table column or an astropy Quantity)."""
+    units: dict[str, str] = {}
     if isinstance(columns, Table):
-        return {name: np.asarray(columns[name]) for name in columns.colnames}
-    return {k: np.asarray(v) for k, v in dict(columns).items()}
+        for name in columns.colnames:
+            if columns[name].unit is not None:
+                units[name] = str(columns[name].unit)
+        return {name: np.asarray(columns[name]) for name in columns.colnames}, units
+    out = {}
+    for k, v in dict(columns).items():
+        if getattr(v, "unit", None) is not None:
+            units[k] = str(v.unit)
+            v = getattr(v, "value", v)
+        out[k] = np.asarray(v)
+    return out, units
 
 
 def _pixel_scale_arcsec(wcs, x: float, y: float) -> float | None:
@@ -218,7 +231,7 @@ def build_dia_source_table(
     astropy.table.Table
         One row per source; ``meta`` records the units actually used.
     """
-    cols = _as_columns(columns)
+    cols, in_units = _as_columns(columns)
     for lsst_name, name in LSST_ALIASES.items():
         if lsst_name in cols and name not in cols:
             cols[name] = cols[lsst_name]
@@ -304,6 +317,8 @@ def build_dia_source_table(
         col_unit = unit
         if name in FLUX_COLUMNS:
             calib = calibs[FLUX_COLUMNS[name]]
+            if in_units.get(name) == "nJy":  # already calibrated (e.g. by ForcedMeasurementTask)
+                calib = _IDENTITY
             values = np.asarray(values, float)
             if calib is not None:
                 values = values * calib.calibration_mean
@@ -333,6 +348,8 @@ def build_dia_source_table(
     # Flux errors include the calibration uncertainty (afw instFluxToNanojansky).
     for name, which in FLUX_COLUMNS.items():
         calib = calibs[which]
+        if in_units.get(name) == "nJy":
+            continue
         if name.endswith("Err") and calib is not None and calib.calibration_err > 0 and name[:-3] in cols:
             inst = np.asarray(cols[name[:-3]], float)
             inst_err = np.asarray(cols[name], float)
