@@ -281,6 +281,8 @@ def clipped_stdev(values: np.ndarray, n_sigma: float = 3.0, n_iter: int = 3) -> 
         return float("nan")
     q25, centre, q75 = np.percentile(v, [25.0, 50.0, 75.0])
     sd = 0.741 * (q75 - q25)
+    if not sd > 0:  # more than half the values identical (e.g. zeroed excluded pixels): start from the plain σ
+        sd = float(v.std())
     for _ in range(n_iter):
         if not sd > 0:
             break
