@@ -453,3 +453,18 @@ def test_bad_pixels_are_left_out():
     assert d["dipoleNdata"][0] == ref["dipoleNdata"][0] - 3 * 6
     assert d["isDipole"][0] and abs(d["dipoleSep_px"][0] - 1.0) < 0.1
     assert abs(d["ip_diffim_DipoleFit_instFlux"][0] / 30000 - 1) < 0.05
+
+
+def test_pre_subtraction_images_on_a_larger_grid():
+    """A science/template exposure larger than the difference (same pixel grid) is cut to the difference bbox;
+    one that does not cover it raises ShapeMismatchError naming the argument."""
+    from diffim.errors import ShapeMismatchError
+
+    diff, pos, neg = dipole_test_image(xcen_pos=(51.0,), ycen_pos=(50.0,), xcen_neg=(49.0,), ycen_neg=(50.0,))
+    sources = detect_dipoles(diff)
+    ref = DipoleFitTask().run(sources, diff, pos, neg).dipoles
+    sub = diff[Box(10, 10, 80, 80)]
+    d = DipoleFitTask().run(sources, sub, pos, neg).dipoles
+    np.testing.assert_allclose(d["ip_diffim_DipoleFit_pos_x"], ref["ip_diffim_DipoleFit_pos_x"], atol=1e-6)
+    with pytest.raises(ShapeMismatchError, match="posExp"):
+        DipoleFitTask().run(sources, diff, pos[Box(10, 10, 80, 80)], neg)

@@ -16,6 +16,7 @@ from typing import Sequence
 import lsst.pex.config as pexConfig
 import numpy as np
 
+from ..errors import ShapeMismatchError
 from ..footprint import Footprint
 from ..measure.dipole import (
     DipoleFitResult,
@@ -158,6 +159,8 @@ class DipoleFitTask(Task):
         bad = None
         if len(self.config.badMaskPlanes):
             bad = exposure.mask.get(list(self.config.badMaskPlanes), ignore_missing=True)
+        posExp = self._on_grid(posExp, exposure, "posExp")
+        negExp = self._on_grid(negExp, exposure, "negExp")
         arrays = dict(
             diff_image=exposure.image, diff_variance=exposure.variance,
             pos_image=None if posExp is None else posExp.image,
@@ -218,6 +221,18 @@ class DipoleFitTask(Task):
                       n_fit, n, self.metadata["nDipoles"])
         dipoles, calibrated = self.make_columns(results, exposure)
         return Struct(dipoles=dipoles, calibrated=calibrated, results=results)
+
+    @staticmethod
+    def _on_grid(other: Exposure | None, exposure: Exposure, name: str) -> Exposure | None:
+        """``other`` restricted to the difference image's bbox (it must share the pixel grid and cover it)."""
+        if other is None or other.bbox == exposure.bbox:
+            return other
+        if other.bbox.contains(exposure.bbox):
+            return other[exposure.bbox]
+        raise ShapeMismatchError(
+            f"{name} bbox {other.bbox} does not cover the difference image bbox {exposure.bbox}; pass the science "
+            "and matched template on the difference image's pixel grid."
+        )
 
     def _fallback_centroids(self, sources: Sequence[Footprint], exposure: Exposure, centroids: dict | None):
         """Slot centroids for sources that are not fitted: given, else SdssCentroid-like, else the first peak."""
