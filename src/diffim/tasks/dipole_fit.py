@@ -127,7 +127,8 @@ class DipoleFitTask(Task):
         Parameters
         ----------
         sources
-            Footprints on the difference image (merged: peaks of both signs for dipoles).
+            Footprints on the difference image (merged: peaks of both signs for dipoles), or an object with a
+            ``footprints`` attribute holding them.
         exposure
             The difference image with its PSF (and optionally WCS and photo-calibration).
         posExp, negExp
@@ -153,6 +154,9 @@ class DipoleFitTask(Task):
             ``results``: the :class:`DipoleFitResult` of each source.
         """
         cfg = self.config.dipoleFit
+        if not isinstance(sources, (list, tuple)) and hasattr(sources, "footprints"):
+            sources = sources.footprints  # a catalogue object carrying its footprints
+        sources = list(sources)
         n = len(sources)
         psf = exposure.require_psf()
         psf_sigma = psf.determinant_radius(*exposure.psf_position())
