@@ -542,7 +542,7 @@ def evaluate(difference: Exposure, catalog, truth, fwhm: float | None = None, fl
     truth
         Truth table of the simulated pair.
     fwhm
-        Science PSF FWHM in pixels; default: ``truth.meta['science_fwhm']``, else the median ``fwhm`` column.
+        Science PSF FWHM in pixels; default: ``truth.meta['SCIFWHM']`` (the science FWHM at the centre), else the median ``fwhm`` column.
     flux_unit_scale
         Factor turning catalogue fluxes into science counts, or the science PhotoCalib (for nJy catalogues).
 
@@ -554,7 +554,7 @@ def evaluate(difference: Exposure, catalog, truth, fwhm: float | None = None, fl
     """
     if fwhm is None:
         meta = getattr(truth, "meta", {}) or {}
-        fwhm = float(meta["science_fwhm"]) if "science_fwhm" in meta else float(np.median(_col(truth, "fwhm")))
+        fwhm = float(meta["SCIFWHM"]) if "SCIFWHM" in meta else float(np.median(_col(truth, "fwhm")))
     fwhm = float(fwhm)
     out: dict[str, Any] = {"fwhm": fwhm}
     out["noise_ratio"] = noise_ratio(difference, truth, fwhm)

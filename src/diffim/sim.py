@@ -68,8 +68,9 @@ Truth table columns
 'cosmic_ray'), ``x``, ``y`` (science parent coordinates), ``x_template``, ``y_template`` (template parent
 coordinates), ``ra``, ``dec`` (deg; NaN without WCS), ``flux_science`` (science counts), ``flux_template``
 (template counts), ``delta_flux`` (science − template/scale, science counts), ``snr`` (true PSF S/N of the
-change, ``|delta_flux| / √(σ²_sky Σ PSF²)`` with σ²_sky the science background variance and PSF the science
-PSF at the position; for dipoles the S/N of the shifted star's flux; 0 for static objects), ``snr_science``
+change, the PSF-optimal ``|delta_flux| · √(Σ PSF²) / σ_sky`` = ``|delta_flux| / √(σ²_sky / Σ PSF²)`` with
+σ²_sky the science background variance and PSF the science PSF at the position (metrics.md writes the
+denominator as √(σ²_sky · Σ PSF²), which is not a S/N; the optimal-filter S/N is meant); for dipoles the S/N of the shifted star's flux; 0 for static objects), ``snr_science``
 (same formula with ``flux_science``), ``fwhm`` (science PSF FWHM there), ``host`` (galaxy row id or -1),
 ``partner`` (the other row of a mover or a transient pair, or -1), ``radius`` (galaxy half-light radius, CR
 half-length, 0 otherwise), ``sersic_n``, ``axis_ratio``, ``theta`` (galaxies), ``saturated`` (bool: SAT pixel
@@ -521,7 +522,7 @@ def simulate_pair(size: int = 1024, seed: int = 0, **options: Any) -> SimulatedP
         return sky / gain + opt["read_noise"] ** 2
 
     def psf_noise(x, y):
-        """√(σ²_sky Σ PSF²): the 1-σ error of a PSF-fit flux on the science background."""
+        """√(σ²_sky / Σ PSF²): the 1-σ error of a PSF-fit flux on the science background."""
         x = np.atleast_1d(np.asarray(x, float))
         y = np.atleast_1d(np.asarray(y, float))
         if x.size == 0:
@@ -531,7 +532,7 @@ def simulate_pair(size: int = 1024, seed: int = 0, **options: Any) -> SimulatedP
             s2 = (st**2).sum(axis=(1, 2))
         else:
             s2 = np.array([(sci_psf.compute_image(a, b)[0] ** 2).sum() for a, b in zip(x, y)])
-        return np.sqrt(sky_var_at(x, y) * s2)
+        return np.sqrt(sky_var_at(x, y) / s2)
 
     rows: list[dict] = []
 
@@ -917,7 +918,8 @@ def simulate_pair(size: int = 1024, seed: int = 0, **options: Any) -> SimulatedP
         truth[name] = np.where(v >= 0, old_to_new[np.clip(v, 0, None)], -1)
     truth["id"] = np.arange(len(truth), dtype=np.int64)
     truth.meta.update(
-        {"seed": int(seed), "size": size, "template_scale": scale, "science_fwhm": fw0, "saturation_flux": float(sat_flux)}
+        # Short upper-case keys: they become FITS header cards in truth.fits.
+        {"SEED": int(seed), "SIZE": size, "TSCALE": scale, "SCIFWHM": fw0, "SATFLUX": float(sat_flux)}
     )
 
     return SimulatedPair(
