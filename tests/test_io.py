@@ -324,3 +324,27 @@ def test_cd_without_ctype_assumes_tan(tmp_path):
     assert list(exp.wcs.wcs.ctype) == ["RA---TAN", "DEC--TAN"]
     ra, dec = exp.pixel_to_sky(4.0, 4.0)  # CRPIX 5 (1-based) = pixel 4 (0-based)
     assert abs(ra - 10.0) < 1e-12 and abs(dec + 30.0) < 1e-12
+
+
+def test_ltv_xy0_only_for_integer_unrotated_offsets(tmp_path):
+    """IRAF LTV of a cutout (integer, LTM = identity) is an xy0; registration LTV (fractional, rotated) is not."""
+    _plain(tmp_path / "cut.fits", np.zeros((5, 5), np.float32), LTV1=-5.0, LTV2=-7.0, GAIN=1.0)
+    assert read_exposure(tmp_path / "cut.fits").xy0 == (5, 7)
+    _plain(tmp_path / "reg.fits", np.zeros((5, 5), np.float32), LTV1=-17.7, LTV2=-3.0, LTM1_1=0.9996, GAIN=1.0)
+    assert read_exposure(tmp_path / "reg.fits").xy0 == (0, 0)
+
+
+def test_noise_model_ignores_nan_regions(tmp_path):
+    """Half the stamp is NaN (as in the WINTER alert): the robust σ comes from the finite half only (σ = 7)."""
+    rng = np.random.default_rng(3)
+    data = rng.normal(0, 7.0, (100, 100)).astype(np.float32)
+    data[:, 50:] = np.nan
+    _plain(tmp_path / "half.fits", data)
+    exp = read_exposure(tmp_path / "half.fits")
+    assert exp.mask.get("NO_DATA").sum() == 5000
+    assert np.median(exp.variance) == pytest.approx(49.0, rel=0.1)
+
+
+def test_decam_filter_card_gives_the_band(tmp_path):
+    _plain(tmp_path / "d.fits", np.zeros((5, 5), np.float32), FILTER="i DECam SDSS c0003 7835.0 1470.0", GAIN=1.0)
+    assert read_exposure(tmp_path / "d.fits").band == "i"

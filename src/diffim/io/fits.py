@@ -188,7 +188,15 @@ def _read_xy0(header) -> tuple[int, int]:
     if "CRVAL1A" in header and "CRVAL2A" in header and str(header.get("CTYPE1A", "LINEAR")).strip() == "LINEAR":
         return int(round(float(header["CRVAL1A"]))), int(round(float(header["CRVAL2A"])))
     if "LTV1" in header or "LTV2" in header:
-        return int(round(-float(header.get("LTV1", 0.0)))), int(round(-float(header.get("LTV2", 0.0))))
+        # IRAF's logical→physical offset is an xy0 only for an unrotated, unscaled integer shift (a cutout);
+        # registration software also writes fractional LTV with a rotation LTM, which is not an origin.
+        try:
+            ltv = (float(header.get("LTV1", 0.0)), float(header.get("LTV2", 0.0)))
+            ltm = [float(header.get(k, d)) for k, d in (("LTM1_1", 1.0), ("LTM2_2", 1.0), ("LTM1_2", 0.0), ("LTM2_1", 0.0))]
+        except (TypeError, ValueError):
+            return 0, 0
+        if ltm == [1.0, 1.0, 0.0, 0.0] and all(v == round(v) for v in ltv):
+            return int(-ltv[0]), int(-ltv[1])
     return 0, 0
 
 
@@ -474,7 +482,7 @@ def model_variance(
     """
     finite = np.isfinite(image)
     sky = float(np.median(image[finite])) if finite.any() else 0.0
-    sigma_sky = _robust_sigma(np.where(finite, image, sky))
+    sigma_sky = _robust_sigma(image)  # differences touching a non-finite pixel are dropped inside
     info = {"sky": sky, "sigmaSky": sigma_sky}
     if gain is None:
         return np.full(image.shape, sigma_sky**2, dtype=np.float64), info
@@ -752,6 +760,10 @@ def read_exposure(
             for key in ("BAND", "FILTER", "FILTER1"):
                 if hdr.get(key) not in (None, ""):
                     band = str(hdr[key]).strip()
+                    # DECam-style 'i DECam SDSS c0003 7835.0 1470.0': the band is the leading letter.
+                    first = band.split()[0] if band.split() else band
+                    if key != "BAND" and len(first) == 1 and " " in band:
+                        band = first
                     break
             if band:
                 break
