@@ -408,7 +408,11 @@ def _touching_groups(fps: list[Footprint]) -> list[list[int]]:
     for i, j in zip(a.tolist(), b.tolist()):
         fa, fb = fps[i], fps[j]
         # Grow A by one pixel (3×3) and test for common pixels with B on their joint box.
-        ga = ndimage.binary_dilation(np.pad(fa.spans, 1), structure=_EIGHT_CONNECTED)
+        h, w = fa.spans.shape
+        ga = np.zeros((h + 2, w + 2), dtype=bool)
+        for dy in range(3):
+            for dx in range(3):
+                ga[dy : dy + h, dx : dx + w] |= fa.spans
         box_a = fa.bbox.grown(1)
         common = box_a.intersection(fb.bbox)
         if common.is_empty():
@@ -431,10 +435,9 @@ def _touching_groups(fps: list[Footprint]) -> list[list[int]]:
 
 def _union(fps: list[Footprint]) -> Footprint:
     """One footprint made of the pixels and peaks of ``fps`` (peaks: positive by decreasing value, then
-    negative by decreasing value, so the most negative is last)."""
+    negative by decreasing value, so the most negative is last). A single footprint is returned as is."""
     if len(fps) == 1:
-        fp = fps[0]
-        return Footprint(fp.bbox, fp.spans, list(fp.peaks), fp.is_negative, fp.from_positive, fp.from_negative)
+        return fps[0]
     box = Box.from_corners(
         min(f.bbox.x0 for f in fps), min(f.bbox.y0 for f in fps), max(f.bbox.x1 for f in fps), max(f.bbox.y1 for f in fps)
     )
@@ -488,6 +491,7 @@ def find_footprints(
     return_original: bool = False,
     xy0: tuple[int, int] = (0, 0),
     noise: np.ndarray | None = None,
+    level: np.ndarray | None = None,
 ) -> tuple[list[Footprint], np.ndarray]:
     """Footprints and peaks of one polarity on a smoothed image.
 
@@ -514,8 +518,9 @@ def find_footprints(
         Return the footprints before growth (``n_grow`` is then only used for the returned mask).
     xy0
         Parent coordinates of pixel ``[0, 0]``.
-    noise
-        Precomputed :func:`detection_noise` of the middle (shared by both polarities), or None.
+    noise, level
+        Precomputed :func:`detection_noise` of the middle and ``threshold × noise`` (shared by both
+        polarities), or None.
 
     Returns
     -------
@@ -540,8 +545,9 @@ def find_footprints(
         if threshold_type == "pixel_stdev":
             if noise is None:
                 noise = detection_noise(vm)
-            level = np.float32(threshold) * noise
-            sel = (im >= level) if not negative else (im <= -level)
+            if level is None:
+                level = np.float32(threshold) * noise
+            sel = (im >= level) if not negative else (np.negative(im) >= level)
         elif threshold_type == "variance":
             noise = None
             sel = vm >= np.float32(threshold)
@@ -769,6 +775,7 @@ def detect_footprints_smoothed(
     )
     if threshold_type == "pixel_stdev":
         common["noise"] = detection_noise(sm.variance[sm.middle])
+        common["level"] = np.float32(threshold) * common["noise"]
     do_pos = polarity != "negative"
     do_neg = polarity != "positive" and threshold_type != "variance"
     # The two polarities are independent: run the negative one on the pool while this thread does the positive.

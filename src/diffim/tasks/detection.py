@@ -188,10 +188,8 @@ class SourceDetectionTask(Task):
         n_grow = det.n_grow_pixels(sigma, cfg.nSigmaToGrow)
         if cfg.nSigmaToGrow > 0:
             self.metadata["nGrow"] = n_grow
-        if pos_map.any():
-            mask.set("DETECTED", pos_map)
-        if neg_map.any():
-            mask.set("DETECTED_NEGATIVE", neg_map)
+        for plane, where in (("DETECTED", pos_map), ("DETECTED_NEGATIVE", neg_map)):
+            np.bitwise_or(mask.array, np.int32(1 << mask.add_plane(plane)), out=mask.array, where=where)
 
         background = None
         if cfg.reEstimateBackground:
