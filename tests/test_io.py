@@ -348,3 +348,22 @@ def test_noise_model_ignores_nan_regions(tmp_path):
 def test_decam_filter_card_gives_the_band(tmp_path):
     _plain(tmp_path / "d.fits", np.zeros((5, 5), np.float32), FILTER="i DECam SDSS c0003 7835.0 1470.0", GAIN=1.0)
     assert read_exposure(tmp_path / "d.fits").band == "i"
+
+
+def test_ap_corr_models_round_trip(tmp_path):
+    """Chebyshev aperture-correction models (measure area's ApCorrModel) are written and read back exactly."""
+    from diffim.measure.apcorr import ApCorrModel
+
+    exp = _exposure(GaussianPsf(2.0))
+    bbox = exp.bbox
+    model = ApCorrModel(np.array([[0.97, 0.01, 0.002], [-0.003, 0.001, 0.0], [0.0004, 0.0, 0.0]]), bbox)
+    exp.ap_corr_map = {"base_PsfFlux_instFlux": model, "base_PsfFlux_instFluxErr": ApCorrModel.constant(0.0, bbox),
+                       "plain": 1.02}
+    write_exposure(exp, tmp_path / "ap.fits")
+    back = read_exposure(tmp_path / "ap.fits").ap_corr_map
+    assert back["plain"] == 1.02
+    got = back["base_PsfFlux_instFlux"]
+    assert isinstance(got, ApCorrModel) and got.bbox == bbox
+    x, y = np.array([1000.0, 1050.0, 1079.0]), np.array([950.0, 990.0, 1013.0])
+    assert np.array_equal(got(x, y), model(x, y))
+    assert np.all(back["base_PsfFlux_instFluxErr"](x, y) == 0.0)

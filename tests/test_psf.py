@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffim.model import GaussianPsf
-from diffim.psf import PixelBasisPsf, PsfexPsf, read_psfex
+from diffim.psf import PsfexPsf, read_psfex
 from diffim.psf.psfex import write_psfex
 from diffim.psf.varying import polynomial_terms
 

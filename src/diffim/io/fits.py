@@ -596,10 +596,26 @@ def _metadata(header) -> fits.Header:
 
 
 def _ap_corr_map(hdul: fits.HDUList) -> dict | None:
+    """Aperture corrections from the ``APCORR`` table: floats, and Chebyshev ``ApCorrModel`` objects."""
     if "APCORR" not in [h.name for h in hdul]:
         return None
     tab = hdul["APCORR"].data
-    return {str(n).strip(): float(v) for n, v in zip(tab["NAME"], tab["VALUE"])}
+    cols = tab.columns.names
+    out: dict = {}
+    for i, name in enumerate(tab["NAME"]):
+        name = str(name).strip()
+        order = int(tab["ORDER"][i]) if "ORDER" in cols else -1
+        if order < 0:
+            out[name] = float(tab["VALUE"][i])
+            continue
+        from ..measure.apcorr import ApCorrModel  # only needed for polynomial models
+        from ..model.box import Box
+
+        n = order + 1
+        coeffs = np.asarray(tab["COEFFS"][i], dtype=float)[: n * n].reshape(n, n)
+        bbox = Box(int(tab["BBOX"][i][0]), int(tab["BBOX"][i][1]), int(tab["BBOX"][i][2]), int(tab["BBOX"][i][3]))
+        out[name] = ApCorrModel(coeffs, bbox)
+    return out
 
 
 def read_exposure(
@@ -818,19 +834,34 @@ def _set_card(header: fits.Header, key: str, value, comment: str = "") -> None:
 
 
 def _ap_corr_hdu(ap_corr_map: Mapping[str, Any] | None):
+    """``APCORR`` table of the serialisable corrections: numbers and Chebyshev models (``coefficients``,
+    ``bbox``, as :class:`diffim.measure.apcorr.ApCorrModel`); anything else is skipped with a warning."""
     if not ap_corr_map:
         return None
-    names, values = [], []
+    rows = []  # (name, value, order, bbox, coeffs)
     for name, val in ap_corr_map.items():
         if isinstance(val, (int, float, np.integer, np.floating)) and not isinstance(val, bool):
-            names.append(str(name))
-            values.append(float(val))
+            rows.append((str(name), float(val), -1, (0, 0, 0, 0), np.zeros(1)))
+        elif hasattr(val, "coefficients") and hasattr(val, "bbox") and type(val).__name__ == "ApCorrModel":
+            c = np.atleast_2d(np.asarray(val.coefficients, dtype=float))
+            b = val.bbox
+            rows.append((str(name), float(c[0, 0]), c.shape[0] - 1, (b.x0, b.y0, b.width, b.height), c.ravel()))
         else:
             log.warning("Aperture correction %r is a %s, which cannot be written to FITS; skipped.", name, type(val).__name__)
-    if not names:
+    if not rows:
         return None
-    width = max(len(n) for n in names)
-    cols = [fits.Column("NAME", f"{width}A", array=np.array(names)), fits.Column("VALUE", "D", array=np.array(values))]
+    width = max(len(r[0]) for r in rows)
+    ncoef = max(r[4].size for r in rows)
+    coeffs = np.zeros((len(rows), ncoef))
+    for i, r in enumerate(rows):
+        coeffs[i, : r[4].size] = r[4]
+    cols = [
+        fits.Column("NAME", f"{width}A", array=np.array([r[0] for r in rows])),
+        fits.Column("VALUE", "D", array=np.array([r[1] for r in rows])),
+        fits.Column("ORDER", "J", array=np.array([r[2] for r in rows])),
+        fits.Column("BBOX", "4J", array=np.array([r[3] for r in rows])),
+        fits.Column("COEFFS", f"{ncoef}D", array=coeffs),
+    ]
     return fits.BinTableHDU.from_columns(cols, name="APCORR")
 
 
