@@ -264,10 +264,12 @@ def smooth_for_detection(
     return Smoothed(f_img.result(), f_var.result(), smask, kw, kw // 2, float(sigma))
 
 
-def _unsmoothed(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None) -> Smoothed:
-    img = np.array(image, dtype=np.float32, copy=True)
-    var = np.array(variance, dtype=np.float32, copy=True)
-    return Smoothed(img, var, None if mask is None else np.array(mask, dtype=np.int32, copy=True), 1, 0, float("nan"))
+def _unsmoothed(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, copy_image: bool) -> Smoothed:
+    """The unsmoothed planes as a :class:`Smoothed` (``doSmooth=False``: e.g. a score image). The image is
+    copied only if it will be modified (excluded planes zeroed); variance and mask are shared, read-only."""
+    img = np.array(image, dtype=np.float32, copy=True) if copy_image else np.asarray(image, dtype=np.float32)
+    var = np.asarray(variance, dtype=np.float32)
+    return Smoothed(img, var, None if mask is None else np.asarray(mask), 1, 0, float("nan"))
 
 
 def clipped_stdev(values: np.ndarray, n_sigma: float = 3.0, n_iter: int = 3) -> float:
@@ -748,7 +750,7 @@ def detect_footprints_smoothed(
     if do_smooth:
         sm = smooth_for_detection(image, variance, mask, psf_sigma, n_sigma_for_kernel, smooth_mask=smooth_mask)
     else:
-        sm = _unsmoothed(image, variance, mask)
+        sm = _unsmoothed(image, variance, mask, copy_image=bool(mask is not None and exclude_bits))
     kw = sm.kernel_width
     if mask is not None and exclude_bits:
         # Smear only the excluded planes (a boolean box dilation is much cheaper than the full OR mask).

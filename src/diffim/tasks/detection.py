@@ -78,7 +78,7 @@ class SourceDetectionConfig(pexConfig.Config):
     )
     backgroundBinSize = pexConfig.RangeField(
         dtype=int, default=128, min=8,
-        doc="Bin size of the re-estimated background (LSST: background.binSize).",
+        doc="Super-pixel size of the re-estimated background (LSST: background.binSize).",
     )
     doTempLocalBackground = pexConfig.Field(
         dtype=bool, default=True,
@@ -223,46 +223,11 @@ class SourceDetectionTask(Task):
         a[:, -border:] |= bit
 
     def _reestimate_background(self, exposure: Exposure) -> np.ndarray:
-        """Median background in ``backgroundBinSize`` bins, ignoring detected and bad pixels, interpolated
-        bilinearly between bin centres, subtracted from the exposure in place.
+        """Mesh background (``backgroundBinSize`` super-pixels, clipped mean, Akima spline) of the exposure
+        ignoring detected and bad pixels (LSST ``ignoredPixelMask``), subtracted in place and returned."""
+        from ..background import estimate_background
 
-        A small private estimator: the difference-imaging configuration turns this step off.
-        """
-        from scipy.interpolate import RegularGridInterpolator
-
-        mask = exposure.mask
-        bad = mask.get(["DETECTED", "DETECTED_NEGATIVE", "BAD", "EDGE", "NO_DATA", "SAT"], ignore_missing=True)
-        img = exposure.image
-        ny, nx = img.shape
-        b = self.config.backgroundBinSize
-        nby, nbx = max(1, ny // b), max(1, nx // b)
-        ye = np.linspace(0, ny, nby + 1).astype(int)
-        xe = np.linspace(0, nx, nbx + 1).astype(int)
-        grid = np.full((nby, nbx), np.nan)
-        for i in range(nby):
-            for j in range(nbx):
-                cell = img[ye[i]:ye[i + 1], xe[j]:xe[j + 1]]
-                good = ~bad[ye[i]:ye[i + 1], xe[j]:xe[j + 1]] & np.isfinite(cell)
-                if good.sum() > 0.1 * good.size:
-                    grid[i, j] = np.median(cell[good])
-        if np.all(np.isnan(grid)):
-            return np.zeros_like(img)
-        grid = np.where(np.isnan(grid), np.nanmedian(grid), grid)
-        yc = 0.5 * (ye[:-1] + ye[1:]) - 0.5
-        xc = 0.5 * (xe[:-1] + xe[1:]) - 0.5
-        if nby == 1 and nbx == 1:
-            bg = np.full(img.shape, grid[0, 0], dtype=np.float32)
-        else:
-            yy = np.clip(np.arange(ny), yc[0], yc[-1])
-            xx = np.clip(np.arange(nx), xc[0], xc[-1])
-            if nby == 1:
-                bg = np.broadcast_to(np.interp(xx, xc, grid[0]), img.shape).astype(np.float32)
-            elif nbx == 1:
-                bg = np.broadcast_to(np.interp(yy, yc, grid[:, 0])[:, None], img.shape).astype(np.float32)
-            else:
-                interp = RegularGridInterpolator((yc, xc), grid)
-                Y, X = np.meshgrid(yy, xx, indexing="ij")
-                bg = interp((Y, X)).astype(np.float32)
+        bad = exposure.mask.get(["BAD", "EDGE", "DETECTED", "DETECTED_NEGATIVE", "NO_DATA"], ignore_missing=True)
+        bg = estimate_background(exposure.image, bad, bin_size=self.config.backgroundBinSize)
         exposure.image -= bg
         return bg
-
