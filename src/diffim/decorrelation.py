@@ -20,9 +20,10 @@ Implementation notes (deliberate choices, see ``lsst_algorithms.md`` §3):
 
 * FFT grids follow LSST (per axis the two largest of image/kernel/PSF sizes, ``n1 + n2 − 1``, made even) but are
   then rounded up to a fast FFT length (``scipy.fft.next_fast_len``): more zero padding changes nothing but speed.
-* Images are filtered after subtracting their mean (non-finite pixels replaced by it), which is the same as
-  padding with the mean rather than with zeros: since ``φ̂(0) = 1`` the mean passes unchanged and no step appears
-  at the image edges. Non-finite pixels are restored afterwards.
+* Images are filtered after subtracting their median (non-finite pixels are replaced by it; LSST uses the mean),
+  which is the same as padding with the background level rather than with zeros: since ``φ̂(0) = 1`` the level
+  passes unchanged, no step appears at the image edges and source flux is preserved. Non-finite pixels are
+  restored afterwards.
 * Kernel spectra are only needed through ``|K̂|²`` except for the complete variance propagation, where kernels
   are moved centre-to-origin as LSST's ``padCenterOriginArray`` does.
 * The decorrelated PSF is computed on a small grid (a few times the kernel + PSF size) instead of the full image
@@ -223,14 +224,23 @@ def _filter(image: np.ndarray, phi: np.ndarray, shape: tuple[int, int], workers:
 
 
 def _prepare(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Mean-subtracted float32 copy with non-finite pixels set to the mean (0), the bad mask and the mean."""
+    """Level-subtracted float32 copy with non-finite pixels set to the level (0), the bad mask and the level.
+
+    The level is the median of the finite pixels (of a strided subsample of at most ~10⁶ of them): a robust
+    background value, so that the sources' flux does not leak across the zero-padded image edges.
+    """
     img = np.asarray(image, dtype=np.float32)
     bad = ~np.isfinite(img)
-    mean = float(np.mean(img[~bad], dtype=np.float64)) if (~bad).any() else 0.0
-    work = img - np.float32(mean)
+    level = 0.0
+    if (~bad).any():
+        stride = max(1, int(np.sqrt(img.size / 1e6)))
+        sample = img[::stride, ::stride]
+        sample = sample[np.isfinite(sample)]
+        level = float(np.median(sample)) if sample.size else float(np.mean(img[~bad], dtype=np.float64))
+    work = img - np.float32(level)
     if bad.any():
         work[bad] = 0.0
-    return work, bad, mean
+    return work, bad, level
 
 
 def _restore(out: np.ndarray, original: np.ndarray, bad: np.ndarray) -> np.ndarray:
@@ -280,7 +290,7 @@ def _complete_variance(
     c2_spec = sfft.rfft2(c2, workers=workers)
     v, bad, mean = _prepare(variance)
     out = sfft.irfft2(sfft.rfft2(v, s=shape, workers=workers) * c2_spec, s=shape, workers=workers)
-    out = out[: v.shape[0], : v.shape[1]] + mean * c2.sum()
+    out = out[: v.shape[0], : v.shape[1]] + mean * c2.sum()  # the level passes with gain Σc²
     return _restore(out.astype(np.float32), variance, bad)
 
 
