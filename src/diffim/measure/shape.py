@@ -76,7 +76,7 @@ def adaptive_moments(
     initial
         Starting weight covariance ``(ixx, iyy, ixy)`` in pixels² (typically the PSF's moments).
     half_size
-        Stamp half-width; default ``ceil(6·√max(ixx, iyy))`` of ``initial`` (at least 6).
+        Stamp half-width; default ``ceil(5·√max(ixx, iyy))`` of ``initial`` (at least 6).
     negative
         Measure ``-image`` for these sources (negative DIA sources).
     mask, bad_mask
@@ -100,7 +100,7 @@ def adaptive_moments(
     n = len(x)
     sign = np.where(np.broadcast_to(np.asarray(negative, dtype=bool), (n,)), -1.0, 1.0)
     if half_size is None:
-        half_size = max(6, int(np.ceil(6.0 * np.sqrt(max(initial[0], initial[1], 0.25)))))
+        half_size = max(6, int(np.ceil(5.0 * np.sqrt(max(initial[0], initial[1], 0.25)))))
     m = 2 * half_size + 1
     nan = np.full(n, np.nan)
     res = ShapeResult(nan.copy(), nan.copy(), nan.copy(), nan.copy(), nan.copy(), nan.copy(),
@@ -135,18 +135,21 @@ def adaptive_moments(
         active = good.any(axis=(1, 2))
         converged = np.zeros(k, bool)
         failed = ~active
+        cap = (half_size / 2.0) ** 2  # bound the weight to the stamp: beyond it the moments are meaningless
         for _ in range(max_iter):
-            run = active & ~converged & ~failed
-            if not run.any():
+            r = np.nonzero(active & ~converged & ~failed)[0]  # iterate only the sources still running
+            if len(r) == 0:
                 break
-            a_, b_, c_, det = _inv2(mxx, myy, mxy)
-            with np.errstate(over="ignore", invalid="ignore"):
-                wgt = np.exp(-0.5 * (a_[:, None, None] * uu + b_[:, None, None] * ww + 2 * c_[:, None, None] * uw))
-                wi = wgt * d
+            uu_r, ww_r, uw_r = uu[r], ww[r], uw[r]
+            pxx, pyy, pxy = mxx[r], myy[r], mxy[r]
+            a_, b_, c_, _ = _inv2(pxx, pyy, pxy)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                wi = np.exp(-0.5 * (a_[:, None, None] * uu_r + b_[:, None, None] * ww_r
+                                    + 2 * c_[:, None, None] * uw_r)) * d[r]
                 s0 = wi.sum(axis=(1, 2))
-                qxx = (wi * uu).sum(axis=(1, 2)) / s0
-                qyy = (wi * ww).sum(axis=(1, 2)) / s0
-                qxy = (wi * uw).sum(axis=(1, 2)) / s0
+                qxx = (wi * uu_r).sum(axis=(1, 2)) / s0
+                qyy = (wi * ww_r).sum(axis=(1, 2)) / s0
+                qxy = (wi * uw_r).sum(axis=(1, 2)) / s0
                 bad_q = ~(s0 > 0) | ~(qxx > 0) | ~(qyy > 0) | ~(qxx * qyy - qxy * qxy > 0)
                 iqxx, iqyy, iqxy, _ = _inv2(qxx, qyy, qxy)
                 cxx_i, cyy_i, cxy_i = iqxx - a_, iqyy - b_, iqxy - c_
@@ -155,18 +158,14 @@ def adaptive_moments(
                 nxx = np.where(pd, nxx, 2 * qxx)
                 nyy = np.where(pd, nyy, 2 * qyy)
                 nxy = np.where(pd, nxy, 2 * qxy)
-                # Bound the weight to the stamp: beyond it the moments are meaningless.
-                cap = (half_size / 2.0) ** 2
                 huge = (nxx > cap) | (nyy > cap)
-            newly_failed = run & (bad_q | huge | ~np.isfinite(nxx))
-            failed |= newly_failed
-            upd = run & ~newly_failed
-            done = upd & (np.abs(nxx - mxx) <= tol1 * mxx) & (np.abs(nyy - myy) <= tol1 * myy) & (
-                np.abs(nxy - mxy) <= tol2 * (mxx + myy))
-            mxx = np.where(upd, nxx, mxx)
-            myy = np.where(upd, nyy, myy)
-            mxy = np.where(upd, nxy, mxy)
-            converged |= done
+            bad = bad_q | huge | ~np.isfinite(nxx) | ~np.isfinite(nyy) | ~np.isfinite(nxy)
+            failed[r[bad]] = True
+            ok = ~bad
+            done = ok & (np.abs(nxx - pxx) <= tol1 * pxx) & (np.abs(nyy - pyy) <= tol1 * pyy) & (
+                np.abs(nxy - pxy) <= tol2 * (pxx + pyy))
+            mxx[r[ok]], myy[r[ok]], mxy[r[ok]] = nxx[ok], nyy[ok], nxy[ok]
+            converged[r[done]] = True
         maxiter = active & ~converged & ~failed
         # Errors with the final weights: Var Q_ab = Σ (w (x_a x_b − Q_ab))² V / (Σ w I)², δM = 4 δQ.
         a_, b_, c_, _ = _inv2(mxx, myy, mxy)
