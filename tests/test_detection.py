@@ -415,3 +415,34 @@ def test_reestimate_background_subtracts_a_pedestal():
     assert res.numPos == 2 and res.numNeg == 0 and res.background is not None
     free = ~exp.mask.get(["DETECTED", "EDGE"])
     assert abs(float(exp.image[free].mean())) < 0.015
+
+
+def test_smoothing_kernel_width_and_mask_smearing():
+    """kw = (int(7σ + 0.5)//2)·2 + 1 as LSST (σ = 1 → 7, 2 → 15, 2.4 → 17, 2.8 → 21); the
+    smoothed image equals a direct 2-D correlation with the normalised Gaussian in the interior and is NaN on
+    the border; the smoothed mask is the OR of the bits over the kw × kw box (brute force here)."""
+    from diffim.detection import correlate_separable, smear_mask, smooth_for_detection
+
+    assert [smoothing_kernel_width(s) for s in (1.0, 2.0, 2.4, 2.8)] == [7, 15, 17, 21]
+    rng = np.random.default_rng(15)
+    img = rng.standard_normal((40, 50)).astype(np.float32)
+    mask = np.zeros((40, 50), np.int32)
+    mask[5, 7] = 1
+    mask[30, 40] = 4
+    mask[31, 41] = 16
+    sm = smooth_for_detection(img, np.ones_like(img), mask, 1.0)
+    k = gaussian_kernel_1d(1.0, 7)
+    direct = ndimage.correlate(img.astype(float), np.outer(k, k), mode="constant")
+    np.testing.assert_allclose(sm.image[3:-3, 3:-3], direct[3:-3, 3:-3], rtol=1e-5, atol=1e-6)
+    assert np.isnan(sm.image[:3]).all() and np.isnan(sm.image[:, -3:]).all()
+    np.testing.assert_allclose(sm.variance[3:-3, 3:-3], (k**2).sum() ** 2, rtol=1e-5)
+    brute = np.zeros_like(mask)
+    for y in range(40):
+        for x in range(50):
+            brute[y, x] = np.bitwise_or.reduce(mask[max(0, y - 3) : y + 4, max(0, x - 3) : x + 4], axis=None)
+    np.testing.assert_array_equal(sm.mask, brute)
+    np.testing.assert_array_equal(smear_mask(mask, 7), brute)
+    tall = rng.standard_normal((300, 30)).astype(np.float32)  # tall enough for the two-thread row split
+    out = correlate_separable(tall, k, threads=2)
+    direct = ndimage.correlate(tall.astype(float), np.outer(k, k), mode="constant")
+    np.testing.assert_allclose(out[3:-3, 3:-3], direct[3:-3, 3:-3], rtol=1e-5, atol=1e-6)
