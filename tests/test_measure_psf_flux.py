@@ -81,10 +81,21 @@ class _VaryingGaussian(Psf):
         return np.exp(-0.5 * (g[None, :] ** 2 + g[:, None] ** 2) / s**2)
 
 
+def _pixel_basis_psf():
+    """A degree-1 PixelBasisPsf (io's varying model, batched kernel_images) if it is available."""
+    varying = pytest.importorskip("diffim.psf.varying")
+    g1, g2 = GaussianPsf(1.8, size=21).compute_kernel_image(), GaussianPsf(2.6, size=21).compute_kernel_image()
+    basis = np.stack([0.5 * (g1 + g2), 0.5 * (g2 - g1), 0.1 * (g2 - g1)])
+    return varying.PixelBasisPsf(basis, 1, x_offset=256.0, y_offset=256.0, x_scale=256.0, y_scale=256.0)
+
+
 @pytest.mark.parametrize("psf", [ImagePsf(GaussianPsf(2.0, sigma_minor=1.6, theta=0.5).compute_kernel_image() ** 1.2),
-                                 _VaryingGaussian()])
+                                 _VaryingGaussian(), "pixel_basis"])
 def test_psf_image_stack_matches_compute_image(psf):
-    """The batched PSF images (Lanczos-shift for constant kernels, per-source otherwise) equal compute_image."""
+    """The batched PSF images (Lanczos-shift for constant kernels and batched varying models, per-source
+    otherwise) equal compute_image to 1e-12."""
+    if psf == "pixel_basis":
+        psf = _pixel_basis_psf()
     rng = np.random.RandomState(1)
     x, y = rng.uniform(20, 500, 7), rng.uniform(20, 500, 7)
     stack, bx0, by0 = psf_image_stack(psf, x, y)

@@ -127,6 +127,18 @@ def psf_image_stack(psf: Psf, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray,
         s = img.sum(axis=(1, 2), keepdims=True)
         img /= np.where(s != 0, s, 1.0)
         return img, ix - nx // 2, iy - ny // 2
+    if hasattr(psf, "kernel_images"):
+        # Spatially varying model with a batched evaluator (e.g. PixelBasisPsf): normalise, then shift each.
+        k = np.asarray(psf.kernel_images(x, y), dtype=float)
+        ks = k.sum(axis=(1, 2), keepdims=True)
+        k = k / np.where(ks != 0, ks, 1.0)
+        ny, nx = k.shape[1:]
+        wy = _lanczos_matrices(dy, ny)
+        wx = _lanczos_matrices(dx, nx)
+        img = np.einsum("sij,sjk,slk->sil", wy, k, wx, optimize=True)
+        s = img.sum(axis=(1, 2), keepdims=True)
+        img /= np.where(s != 0, s, 1.0)
+        return img, ix - nx // 2, iy - ny // 2
     # Spatially varying model: one evaluation per source, embedded in the largest stamp size.
     ims = []
     boxes = []
@@ -152,6 +164,10 @@ def kernel_image_stack(psf: Psf, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     if is_constant_psf(psf):
         k = psf.compute_kernel_image()
         return np.broadcast_to(k, (len(x),) + k.shape)
+    if hasattr(psf, "kernel_images"):
+        k = np.asarray(psf.kernel_images(x, np.asarray(y, float)), dtype=float)
+        ks = k.sum(axis=(1, 2), keepdims=True)
+        return k / np.where(ks != 0, ks, 1.0)
     ks = [psf.compute_kernel_image(float(a), float(b)) for a, b in zip(x, np.asarray(y, float))]
     ny = max(k.shape[0] for k in ks)
     nx = max(k.shape[1] for k in ks)
