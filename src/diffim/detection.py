@@ -56,7 +56,7 @@ __all__ = [
     "merge_footprints",
     "footprints_to_mask",
     "n_grow_pixels",
-    "detection_noise",
+    "detection_level",
     "detect_footprints_smoothed",
 ]
 
@@ -461,21 +461,27 @@ def grow_footprint(fp: Footprint, radius: int, isotropic: bool = True, clip: Box
 # ----------------------------------------------------------------------------------------------------------
 # Footprints and peaks of one polarity
 # ----------------------------------------------------------------------------------------------------------
-def detection_noise(variance: np.ndarray) -> np.ndarray:
-    """Per-pixel σ = √V of the detection image, +inf where ``V ≤ 0`` or NaN.
+def detection_level(variance: np.ndarray, threshold: float) -> np.ndarray:
+    """Per-pixel ``pixel_stdev`` threshold ``t·√V`` of the detection image, +inf where ``V ≤ 0`` or NaN.
 
-    Zero-variance pixels (e.g. NO_DATA filled with 0) carry no information; with σ = 0 every such pixel
-    would pass ``I ≥ t·σ``, so they are made undetectable instead.
+    Zero-variance pixels (e.g. NO_DATA filled with 0) carry no information; with a level of 0 every such pixel
+    would pass ``I ≥ t·√V``, so they are made undetectable instead. Computed in place in one float32 array.
     """
     with np.errstate(invalid="ignore"):
-        noise = np.sqrt(variance, dtype=np.float32)
-        noise[~(variance > 0)] = np.inf
-    return noise
+        level = np.sqrt(variance, dtype=np.float32)
+        level *= np.float32(threshold)
+        level[~(variance > 0)] = np.inf
+    return level
 
 
 def _peak_sort(labels: np.ndarray, values: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Order grouping peaks by label, then decreasing value, ties by x then y."""
     return np.lexsort((ys, xs, -values, labels))
+
+
+def _pixel_snr(values: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return values / np.sqrt(variance)
 
 
 def find_footprints(
@@ -492,7 +498,6 @@ def find_footprints(
     combined_grow: bool = True,
     return_original: bool = False,
     xy0: tuple[int, int] = (0, 0),
-    noise: np.ndarray | None = None,
     level: np.ndarray | None = None,
 ) -> tuple[list[Footprint], np.ndarray]:
     """Footprints and peaks of one polarity on a smoothed image.
@@ -520,9 +525,8 @@ def find_footprints(
         Return the footprints before growth (``n_grow`` is then only used for the returned mask).
     xy0
         Parent coordinates of pixel ``[0, 0]``.
-    noise, level
-        Precomputed :func:`detection_noise` of the middle and ``threshold × noise`` (shared by both
-        polarities), or None.
+    level
+        Precomputed :func:`detection_level` of the middle (``pixel_stdev``; shared by both polarities), or None.
 
     Returns
     -------
@@ -545,16 +549,18 @@ def find_footprints(
     # Above-threshold pixels of the middle.  Comparisons with NaN are False, so NaN pixels never qualify.
     with np.errstate(invalid="ignore"):
         if threshold_type == "pixel_stdev":
-            if noise is None:
-                noise = detection_noise(vm)
             if level is None:
-                level = np.float32(threshold) * noise
-            sel = (im >= level) if not negative else (np.negative(im) >= level)
+                level = detection_level(vm, threshold)
+            if negative:
+                # -I ≥ level, in row blocks so that the negated image is never a full-size temporary.
+                sel = np.empty(im.shape, dtype=bool)
+                for r0 in range(0, im.shape[0], 256):
+                    np.greater_equal(np.negative(im[r0 : r0 + 256]), level[r0 : r0 + 256], out=sel[r0 : r0 + 256])
+            else:
+                sel = im >= level
         elif threshold_type == "variance":
-            noise = None
             sel = vm >= np.float32(threshold)
         else:
-            noise = None
             level = np.float32(threshold * threshold_scale)
             sel = (im >= level) if not negative else (im <= -level)
 
@@ -568,8 +574,9 @@ def find_footprints(
     keep = area >= max(1, int(min_pixels))
     keep[0] = False
     if include_threshold_multiplier != 1.0 and threshold_type != "variance":
-        snr = sign * vals if noise is None else sign * vals / noise[ys, xs]
-        need = threshold * include_threshold_multiplier * (threshold_scale if noise is None else 1.0)
+        pixel = threshold_type == "pixel_stdev"
+        snr = sign * (_pixel_snr(vals, vm[ys, xs]) if pixel else vals)
+        need = threshold * include_threshold_multiplier * (1.0 if pixel else threshold_scale)
         with np.errstate(invalid="ignore"):
             strong = np.bincount(lab[snr >= need], minlength=n + 1) > 0
         keep &= strong
@@ -600,7 +607,7 @@ def find_footprints(
     order = _peak_sort(pl, pv, px, py)
     py, px, pv, pl = py[order], px[order], pv[order], pl[order]
     if threshold_type == "pixel_stdev":
-        sig = sign * pv / noise[py, px]
+        sig = sign * _pixel_snr(pv, vm[py, px])
     elif threshold_type == "stdev":
         sig = sign * pv / threshold_scale
     else:
@@ -776,8 +783,7 @@ def detect_footprints_smoothed(
         combined_grow=combined_grow, return_original=return_original, xy0=xy0,
     )
     if threshold_type == "pixel_stdev":
-        common["noise"] = detection_noise(sm.variance[sm.middle])
-        common["level"] = np.float32(threshold) * common["noise"]
+        common["level"] = detection_level(sm.variance[sm.middle], threshold)
     do_pos = polarity != "negative"
     do_neg = polarity != "positive" and threshold_type != "variance"
     # The two polarities are independent: run the negative one on the pool while this thread does the positive.
