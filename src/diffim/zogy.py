@@ -1,0 +1,805 @@
+"""ZOGY proper image subtraction (Zackay, Ofek & Gal-Yam 2016, ApJ 830, 27), as pure numpy/scipy functions.
+
+Notation follows the paper with ``n`` = science ("new", LSST's image 1) and ``r`` = template ("reference",
+image 2). For PSFs ``P_n, P_r`` (unit sum), flux zero points ``F_n, F_r`` and background noise ``σ_n, σ_r``,
+with hats for Fourier transforms and ``den = σ_n² F_r² |P̂_r|² + σ_r² F_n² |P̂_n|²``:
+
+* proper difference (eq. 13)   ``D̂ = (F_r P̂_r N̂ − F_n P̂_n R̂) / √den``
+* its PSF (eq. 14)             ``P̂_D = F_r F_n P̂_r P̂_n / (F_D √den)``
+* its zero point (eq. 15)      ``F_D = F_r F_n / √(σ_n² F_r² + σ_r² F_n²)``
+* proper score (eq. 12)        ``Ŝ = F_D conj(P̂_D) D̂ = k̂_n N̂ − k̂_r R̂`` with
+  ``k̂_n = F_n F_r² conj(P̂_n) |P̂_r|² / den`` and ``k̂_r = F_r F_n² conj(P̂_r) |P̂_n|² / den``.
+
+Variance planes are propagated exactly for independent pixels: a real-space kernel ``k`` applied to an image of
+variance ``V`` gives variance ``k² ⊗ V``, i.e. ``sq(ĉ) · V̂`` with ``sq(ĉ) = FFT(IFFT(ĉ).real²)``. Hence
+
+* ``V_D = k_{D,n}² ⊗ V_n + k_{D,r}² ⊗ V_r``;
+* the score variance of the paper's eq. 25–29, ``V_S = V_{S_N} + V_{S_R}`` with ``V_{S_N} = k_n² ⊗ V_n`` and
+  ``V_{S_R} = k_r² ⊗ V_r``. Because ``V_n, V_r`` are the *variance planes*, they carry the source (Poisson)
+  noise of both images as well as the sky and read noise (the paper's "source noise" term);
+* the astrometric-noise term of eq. 30–33, ``V_ast = σ_x² [(∂_x S_N)² + (∂_x S_R)²] + σ_y² [(∂_y S_N)² +
+  (∂_y S_R)²]`` with ``S_N = k_n ⊗ N`` and ``S_R = k_r ⊗ R``, added when ``sigma_x`` or ``sigma_y`` (the
+  registration noise in pixels, default 0) is non-zero;
+* ``S_corr = S / √(V_S + V_ast)`` (eq. 25), the detection statistic.
+
+Numerical choices (each documented where it is made):
+
+* the scalar ``σ_n, σ_r`` that build the filters are the clipped means of the variance planes over the whole
+  image (one value for every cell, so the filters and ``F_D`` do not jump between cells);
+* a noiseless (or nearly noiseless) image would make ``den`` vanish wherever the *other* PSF has no power; the
+  smaller of the two noise terms ``σ_n² F_r²``, ``σ_r² F_n²`` is floored at ``NOISE_FLOOR`` (1e-4) times their
+  sum. The static sky still cancels exactly (the numerator does not involve σ), the filters stay bounded
+  (``|k̂_{D,r}| ≤ 32/σ_n``) and the variance planes give the true variance of the result;
+* frequencies where ``√den`` underflows (both PSFs without power) get the plain difference
+  ``(F_r N̂ − F_n R̂)/√(σ_n² F_r² + σ_r² F_n²)`` in ``D`` (it keeps ``D`` white) and zero in ``S`` and ``P_D``;
+* non-finite pixels (and pixels flagged for replacement) are replaced before the FFT by the image's clipped
+  mean (variance: the clipped-mean variance) and reported in ``ZogyResult.bad``; ``S`` is 0 and ``V_S`` 1 there;
+* the image border is padded by mirror reflection (no artificial step at the edge), and every cell is computed
+  on a grid with a border of ``b = max(10 σ_psf, PSF stamp size)`` pixels of real (or mirrored) data around its
+  inner box, so FFT wrap-around never reaches the pixels that are kept. The clipped-mean background is
+  removed and the outer ``b/2`` pixels of each cell are tapered to zero (raised cosine) before the FFT, so
+  sources cut by the cell edge do not ring into the cell; the exact response of D and S to the removed
+  constant is added back unless ``subtract_background``;
+* FFTs are real (``rfft2``) in float32/complex64 with ``workers=2``; the filters are applied in row strips, so
+  no full-size complex128 array and few full-size temporaries are ever allocated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.fft as sfft
+
+from .errors import BadInputError, PsfError, ShapeMismatchError
+from .model.box import Box
+from .model.psf import Psf, kernel_moments, register_psf_type
+from .statistics import clipped_mean
+
+__all__ = [
+    "NOISE_FLOOR",
+    "ZogyFourier",
+    "ZogyResult",
+    "ZogyCell",
+    "CellPsf",
+    "zogy_fourier",
+    "zogy_subtract",
+    "zogy_border_size",
+    "generate_grid",
+    "psf_centroid_offset",
+]
+
+#: Smallest allowed share of either image in the combined noise ``σ_n² F_r² + σ_r² F_n²`` (noiseless inputs).
+NOISE_FLOOR = 1e-3
+
+#: FFT worker threads (the target machine has 2 cores).
+FFT_WORKERS = 2
+
+#: Rows of the half-plane spectrum processed at once when forming the filters (bounds float64 temporaries).
+_STRIP_ROWS = 256
+
+PsfInput = np.ndarray | Callable[[float, float], np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fourier-space formulas
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ZogyFourier:
+    """Fourier-space ZOGY filters on one frequency grid (any shape; arrays broadcast with the spectra).
+
+    ``D̂ = c_n N̂ − c_r R̂``, ``Ŝ = k_n N̂ − k_r R̂``, ``P̂_D``; ``F_D`` is a scalar. ``special`` marks the
+    frequencies where ``√den`` underflowed.
+    """
+
+    c_n: np.ndarray
+    c_r: np.ndarray
+    k_n: np.ndarray
+    k_r: np.ndarray
+    P_D: np.ndarray
+    F_D: float
+    special: np.ndarray
+
+
+def _noise_terms(sigma_n: float, sigma_r: float, flux_n: float, flux_r: float) -> tuple[float, float]:
+    """``(σ_n² F_r², σ_r² F_n²)`` with the smaller floored at ``NOISE_FLOOR`` of the sum (noiseless inputs)."""
+    u = float(sigma_n) ** 2 * float(flux_r) ** 2
+    v = float(sigma_r) ** 2 * float(flux_n) ** 2
+    if not (np.isfinite(u) and np.isfinite(v)) or u + v <= 0:
+        raise BadInputError(
+            f"ZOGY needs a positive noise level in at least one image (sigma_science={sigma_n}, "
+            f"sigma_template={sigma_r}); check the variance planes."
+        )
+    floor = NOISE_FLOOR * (u + v)
+    return max(u, floor), max(v, floor)
+
+
+def zogy_fourier(
+    P_n: np.ndarray,
+    P_r: np.ndarray,
+    sigma_n: float,
+    sigma_r: float,
+    flux_n: float = 1.0,
+    flux_r: float = 1.0,
+) -> ZogyFourier:
+    """ZOGY filters (eq. 12–15) from the Fourier transforms of the two PSFs on a common frequency grid.
+
+    Parameters
+    ----------
+    P_n, P_r
+        Fourier transforms of the science and template PSFs (centred on pixel 0, unit sum so ``P̂(0) = 1``).
+    sigma_n, sigma_r
+        Background noise σ of the science and template images (one of them may be 0: see ``NOISE_FLOOR``).
+    flux_n, flux_r
+        Flux zero points ``F_n, F_r`` (image = F · PSF ⊗ sky).
+
+    Returns
+    -------
+    ZogyFourier
+        Filters in complex128 (compute them in strips for large grids, as :func:`zogy_subtract` does).
+    """
+    u, v = _noise_terms(sigma_n, sigma_r, flux_n, flux_r)
+    fd_denom = math.sqrt(u + v)
+    F_D = flux_n * flux_r / fd_denom
+    P_n = np.asarray(P_n, dtype=np.complex128)
+    P_r = np.asarray(P_r, dtype=np.complex128)
+    a2 = u * (P_r.real**2 + P_r.imag**2)
+    b2 = v * (P_n.real**2 + P_n.imag**2)
+    den = a2 + b2
+    # √den is at most fd_denom·max|P̂|; below 1e-30 of fd_denom both PSFs are numerically without power.
+    special = den <= (1e-30 * fd_denom) ** 2
+    den = np.where(special, 1.0, den)
+    sden = np.sqrt(den)
+    c_n = flux_r * P_r / sden
+    c_r = flux_n * P_n / sden
+    c_n[special] = flux_r / fd_denom
+    c_r[special] = flux_n / fd_denom
+    # Ŝ = F_D conj(P̂_D) D̂; written per image so that S_N and S_R are available for the astrometric term.
+    k_n = flux_n * flux_r**2 * np.conj(P_n) * (P_r.real**2 + P_r.imag**2) / den
+    k_r = flux_r * flux_n**2 * np.conj(P_r) * (P_n.real**2 + P_n.imag**2) / den
+    P_D = fd_denom * P_n * P_r / sden
+    for arr in (k_n, k_r, P_D):
+        arr[special] = 0.0
+    return ZogyFourier(c_n, c_r, k_n, k_r, P_D, F_D, special)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Geometry helpers
+# ----------------------------------------------------------------------------------------------------------
+def _psf_sigma(stamp: np.ndarray) -> float:
+    """Determinant radius of a PSF stamp (Gaussian-equivalent σ, pixels)."""
+    try:
+        ixx, iyy, ixy = kernel_moments(stamp)
+        return float((ixx * iyy - ixy * ixy) ** 0.25)
+    except PsfError:
+        return float(max(stamp.shape)) / 4.0
+
+
+def zogy_border_size(psf_n: np.ndarray, psf_r: np.ndarray) -> int:
+    """Cell border ``b = max(10·max(σ_n, σ_r), stamp widths and heights)`` in pixels (LSST's rule)."""
+    sig = max(_psf_sigma(psf_n), _psf_sigma(psf_r))
+    return int(max(math.ceil(10.0 * sig), *psf_n.shape, *psf_r.shape))
+
+
+def generate_grid(shape: tuple[int, int], inner_size: tuple[int, int] | int | None) -> list[tuple[slice, slice]]:
+    """Inner cells tiling an image of ``shape = (ny, nx)`` exactly once, as ``(row slice, column slice)``.
+
+    ``n = N // inner`` cells per axis (at least one), each ``N // n`` wide, the last one taking the remainder.
+    ``inner_size=None`` gives a single cell.
+    """
+    ny, nx = shape
+    if inner_size is None:
+        iy, ix = ny, nx
+    elif np.isscalar(inner_size):
+        iy = ix = int(inner_size)
+    else:
+        iy, ix = (int(s) for s in inner_size)
+
+    def edges(n: int, inner: int) -> list[tuple[int, int]]:
+        k = max(1, n // max(inner, 1))
+        w = n // k
+        return [(i * w, (i + 1) * w if i < k - 1 else n) for i in range(k)]
+
+    return [(slice(y0, y1), slice(x0, x1)) for (y0, y1) in edges(ny, iy) for (x0, x1) in edges(nx, ix)]
+
+
+def psf_centroid_offset(psf_n: np.ndarray, psf_r: np.ndarray) -> float:
+    """Distance in pixels between the centroids of two PSF stamps, each relative to its stamp centre."""
+
+    def centroid(p: np.ndarray) -> np.ndarray:
+        p = np.asarray(p, dtype=float)
+        yy, xx = np.mgrid[: p.shape[0], : p.shape[1]]
+        s = p.sum()
+        return np.array([(p * xx).sum() / s - (p.shape[1] - 1) / 2, (p * yy).sum() / s - (p.shape[0] - 1) / 2])
+
+    return float(np.hypot(*(centroid(psf_n) - centroid(psf_r))))
+
+
+def _odd_crop(stamp: np.ndarray, ny: int, nx: int) -> np.ndarray:
+    """Centre-crop a stamp so that it fits in ``(ny, nx)`` with odd dimensions."""
+    sh, sw = stamp.shape
+    th = min(sh, ny if ny % 2 else ny - 1)
+    tw = min(sw, nx if nx % 2 else nx - 1)
+    y0, x0 = (sh - th) // 2, (sw - tw) // 2
+    return stamp[y0 : y0 + th, x0 : x0 + tw]
+
+
+def _embedded_rfft2(stamp: np.ndarray, shape: tuple[int, int], dtype=np.float32) -> np.ndarray:
+    """``rfft2`` of a ``shape`` array (of ``dtype``) holding ``stamp`` with its central pixel at ``[0, 0]``."""
+    ny, nx = shape
+    stamp = _odd_crop(np.asarray(stamp, dtype=dtype), ny, nx)
+    sh, sw = stamp.shape
+    cy, cx = sh // 2, sw // 2
+    full = np.zeros(shape, dtype=dtype)
+    # Wrapped placement: rows/columns before the centre go to the end of the array.
+    full[np.ix_(np.arange(-cy, sh - cy) % ny, np.arange(-cx, sw - cx) % nx)] = stamp
+    return sfft.rfft2(full, workers=FFT_WORKERS)
+
+
+def _real_kernel(spec: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Real-space kernel (centred, ``fftshift``-ed) from its half-plane spectrum on a small grid."""
+    return np.fft.fftshift(sfft.irfft2(spec, s=shape, workers=FFT_WORKERS))
+
+
+def _psf_from_spectrum(spec: np.ndarray, shape: tuple[int, int], out_shape: tuple[int, int]) -> np.ndarray:
+    """PSF stamp of odd ``out_shape`` (centred, unit sum) from its half-plane spectrum on a small grid."""
+    img = _real_kernel(spec, shape)
+    cy, cx = shape[0] // 2, shape[1] // 2
+    hy, hx = out_shape[0] // 2, out_shape[1] // 2
+    hy, hx = min(hy, cy - (1 - shape[0] % 2)), min(hx, cx - (1 - shape[1] % 2))
+    stamp = img[cy - hy : cy + hy + 1, cx - hx : cx + hx + 1].astype(np.float64)
+    s = stamp.sum()
+    return stamp / s if s != 0 and np.isfinite(s) else stamp
+
+
+def _small_grid_shape(fft_shape: tuple[int, int], border: int, stamp: tuple[int, int]) -> tuple[int, int]:
+    """Grid on which the real-space kernels (variance propagation, P_D, P_S) are computed."""
+    want = max(4 * border, 2 * max(stamp) + 1, 64)
+    return tuple(min(n, sfft.next_fast_len(want, real=True)) for n in fft_shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ZogyCell:
+    """One cell of the grid: ``box`` is its inner region (array coordinates), with the PSFs of D and S there."""
+
+    box: Box
+    P_D: np.ndarray
+    P_S: np.ndarray
+
+
+@dataclass
+class ZogyResult:
+    """Output of :func:`zogy_subtract`.
+
+    Attributes
+    ----------
+    D, D_variance
+        Proper difference image in the paper's normalisation (unit variance for white noise) and its variance.
+        ``D / F_D`` is in the science image's flux units divided by ``flux_science`` (a transient of flux
+        ``f`` in ``T`` units fits as ``f`` on ``D / F_D`` with ``P_D``).
+    P_D
+        PSF of D (centred, odd, unit sum) at the image centre (per cell in ``cells``).
+    F_D
+        Flux zero point of D (eq. 15).
+    S, S_variance
+        Proper score image (matched-filtered D, eq. 12) and its variance ``V_S + V_ast``.
+    S_corr
+        ``S / √(S_variance)``: the detection statistic (0 where inputs were bad).
+    P_S
+        PSF of S (autocorrelation of P_D), at the image centre.
+    bad
+        True where an input pixel was non-finite or flagged, and was replaced before the FFTs.
+    cells
+        The grid cells with their P_D and P_S.
+    sigma_science, sigma_template
+        Noise levels used to build the filters (after the ``NOISE_FLOOR``).
+    """
+
+    D: np.ndarray
+    D_variance: np.ndarray
+    P_D: np.ndarray
+    F_D: float
+    S: np.ndarray
+    S_variance: np.ndarray
+    S_corr: np.ndarray
+    P_S: np.ndarray
+    bad: np.ndarray
+    cells: list[ZogyCell] = field(default_factory=list)
+    sigma_science: float = float("nan")
+    sigma_template: float = float("nan")
+    border: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preparation
+# ----------------------------------------------------------------------------------------------------------
+def _subsample(a: np.ndarray, target: int = 1 << 18) -> tuple[slice, slice]:
+    """Strided slices that keep about ``target`` pixels (statistics of smooth planes need no more)."""
+    step = max(1, int(math.sqrt(a.size / target)))
+    return (slice(None, None, step), slice(None, None, step))
+
+
+def _clipped_mean(a: np.ndarray, ignore: np.ndarray | None) -> float:
+    s = _subsample(a)
+    return clipped_mean(a[s], None if ignore is None else ignore[s])
+
+
+def _psf_at(psf: PsfInput, x: float, y: float) -> np.ndarray:
+    stamp = psf(x, y) if callable(psf) else psf
+    stamp = np.asarray(stamp, dtype=np.float64)
+    if stamp.ndim != 2 or stamp.shape[0] % 2 == 0 or stamp.shape[1] % 2 == 0:
+        raise PsfError(f"ZOGY needs odd-sized, centred 2-D PSF stamps; got shape {stamp.shape}.")
+    s = stamp.sum()
+    if not np.isfinite(s) or s == 0:
+        raise PsfError(f"The PSF stamp at ({x:.1f}, {y:.1f}) has sum {s}; cannot normalise it.")
+    return stamp / s
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The subtraction
+# ----------------------------------------------------------------------------------------------------------
+def zogy_subtract(
+    science_image: np.ndarray,
+    science_variance: np.ndarray,
+    template_image: np.ndarray,
+    template_variance: np.ndarray,
+    science_psf_image: PsfInput,
+    template_psf_image: PsfInput,
+    *,
+    flux_science: float = 1.0,
+    flux_template: float = 1.0,
+    sigma_science: float | None = None,
+    sigma_template: float | None = None,
+    sigma_x: float = 0.0,
+    sigma_y: float = 0.0,
+    grid_inner_size: float | None = None,
+    replace_science: np.ndarray | None = None,
+    replace_template: np.ndarray | None = None,
+    stats_ignore_science: np.ndarray | None = None,
+    stats_ignore_template: np.ndarray | None = None,
+    subtract_background: bool = False,
+    xy0: tuple[int, int] = (0, 0),
+) -> ZogyResult:
+    """ZOGY subtraction of a registered science/template pair (eq. 12–15 and 25–33 of the paper).
+
+    Parameters
+    ----------
+    science_image, science_variance, template_image, template_variance
+        2-D arrays of one shape (pixels and variance planes; sky-subtracted inputs are fine).
+    science_psf_image, template_psf_image
+        Odd-sized centred PSF stamps, or callables ``f(x, y) -> stamp`` in parent coordinates for spatially
+        varying PSFs (evaluated at each cell centre).
+    flux_science, flux_template
+        Flux zero points ``F_n, F_r`` (``image = F · PSF ⊗ sky``).
+    sigma_science, sigma_template
+        Background noise σ of the images; default: √(clipped mean of the variance plane).
+    sigma_x, sigma_y
+        Astrometric registration noise in pixels for the ``V_ast`` term of ``S_corr`` (default 0: not added).
+    grid_inner_size
+        Inner cell size in units of the border ``b`` (LSST ``gridInnerSize``); None: one cell.
+    replace_science, replace_template
+        Boolean arrays of extra pixels to replace before the FFT (e.g. NO_DATA); non-finite ones always are.
+    stats_ignore_science, stats_ignore_template
+        Boolean arrays of pixels left out of the σ and background statistics (e.g. DETECTED, SAT).
+    subtract_background
+        Subtract each image's clipped mean first (LSST ``correctBackground``).
+    xy0
+        Parent coordinates of pixel ``[0, 0]`` (for the PSF callables).
+
+    Returns
+    -------
+    ZogyResult
+    """
+    img_n = np.asarray(science_image, dtype=np.float32)
+    img_r = np.asarray(template_image, dtype=np.float32)
+    var_n = np.asarray(science_variance, dtype=np.float32)
+    var_r = np.asarray(template_variance, dtype=np.float32)
+    shape = img_n.shape
+    if img_n.ndim != 2 or any(a.shape != shape for a in (img_r, var_n, var_r)):
+        raise ShapeMismatchError(
+            f"ZOGY needs science and template image/variance arrays of one shape; got {img_n.shape}, "
+            f"{var_n.shape}, {img_r.shape}, {var_r.shape}. Warp the template onto the science grid first."
+        )
+    ny, nx = shape
+    x0, y0 = int(xy0[0]), int(xy0[1])
+
+    # -- bad pixels and statistics ------------------------------------------------------------------------
+    bad_n = ~(np.isfinite(img_n) & np.isfinite(var_n))
+    bad_r = ~(np.isfinite(img_r) & np.isfinite(var_r))
+    if replace_science is not None:
+        bad_n |= np.asarray(replace_science, dtype=bool)
+    if replace_template is not None:
+        bad_r |= np.asarray(replace_template, dtype=bool)
+    if bad_n.all() or bad_r.all():
+        raise BadInputError("ZOGY input has no usable pixel (all non-finite or flagged for replacement).")
+    ign_n = bad_n if stats_ignore_science is None else (bad_n | np.asarray(stats_ignore_science, dtype=bool))
+    ign_r = bad_r if stats_ignore_template is None else (bad_r | np.asarray(stats_ignore_template, dtype=bool))
+    vmean_n = _clipped_mean(var_n, ign_n)
+    vmean_r = _clipped_mean(var_r, ign_r)
+    if not np.isfinite(vmean_n):
+        vmean_n = float(np.nanmean(np.where(bad_n, np.nan, var_n)))
+    if not np.isfinite(vmean_r):
+        vmean_r = float(np.nanmean(np.where(bad_r, np.nan, var_r)))
+    sig_n = math.sqrt(max(vmean_n, 0.0)) if sigma_science is None else float(sigma_science)
+    sig_r = math.sqrt(max(vmean_r, 0.0)) if sigma_template is None else float(sigma_template)
+    u, v = _noise_terms(sig_n, sig_r, flux_science, flux_template)
+    sig_n_eff = math.sqrt(u) / abs(flux_template)
+    sig_r_eff = math.sqrt(v) / abs(flux_science)
+
+    # The background level is always taken out before the FFT (the cell edges are tapered to zero, see
+    # _cell_window) and, unless subtract_background, its exact contribution to D and S is added back at the end.
+    bg_n = _clipped_mean(img_n, ign_n)
+    bg_r = _clipped_mean(img_r, ign_r)
+    bg_n = 0.0 if not np.isfinite(bg_n) else bg_n
+    bg_r = 0.0 if not np.isfinite(bg_r) else bg_r
+    off_n, off_r = bg_n, bg_r
+
+    # -- grid -----------------------------------------------------------------------------------------------
+    cx_img, cy_img = x0 + (nx - 1) / 2.0, y0 + (ny - 1) / 2.0
+    psf_n_c = _psf_at(science_psf_image, cx_img, cy_img)
+    psf_r_c = _psf_at(template_psf_image, cx_img, cy_img)
+    border = zogy_border_size(psf_n_c, psf_r_c)
+    inner = None if grid_inner_size is None else max(1, int(round(grid_inner_size * border)))
+    cells = generate_grid(shape, inner)
+    fft_shapes = []
+    for sy, sx in cells:
+        oy, ox = sy.stop - sy.start + 2 * border, sx.stop - sx.start + 2 * border
+        fft_shapes.append((sfft.next_fast_len(oy, real=True), sfft.next_fast_len(ox, real=True)))
+
+    D = np.empty(shape, dtype=np.float32)
+    VD = np.empty(shape, dtype=np.float32)
+    S = np.empty(shape, dtype=np.float32)
+    VS = np.empty(shape, dtype=np.float32)
+    taper = max(1, border // 2)
+    fill = {
+        "n": (img_n, bad_n, bg_n, off_n, taper),
+        "r": (img_r, bad_r, bg_r, off_r, taper),
+        "vn": (var_n, bad_n, vmean_n if np.isfinite(vmean_n) else 0.0, 0.0, 0),
+        "vr": (var_r, bad_r, vmean_r if np.isfinite(vmean_r) else 0.0, 0.0, 0),
+    }
+    out_cells: list[ZogyCell] = []
+    F_D = None
+    for (sy, sx), fshape in zip(cells, fft_shapes):
+        # Cell centre in parent coordinates; PSFs are evaluated there (LSST: centre of the inner box).
+        xc = x0 + (sx.start + sx.stop - 1) / 2.0
+        yc = y0 + (sy.start + sy.stop - 1) / 2.0
+        psf_n = _psf_at(science_psf_image, xc, yc) if callable(science_psf_image) else psf_n_c
+        psf_r = _psf_at(template_psf_image, xc, yc) if callable(template_psf_image) else psf_r_c
+        window = (sy.start - border, sx.start - border, fshape)
+
+        def cell_array(key: str, window=window) -> np.ndarray:
+            return _cell_window(*fill[key], *window)
+
+        res = _zogy_cell(
+            cell_array, psf_n, psf_r, sig_n_eff, sig_r_eff, flux_science, flux_template, sigma_x, sigma_y, border,
+        )
+        keep = (slice(border, border + sy.stop - sy.start), slice(border, border + sx.stop - sx.start))
+        D[sy, sx] = res["D"][keep]
+        VD[sy, sx] = res["VD"][keep]
+        S[sy, sx] = res["S"][keep]
+        VS[sy, sx] = res["VS"][keep]
+        F_D = res["F_D"]
+        out_cells.append(ZogyCell(Box(sx.start, sy.start, sx.stop - sx.start, sy.stop - sy.start), res["P_D"], res["P_S"]))
+        del res
+
+    if not subtract_background and (bg_n or bg_r):
+        # Exact response of D and S to the constant levels removed above: the filters' values at k = 0.
+        u0, v0 = _noise_terms(sig_n_eff, sig_r_eff, flux_science, flux_template)
+        fd = math.sqrt(u0 + v0)
+        D += np.float32((flux_template * bg_n - flux_science * bg_r) / fd)
+        S += np.float32(flux_science * flux_template * (flux_template * bg_n - flux_science * bg_r) / fd**2)
+    bad = bad_n | bad_r
+    invalid = bad | ~(VS > 100 * np.finfo(np.float32).tiny) | ~np.isfinite(S)
+    S[invalid] = 0.0
+    VS[invalid] = 1.0
+    S_corr = S / np.sqrt(VS)
+    centre = _cell_at(out_cells, (nx - 1) / 2.0, (ny - 1) / 2.0)
+    return ZogyResult(
+        D=D, D_variance=VD, P_D=centre.P_D, F_D=float(F_D), S=S, S_variance=VS, S_corr=S_corr,
+        P_S=centre.P_S, bad=bad, cells=out_cells, sigma_science=sig_n_eff, sigma_template=sig_r_eff,
+        border=border,
+    )
+
+
+def _taper(n: int, width: int) -> np.ndarray:
+    """1-D window: raised-cosine ramps from 0 to 1 over ``width`` pixels at both ends, 1 in between."""
+    w = np.ones(n, dtype=np.float32)
+    width = min(width, n // 2)
+    if width > 0:
+        ramp = np.sin(0.5 * np.pi * (np.arange(width) + 0.5) / width) ** 2
+        w[:width] = ramp
+        w[n - width :] = ramp[::-1]
+    return w
+
+
+def _cell_window(
+    img: np.ndarray, bad: np.ndarray, fill: float, offset: float, taper: int, wy0: int, wx0: int,
+    fshape: tuple[int, int],
+) -> np.ndarray:
+    """The ``fshape`` window of ``img`` starting at array position ``(wy0, wx0)`` (may stick out of the image).
+
+    Parts outside the image are mirror images of the inside (no step at the image edge for sources cut by
+    it); flagged pixels get ``fill``; ``offset`` is subtracted; then, if ``taper``, the outer ``taper`` pixels
+    of the window are brought smoothly to zero. The FFT treats the window as periodic: without the taper,
+    sources cut by the window edge are steps whose broadband spectrum the ZOGY filters (which partly
+    deconvolve a noiseless template) would spread far into the cell. The taper lies inside the cell border,
+    which is discarded. Always a new float32 array.
+    """
+    ny, nx = img.shape
+    ya, yb = max(wy0, 0), min(wy0 + fshape[0], ny)
+    xa, xb = max(wx0, 0), min(wx0 + fshape[1], nx)
+    pad = ((ya - wy0, wy0 + fshape[0] - yb), (xa - wx0, wx0 + fshape[1] - xb))
+    out = np.pad(img[ya:yb, xa:xb], pad, mode="symmetric")
+    b = bad[ya:yb, xa:xb]
+    if b.any():
+        out[np.pad(b, pad, mode="symmetric")] = fill
+    if offset:
+        out -= np.float32(offset)
+    if taper:
+        out *= _taper(fshape[0], taper)[:, None]
+        out *= _taper(fshape[1], taper)[None, :]
+    return out
+
+
+def _cell_at(cells: list[ZogyCell], x: float, y: float) -> ZogyCell:
+    """The cell whose inner box contains ``(x, y)`` (array coordinates), else the one with the nearest centre."""
+    for c in cells:
+        if c.box.x0 - 0.5 <= x < c.box.x1 - 0.5 and c.box.y0 - 0.5 <= y < c.box.y1 - 0.5:
+            return c
+    d = [(c.box.center[0] - x) ** 2 + (c.box.center[1] - y) ** 2 for c in cells]
+    return cells[int(np.argmin(d))]
+
+
+def _zogy_cell(
+    cell_array: Callable[[str], np.ndarray], psf_n: np.ndarray, psf_r: np.ndarray, sig_n: float, sig_r: float,
+    flux_n: float, flux_r: float, sigma_x: float, sigma_y: float, border: int,
+) -> dict:
+    """ZOGY on one cell. ``cell_array(key)`` returns the padded FFT-sized window of "n", "r", "vn" or "vr".
+
+    Padded windows are built one at a time and dropped as soon as they are transformed (memory).
+    """
+    img = cell_array("n")
+    shape = img.shape
+
+    # -- small grid: real-space kernels for the variance planes, and the PSFs of D and S ---------------------
+    stamp_shape = (max(psf_n.shape[0], psf_r.shape[0]), max(psf_n.shape[1], psf_r.shape[1]))
+    gshape = _small_grid_shape(shape, border, stamp_shape)
+    gz = zogy_fourier(
+        _embedded_rfft2(psf_n, gshape, np.float64), _embedded_rfft2(psf_r, gshape, np.float64),
+        sig_n, sig_r, flux_n, flux_r,
+    )
+    F_D = gz.F_D
+    P_D = _psf_from_spectrum(gz.P_D, gshape, stamp_shape)
+    ps_shape = tuple(2 * s - 1 for s in stamp_shape)
+    P_S = _psf_from_spectrum(gz.P_D.real**2 + gz.P_D.imag**2, gshape, ps_shape)
+    sq_kernels = [_compact(_real_kernel(c, gshape) ** 2, 1e-7) for c in (gz.c_n, gz.c_r, gz.k_n, gz.k_r)]
+    del gz
+
+    # -- images: D̂ = c_n N̂ − c_r R̂ and Ŝ = k_n N̂ − k_r R̂ --------------------------------------------------
+    N_hat = sfft.rfft2(img, workers=FFT_WORKERS)
+    del img
+    R_hat = sfft.rfft2(cell_array("r"), workers=FFT_WORKERS)
+    # Exact (float64) PSF transforms, made strip by strip from the stamps' SVD: with a noiseless template
+    # whose PSF is the broader one, ZOGY partly deconvolves the template and float32 FFTs of the PSFs
+    # (absolute error ~1e-7) would leave residuals of bright stars.
+    spec_n = _StampSpectrum(psf_n, shape, 1e-12)
+    spec_r = _StampSpectrum(psf_r, shape, 1e-12)
+    V_ast = None
+    if sigma_x > 0 or sigma_y > 0:
+        V_ast = _astrometric_variance(N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r, sigma_x, sigma_y, shape)
+    _apply_filters(N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r)
+    Dimg = sfft.irfft2(N_hat, s=shape, workers=FFT_WORKERS, overwrite_x=True)
+    del N_hat
+    Simg = sfft.irfft2(R_hat, s=shape, workers=FFT_WORKERS, overwrite_x=True)
+    del R_hat
+
+    # -- variance planes: V_D = k_Dn² ⊗ V_n + k_Dr² ⊗ V_r, V_S = k_n² ⊗ V_n + k_r² ⊗ V_r --------------------
+    # The squared kernels are compact; their spectra come strip by strip from their SVD (1e-6 is plenty for
+    # a variance), and the products overwrite the variance spectra in place.
+    sq = [_StampSpectrum(k, shape, 1e-6) for k in sq_kernels]
+    vn = sfft.rfft2(cell_array("vn"), workers=FFT_WORKERS)
+    vr = sfft.rfft2(cell_array("vr"), workers=FFT_WORKERS)
+    for r0 in range(0, vn.shape[0], _STRIP_ROWS):
+        r1 = min(vn.shape[0], r0 + _STRIP_ROWS)
+        a_n, a_r = vn[r0:r1], vr[r0:r1]
+        vd = sq[0].rows(r0, r1) * a_n + sq[1].rows(r0, r1) * a_r
+        vs = sq[2].rows(r0, r1) * a_n + sq[3].rows(r0, r1) * a_r
+        vn[r0:r1] = vd
+        vr[r0:r1] = vs
+    VD = sfft.irfft2(vn, s=shape, workers=FFT_WORKERS, overwrite_x=True)
+    del vn
+    VS = sfft.irfft2(vr, s=shape, workers=FFT_WORKERS, overwrite_x=True)
+    del vr
+    if V_ast is not None:
+        VS += V_ast
+    return {"D": Dimg, "VD": VD, "S": Simg, "VS": VS, "F_D": F_D, "P_D": P_D, "P_S": P_S}
+
+
+def _compact(kernel: np.ndarray, rtol: float) -> np.ndarray:
+    """Smallest centred odd square crop of a non-negative kernel keeping all but ``rtol`` of its sum."""
+    ny, nx = kernel.shape
+    cy, cx = ny // 2, nx // 2
+    yy, xx = np.indices(kernel.shape)
+    rad = np.maximum(np.abs(yy - cy), np.abs(xx - cx))
+    rmax = min(cy - (1 - ny % 2), cx - (1 - nx % 2))
+    sums = np.bincount(rad.ravel(), weights=kernel.ravel())
+    cum = np.cumsum(sums)
+    total = cum[-1]
+    if total <= 0:
+        return kernel[cy : cy + 1, cx : cx + 1]
+    r = int(np.searchsorted(cum, (1.0 - rtol) * total))
+    r = min(max(r, 1), rmax)
+    return kernel[cy - r : cy + r + 1, cx - r : cx + r + 1]
+
+
+class _StampSpectrum:
+    """Exact 2-D DFT of a centred stamp embedded (wrapped) in a large grid, delivered by row strips.
+
+    The stamp is factored by SVD, ``stamp = Σ_i s_i u_i v_iᵀ`` (terms below ``rtol·s_0`` dropped), so its
+    half-plane spectrum is ``Σ_i s_i û_i v̂_iᵀ``: 1-D transforms of length ``ny`` and ``nx`` plus a small
+    matrix product per strip, with no full-size array (a Gaussian PSF has rank 1).
+    """
+
+    def __init__(self, stamp: np.ndarray, shape: tuple[int, int], rtol: float) -> None:
+        ny, nx = shape
+        stamp = _odd_crop(np.asarray(stamp, dtype=np.float64), ny, nx)
+        sh, sw = stamp.shape
+        cy, cx = sh // 2, sw // 2
+        u, sv, vt = np.linalg.svd(stamp)
+        r = max(1, int(np.sum(sv > rtol * sv[0]))) if sv[0] > 0 else 1
+        cols = np.zeros((ny, r))
+        cols[np.arange(-cy, sh - cy) % ny] = u[:, :r] * sv[:r]
+        self._uy = sfft.fft(cols, axis=0)
+        rows = np.zeros((r, nx))
+        rows[:, np.arange(-cx, sw - cx) % nx] = vt[:r]
+        self._vx = sfft.rfft(rows, axis=1)
+        # The factors are exact (float64 FFTs of short vectors); rounded to complex64 they keep a *relative*
+        # precision of 1e-7 even where the spectrum is tiny, which is what the filters need (unlike a float32
+        # 2-D FFT, whose error is ~1e-7 of the peak everywhere).
+        self._uy = self._uy.astype(np.complex64)
+        self._vx = self._vx.astype(np.complex64)
+        self.rank = r
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows ``r0:r1`` of the half-plane spectrum (complex64)."""
+        u = self._uy[r0:r1]
+        if self.rank > 3:
+            return u @ self._vx
+        out = u[:, 0, None] * self._vx[0]
+        for i in range(1, self.rank):
+            out += u[:, i, None] * self._vx[i]
+        return out
+
+
+def _apply_filters(N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r) -> None:
+    """In place: ``N_hat`` ← D̂ (eq. 13) and ``R_hat`` ← Ŝ = F_D conj(P̂_D) D̂ (eq. 12), by row strips.
+
+    The same formulas as :func:`zogy_fourier`, arranged for few single-precision operations on the full grid.
+    """
+    u, v = _noise_terms(sig_n, sig_r, flux_n, flux_r)
+    fd = math.sqrt(u + v)
+    # Normalise by fd² so that den is ≤ ~1 and its underflow threshold does not depend on the units.
+    un, vn = np.float32(u / fd**2), np.float32(v / fd**2)
+    fr, fn = np.float32(flux_r / fd), np.float32(flux_n / fd)
+    fnr = np.float32(flux_n * flux_r / fd)
+    for r0 in range(0, N_hat.shape[0], _STRIP_ROWS):
+        r1 = min(N_hat.shape[0], r0 + _STRIP_ROWS)
+        pn, pr = spec_n.rows(r0, r1), spec_r.rows(r0, r1)
+        den = pr.real * pr.real
+        den += pr.imag * pr.imag
+        den *= un
+        tmp = pn.real * pn.real
+        tmp += pn.imag * pn.imag
+        tmp *= vn
+        den += tmp
+        special = den <= np.float32(1e-30)
+        den[special] = 1.0
+        inv = 1.0 / np.sqrt(den)  # = fd / √den
+        n_s, r_s = N_hat[r0:r1], R_hat[r0:r1]
+        d = fr * pr * n_s
+        d -= fn * pn * r_s
+        d *= inv
+        if special.any():
+            d[special] = fr * n_s[special] - fn * r_s[special]
+            inv[special] = 0.0
+        inv *= fnr
+        s = np.conj(pn * pr)
+        s *= inv
+        s *= d
+        N_hat[r0:r1] = d
+        R_hat[r0:r1] = s
+
+
+def _astrometric_variance(
+    N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r, sigma_x, sigma_y, shape
+) -> np.ndarray:
+    """``V_ast = Σ_axis σ_axis² [(∂ S_N)² + (∂ S_R)²]`` (paper eq. 30–33), derivatives by ``2πi k`` in Fourier space."""
+    ny, nx = shape
+    ky = sfft.fftfreq(ny).astype(np.float32)[:, None]
+    kx = sfft.rfftfreq(nx).astype(np.float32)[None, :]
+    out = np.zeros(shape, dtype=np.float32)
+    for which in ("n", "r"):
+        spec = np.empty_like(N_hat)
+        for r0 in range(0, N_hat.shape[0], _STRIP_ROWS):
+            r1 = min(N_hat.shape[0], r0 + _STRIP_ROWS)
+            z = zogy_fourier(spec_n.rows(r0, r1), spec_r.rows(r0, r1), sig_n, sig_r, flux_n, flux_r)
+            spec[r0:r1] = z.k_n * N_hat[r0:r1] if which == "n" else z.k_r * R_hat[r0:r1]
+        for sig, k in ((sigma_x, kx), (sigma_y, ky)):
+            if sig <= 0:
+                continue
+            grad = sfft.irfft2(spec * (2j * np.pi * k).astype(np.complex64), s=shape, workers=FFT_WORKERS)
+            out += np.float32(sig**2) * grad * grad
+        del spec
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A PSF that is constant per cell (the PSF of a tiled D or S)
+# ----------------------------------------------------------------------------------------------------------
+@register_psf_type
+class CellPsf(Psf):
+    """A PSF given as one stamp per rectangular cell (parent coordinates), like LSST's per-cell CoaddPsf of P_D.
+
+    Parameters
+    ----------
+    boxes
+        Inner boxes of the cells, in parent coordinates.
+    stamps
+        One odd-sized, centred stamp per box (all of one shape).
+    """
+
+    psf_type = "ZOGY_CELLS"
+
+    def __init__(self, boxes: list[Box], stamps: list[np.ndarray], average_position=None) -> None:
+        if len(boxes) != len(stamps) or not boxes:
+            raise PsfError("CellPsf needs one stamp per cell and at least one cell.")
+        shapes = {np.shape(s) for s in stamps}
+        if len(shapes) != 1:
+            raise PsfError(f"CellPsf stamps must share one shape, got {sorted(shapes)}.")
+        self.boxes = list(boxes)
+        self.stamps = [np.asarray(s, dtype=float) / np.sum(s) for s in stamps]
+        if average_position is None:
+            x0 = min(b.x0 for b in boxes)
+            y0 = min(b.y0 for b in boxes)
+            x1 = max(b.x1 for b in boxes)
+            y1 = max(b.y1 for b in boxes)
+            average_position = ((x0 + x1 - 1) / 2.0, (y0 + y1 - 1) / 2.0)
+        super().__init__(average_position)
+        self._centres = np.array([b.center for b in boxes], dtype=float)
+
+    def _kernel_image(self, x: float, y: float) -> np.ndarray:
+        for b, s in zip(self.boxes, self.stamps):
+            if b.x0 - 0.5 <= x < b.x1 - 0.5 and b.y0 - 0.5 <= y < b.y1 - 0.5:
+                return s
+        d = (self._centres[:, 0] - x) ** 2 + (self._centres[:, 1] - y) ** 2
+        return self.stamps[int(np.argmin(d))]
+
+    def to_fits_hdus(self) -> list:
+        from astropy.io import fits
+
+        cube = fits.ImageHDU(np.stack(self.stamps), name="PSF")
+        cube.header["PSFTYPE"] = self.psf_type
+        cube.header["AVGPOSX"], cube.header["AVGPOSY"] = self.average_position
+        table = fits.BinTableHDU.from_columns(
+            [
+                fits.Column(name=n, format="K", array=np.array([getattr(b, n) for b in self.boxes]))
+                for n in ("x0", "y0", "width", "height")
+            ],
+            name="PSF_CELLS",
+        )
+        return [cube, table]
+
+    @classmethod
+    def from_fits_hdus(cls, hdus: list) -> "CellPsf":
+        h = hdus[0].header
+        t = hdus[1].data
+        boxes = [Box(int(a), int(b), int(c), int(d)) for a, b, c, d in zip(t["x0"], t["y0"], t["width"], t["height"])]
+        return cls(boxes, list(np.asarray(hdus[0].data, dtype=float)), average_position=(h["AVGPOSX"], h["AVGPOSY"]))
+
+    def __repr__(self) -> str:
+        return f"CellPsf(ncells={len(self.boxes)}, shape={self.stamps[0].shape})"
