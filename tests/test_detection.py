@@ -19,7 +19,6 @@ from diffim import Exposure, GaussianPsf
 from diffim.detection import (
     circle_stencil,
     detect_footprints,
-    detect_footprints_smoothed,
     footprints_to_mask,
     gaussian_kernel_1d,
     manhattan_stencil,
@@ -94,7 +93,8 @@ def test_positive_and_negative_sources_found_at_true_positions():
     Expected noise false positives at 5σ on 256² are ~0.02, so no other footprint may appear.
     """
     rng = np.random.default_rng(11)
-    grid = [(40 + 60 * i + rng.uniform(-0.5, 0.5), 40 + 60 * j + rng.uniform(-0.5, 0.5)) for i in range(4) for j in range(3)]
+    grid = [(40 + 60 * i + rng.uniform(-0.5, 0.5), 40 + 60 * j + rng.uniform(-0.5, 0.5))
+            for i in range(4) for j in range(3)]
     snrs = rng.uniform(15, 40, len(grid))
     signs = np.array([1, -1] * 6)
     sources = [(x, y, s * _flux_for_snr(v)) for (x, y), v, s in zip(grid, snrs, signs)]
@@ -404,7 +404,8 @@ def test_reestimate_background_subtracts_a_pedestal():
     and both sources are still found."""
     task = SourceDetectionTask()
     cfg = task.config
-    assert (cfg.thresholdValue, cfg.thresholdType, cfg.thresholdPolarity, cfg.nSigmaToGrow) == (5.0, "pixel_stdev", "positive", 2.4)
+    assert (cfg.thresholdValue, cfg.thresholdType, cfg.thresholdPolarity) == (5.0, "pixel_stdev", "positive")
+    assert cfg.nSigmaToGrow == 2.4
     assert (cfg.minPixels, cfg.isotropicGrow, cfg.combinedGrow, cfg.nSigmaForKernel) == (1, True, True, 7.0)
     assert list(cfg.statsMask) == ["BAD", "SAT", "EDGE", "NO_DATA"] and list(cfg.excludeMaskPlanes) == []
     assert cfg.reEstimateBackground and not cfg.returnOriginalFootprints and cfg.includeThresholdMultiplier == 1.0

@@ -170,7 +170,8 @@ def correlate_separable(
         _correlate_rows(a, k, out, h, ny - h)
     else:
         edges = np.linspace(h, ny - h, threads + 1).astype(int)
-        futures = [_pool().submit(_correlate_rows, a, k, out, int(e0), int(e1)) for e0, e1 in zip(edges[:-1], edges[1:])]
+        futures = [_pool().submit(_correlate_rows, a, k, out, int(e0), int(e1))
+                   for e0, e1 in zip(edges[:-1], edges[1:])]
         for f in futures:
             f.result()
     return out
@@ -441,7 +442,8 @@ def _union(fps: list[Footprint]) -> Footprint:
     if len(fps) == 1:
         return fps[0]
     box = Box.from_corners(
-        min(f.bbox.x0 for f in fps), min(f.bbox.y0 for f in fps), max(f.bbox.x1 for f in fps), max(f.bbox.y1 for f in fps)
+        min(f.bbox.x0 for f in fps), min(f.bbox.y0 for f in fps),
+        max(f.bbox.x1 for f in fps), max(f.bbox.y1 for f in fps),
     )
     spans = np.zeros(box.shape, dtype=bool)
     for f in fps:
@@ -629,7 +631,8 @@ def find_footprints(
         peaks = [Peak(pxl[i], pyl[i], pvl[i], sgl[i], negative) for i in range(s0, s1)]
         y0, y1, x0, x1 = int(ymin[label - 1]), int(ymax[label - 1]) + 1, int(xmin[label - 1]), int(xmax[label - 1]) + 1
         spans = labels_mid[y0:y1, x0:x1] == label
-        originals.append(Footprint(Box(x0 + ox, y0 + oy, x1 - x0, y1 - y0), spans, peaks, negative, not negative, negative))
+        box = Box(x0 + ox, y0 + oy, x1 - x0, y1 - y0)
+        originals.append(Footprint(box, spans, peaks, negative, not negative, negative))
 
     if n_grow <= 0:
         for fp in originals:
@@ -775,7 +778,10 @@ def detect_footprints_smoothed(
             vals = vals[~bad[sm.middle]]
         scale = clipped_stdev(vals)
         if not (np.isfinite(scale) and scale > 0):
-            raise DiffimValueError("Cannot compute the clipped standard deviation of the detection image (no good pixels).")
+            raise DiffimValueError(
+                "Cannot compute the clipped standard deviation of the detection image (no good pixels); "
+                "check statsMask or use thresholdType='pixel_stdev'."
+            )
     n_grow = n_grow_pixels(psf_sigma, n_sigma_to_grow) if np.isfinite(psf_sigma) else 0
     common = dict(
         threshold_type=threshold_type, threshold_scale=scale, min_pixels=min_pixels,
@@ -802,7 +808,9 @@ def detect_footprints_smoothed(
 # ----------------------------------------------------------------------------------------------------------
 # Merging polarities and painting masks
 # ----------------------------------------------------------------------------------------------------------
-def footprints_to_mask(footprints: list[Footprint], shape: tuple[int, int], xy0: tuple[int, int] = (0, 0)) -> np.ndarray:
+def footprints_to_mask(
+    footprints: list[Footprint], shape: tuple[int, int], xy0: tuple[int, int] = (0, 0)
+) -> np.ndarray:
     """Boolean map (array ``shape`` at ``xy0``) of the pixels of ``footprints`` (parts outside are clipped)."""
     out = np.zeros(shape, dtype=bool)
     frame = Box(xy0[0], xy0[1], shape[1], shape[0])
@@ -852,6 +860,7 @@ def merge_footprints(
         gspans, box = _clip(gspans, fp.bbox.grown(max(0, grow)), clip)
         if box.is_empty() or not gspans.any():
             continue
-        peaks = [p if p.is_negative == negative else Peak(p.x, p.y, p.value, p.significance, negative) for p in fp.peaks]
+        peaks = [p if p.is_negative == negative else Peak(p.x, p.y, p.value, p.significance, negative)
+                 for p in fp.peaks]
         grown.append(Footprint(box, gspans, peaks, negative, not negative, negative))
     return [_union([grown[i] for i in g]) for g in _touching_groups(grown)]
