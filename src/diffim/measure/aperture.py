@@ -112,6 +112,7 @@ def aperture_flux(
     Pixels with non-finite data or variance, or with ``mask & bad_mask``, inside the aperture set ``flag``
     and contribute nothing. Apertures that leave the image get NaN flux and ``flag_apertureTruncated``.
     """
+    mask = getattr(mask, "array", mask)  # a diffim Mask or a plain integer array
     x = np.atleast_1d(np.asarray(x, float))
     y = np.atleast_1d(np.asarray(y, float))
     n = len(x)

@@ -139,6 +139,7 @@ def sdss_centroid(
     3×3 smoothed neighbourhood), and the error is a direct covariance propagation, not the SDSS
     ``astrom_errors`` approximation. For a Gaussian PSF and a point source the interpolation is unbiased.
     """
+    mask = getattr(mask, "array", mask)  # a diffim Mask or a plain integer array
     px = np.atleast_1d(np.floor(np.asarray(peak_x, dtype=float) + 0.5)).astype(np.int64)
     py = np.atleast_1d(np.floor(np.asarray(peak_y, dtype=float) + 0.5)).astype(np.int64)
     n = len(px)

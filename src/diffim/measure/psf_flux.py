@@ -94,6 +94,7 @@ def psf_flux(
     PSF bbox sets ``flag`` and ``flag_edge`` but is still measured with the clipped (not renormalised) PSF,
     as meas_base does. The estimate is unbiased for any fixed ``P``; it is optimal for sky-limited noise.
     """
+    mask = getattr(mask, "array", mask)  # a diffim Mask or a plain integer array
     x = np.atleast_1d(np.asarray(x, dtype=float))
     y = np.atleast_1d(np.asarray(y, dtype=float))
     n = len(x)

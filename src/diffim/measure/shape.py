@@ -95,6 +95,7 @@ def adaptive_moments(
     ``∂Q/∂M = 1/4`` for a Gaussian, so ``δM = 4 δQ``; ``Var Q`` follows from linear propagation of the
     variance plane through ``Q = Σ w I x² / Σ w I`` with the final weights.
     """
+    mask = getattr(mask, "array", mask)  # a diffim Mask or a plain integer array
     x = np.atleast_1d(np.asarray(x, float))
     y = np.atleast_1d(np.asarray(y, float))
     n = len(x)
