@@ -84,6 +84,11 @@ class ApCorrResult:
     value: float
     value_err: float
 
+    @property
+    def n_used(self) -> int:
+        """Number of stars the final fit used."""
+        return int(np.count_nonzero(self.used))
+
 
 def measure_ap_corr(
     image: np.ndarray,
