@@ -117,17 +117,21 @@ class KernelBasis:
         if hv <= 0 or wv <= 0:
             raise ValueError(f"Stamps of shape {H}×{W} are smaller than the {w}×{w} kernel.")
         if self.separable:
-            # x pass for every distinct x factor, then a y pass for every raw term: 1-D work only.
+            # x pass for every distinct x factor, then one y pass (a matmul over the window axis) for all raw
+            # terms sharing that x factor: 1-D work only, all through BLAS.
             xkeys, xinv = np.unique(self.fx, axis=0, return_inverse=True)
             xinv = np.asarray(xinv).reshape(-1)
-            win = sliding_window_view(stamps, w, axis=2)  # (nc, H, wv, w)
-            xp = win @ xkeys.T  # (nc, H, wv, nx)
-            raw = np.empty((nc, hv, wv, len(self.fx)))
-            for j in range(len(self.fx)):
-                col = xp[..., xinv[j]]  # (nc, H, wv)
-                raw[..., j] = np.einsum("chwv,v->chw", sliding_window_view(col, w, axis=1), self.fy[j])
-            out = raw.reshape(nc, hv * wv, -1) @ self.mix.T
-            return out
+            # Contiguous copies of the window views make every product a single 2-D GEMM (numpy's stacked
+            # matmul on strided views is far slower).
+            win = np.ascontiguousarray(sliding_window_view(stamps, w, axis=2)).reshape(-1, w)  # (nc·H·wv, w)
+            xp = np.ascontiguousarray((win @ xkeys.T).T).reshape(len(xkeys), nc, H, wv)
+            del win
+            raw = np.empty((nc * hv * wv, len(self.fx)))
+            for p in range(len(xkeys)):
+                js = np.nonzero(xinv == p)[0]
+                ywin = np.ascontiguousarray(sliding_window_view(xp[p], w, axis=1)).reshape(-1, w)
+                raw[:, js] = ywin @ self.fy[js].T
+            return (raw @ self.mix.T).reshape(nc, hv * wv, -1)
         win = sliding_window_view(stamps, (w, w), axis=(1, 2))  # (nc, hv, wv, w, w)
         out = np.einsum("chwyx,nyx->chwn", win, self.images, optimize=True)
         return out.reshape(nc, hv * wv, len(self))

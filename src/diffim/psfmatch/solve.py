@@ -138,13 +138,16 @@ def build_stamp_system(
             cols = np.concatenate([cols, np.ones(cols.shape[:2] + (1,))], axis=2)
         C[lo:hi] = cols
         if wpix is None:
-            wts = 1.0 / wv_[lo:hi, None, None]
-            M[lo:hi] = np.einsum("cpi,cpj->cij", cols, cols, optimize=True) * wts
-            b[lo:hi] = np.einsum("cpi,cp->ci", cols, S[lo:hi], optimize=True) * wts[:, :, 0]
+            for c in range(lo, hi):  # 2-D BLAS products beat numpy's stacked matmul/einsum here
+                cc = cols[c - lo]
+                M[c] = (cc.T @ cc) / wv_[c]
+                b[c] = (cc.T @ S[c]) / wv_[c]
         else:
-            cw = cols * wpix[lo:hi, :, None]
-            M[lo:hi] = np.einsum("cpi,cpj->cij", cw, cols, optimize=True)
-            b[lo:hi] = np.einsum("cpi,cp->ci", cw, S[lo:hi], optimize=True)
+            for c in range(lo, hi):
+                cc = cols[c - lo]
+                cw = cc * wpix[c, :, None]
+                M[c] = cw.T @ cc
+                b[c] = cw.T @ S[c]
     return StampSystem(C, S, VS, VT, wv_, M, b, fit_background, (hv, wv))
 
 
@@ -201,7 +204,8 @@ def residual_statistics(system: StampSystem, coeffs: np.ndarray, basis: KernelBa
     nc = len(system)
     good_c = np.all(np.isfinite(coeffs), axis=1)
     c = np.where(good_c[:, None], coeffs, 0.0)
-    model = np.einsum("cpi,ci->cp", system.C, c.astype(np.float32), optimize=True).astype(float)
+    cf = c.astype(np.float32)
+    model = np.stack([Ci @ ci for Ci, ci in zip(system.C, cf)]).astype(float)
     D = system.S - model
     N = len(basis)
     K = np.tensordot(c[:, :N], basis.images, axes=1)  # (nc, w, w)
@@ -262,9 +266,11 @@ def fit_spatial(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Solve ``Σ_c P_cᵀ M_c P_c θ = Σ_c P_cᵀ b_c``. Returns θ, P and the eigenvalue condition number."""
     P = spatial_design(xs, ys, n_basis, kernel_spatial, bg_spatial, constant_first_term)
-    PtM = np.einsum("cin,cij->cnj", P, M, optimize=True)
-    Q = np.einsum("cnj,cjm->nm", PtM, P, optimize=True)
-    w = np.einsum("cin,ci->n", P, b, optimize=True)
+    nc, n, nt = P.shape
+    MP = np.stack([Mc @ Pc for Mc, Pc in zip(M, P)]).reshape(nc * n, nt)
+    Pf = P.reshape(nc * n, nt)
+    Q = Pf.T @ MP  # Σ_c P_cᵀ M_c P_c as one GEMM
+    w = Pf.T @ b.reshape(nc * n)
     theta = solve_normal_equations(Q, w)
     if not np.all(np.isfinite(theta)):
         raise NoKernelCandidatesError("The spatial kernel solution has NaN coefficients; too few usable stars.")
@@ -402,7 +408,8 @@ def solve_psf_matching(
         if it >= max_spatial_iterations:
             break
         # Assess every visited candidate with the spatial kernel at its centre.
-        loc = np.einsum("cin,n->ci", P, theta)
+        loc = P.reshape(-1, P.shape[-1]) @ theta
+        loc = loc.reshape(P.shape[0], P.shape[1])
         sub = _subsystem(system, idx)
         mean, rms, chi2 = residual_statistics(sub, loc, basis)
         n_bad = 0
