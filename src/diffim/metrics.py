@@ -447,7 +447,7 @@ def false_detection_flags(catalog, truth, fwhm: float, difference: Exposure | Ma
 
     ``counted``: the source is ≥ 6 fwhm from the image edge and has no BAD/SAT/CR/EDGE/NO_DATA pixel in its
     5 × 5 box. ``false``: counted and farther than 6 px from every true change (cosmic rays: 6 px plus the
-    ray's half-length from its centre; movers and dipoles have rows at both epochs' positions).
+    ray's half-length from its centre; movers have rows at both epochs' positions).
     """
     from scipy.spatial import cKDTree
 
@@ -466,20 +466,12 @@ def false_detection_flags(catalog, truth, fwhm: float, difference: Exposure | Ma
     if ch.size:
         x, y = _col(truth, "x").astype(float)[ch], _col(truth, "y").astype(float)[ch]
         extra = np.where(kind[ch] == "cosmic_ray", _col(truth, "radius", 0.0).astype(float)[ch], 0.0)
-        pts = [np.column_stack([x, y])]
-        ext = [extra]
-        if "x_template" in (truth.colnames if hasattr(truth, "colnames") else truth.keys()):
-            # Dipoles: the template-epoch position (same grid unless the template was offset).
-            dsel = kind[ch] == "dipole"
-            if dsel.any():
-                xt = _col(truth, "x_template").astype(float)[ch][dsel]
-                yt = _col(truth, "y_template").astype(float)[ch][dsel]
-                pts.append(np.column_stack([xt, yt]))
-                ext.append(np.zeros(dsel.sum()))
-        P = np.concatenate(pts)
-        R = 6.0 + np.concatenate(ext)
+        # One position per change suffices: a dipole's two lobes lie within its ≤ 2 px shift of the science
+        # position, and movers have a row at each epoch's position.
+        P = np.column_stack([x, y])
+        R = 6.0 + extra
         tree = cKDTree(P)
-        for k, nb in enumerate(tree.query_ball_point(np.column_stack([cx, cy]), 6.0 + float(R.max() - 6.0))):
+        for k, nb in enumerate(tree.query_ball_point(np.column_stack([cx, cy]), float(R.max()))):
             for j in nb:
                 if math.hypot(P[j, 0] - cx[k], P[j, 1] - cy[k]) <= R[j]:
                     near[k] = True
