@@ -72,9 +72,9 @@ def clipped_mean_std(
         k = int(np.count_nonzero(keep))
         if k == 0:
             break
-        kept = d[keep]
-        s1 = float(kept.sum(dtype=np.float64))
-        s2 = float(np.dot(kept.astype(np.float64), kept.astype(np.float64))) if kept.dtype != np.float64 else float(np.dot(kept, kept))
+        kept = d[keep].astype(np.float64)
+        s1 = float(kept.sum())
+        s2 = float((kept * kept).sum())  # not np.dot: BLAS thread start-up costs more than the sum itself
         m = s1 / k
         std = float(np.sqrt(max(s2 - s1 * m, 0.0) / (k - 1))) if k > 1 else float("nan")
         center, mean = m, med + m
