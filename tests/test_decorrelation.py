@@ -246,6 +246,14 @@ def test_non_finite_pixels_are_restored_and_contained():
     finite = np.isfinite(img)
     assert np.all(np.isfinite(out[finite]))
     assert np.abs(out[finite]).max() < 8 * np.sqrt(var.mean())
+    # an afw "unconvolvable" border (image NaN, variance inf) survives, also with input variance planes
+    img[:, :15] = np.nan
+    v = diff.variance.copy()
+    v[:, :15] = np.inf
+    for planes in ({}, {"science_variance": science.variance, "template_variance": template.variance}):
+        out, var, _ = decorrelate(img, v, kernel, 1.0, 10.0, **planes)
+        assert np.all(np.isnan(out[:, :15])) and np.all(np.isinf(var[:, :15]))
+        assert np.all(np.isfinite(out[:, 15:][finite[:, 15:]])) and np.all(np.isfinite(var[:, 15:]))
 
 
 # ----------------------------------------------------------------------------------------------------------

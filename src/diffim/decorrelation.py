@@ -263,6 +263,16 @@ def _restore(out: np.ndarray, original: np.ndarray, bad: np.ndarray) -> np.ndarr
     return out
 
 
+def _keep_non_finite(new_var: np.ndarray, diff_var: np.ndarray) -> None:
+    """Where the difference's variance is NaN/inf (e.g. the unconvolvable border) keep it so (in place).
+
+    The new variance is built from the input variance planes, which know nothing of such pixels.
+    """
+    bad = ~np.isfinite(diff_var)
+    if bad.any():
+        new_var[bad] = diff_var[bad]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Constant decorrelation
 # ----------------------------------------------------------------------------------------------------------
@@ -411,6 +421,8 @@ def decorrelate(
         before = su * psum2 + sc * float((kappa * kappa).sum())
         ratio = (su * mu + sc * mc) / before
         new_var = (var * np.float32(ratio)).astype(np.float32)
+
+    _keep_non_finite(new_var, var)
 
     psf_out = None
     if psf_image is not None:
@@ -610,6 +622,8 @@ def decorrelate_spatial(
             new_var *= blend(inv_ksum2)
     else:
         new_var = var.astype(np.float32) * blend(ratio)
+
+    _keep_non_finite(new_var, var)
 
     psf_out = None
     if psf_image is not None:
