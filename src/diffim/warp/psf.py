@@ -1,0 +1,113 @@
+"""The PSF of a warped exposure (afw ``WarpedPsf``).
+
+At a destination position ``p`` the warp is locally affine: a destination offset ``d`` maps to the source offset
+``J·d`` (``J`` = Jacobian of the destination → source pixel map at ``p``). The destination PSF is therefore
+``K_dst(d) ∝ K_src(J·d)`` with ``K_src`` the source PSF at the source position; it is sampled by Lanczos-5
+interpolation of the source kernel image and renormalised to unit sum.
+
+Persistence: a WarpedPsf holds a callable transform, which FITS cannot store. :meth:`WarpedPsf.to_fits_hdus`
+writes an ``IMAGE`` PSF (:class:`~diffim.model.psf.ImagePsf`) snapshot evaluated at the average position, so a
+re-read exposure carries a constant PSF — exact for constant-PSF templates, the centre value otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from ..errors import PsfError
+from ..model.psf import ImagePsf, Psf, lanczos_weights
+
+__all__ = ["WarpedPsf", "resample_kernel"]
+
+
+def _interp2d_lanczos(img: np.ndarray, px: np.ndarray, py: np.ndarray, order: int = 5) -> np.ndarray:
+    """Lanczos-``order`` value of ``img`` at array positions ``(px, py)`` (zero outside); small images only."""
+    ny, nx = img.shape
+    out = np.zeros(px.shape)
+    fx, fy = np.floor(px).astype(int), np.floor(py).astype(int)
+    tx, ty = px - fx, py - fy
+    taps = np.arange(-order + 1, order + 1)
+    padded = np.zeros((ny + 4 * order, nx + 4 * order))
+    padded[2 * order : 2 * order + ny, 2 * order : 2 * order + nx] = img
+    for a in taps:
+        wy = np.sinc(ty - a) * np.sinc((ty - a) / order)
+        yi = np.clip(fy + a + 2 * order, 0, padded.shape[0] - 1)
+        for b in taps:
+            wx = np.sinc(tx - b) * np.sinc((tx - b) / order)
+            xi = np.clip(fx + b + 2 * order, 0, padded.shape[1] - 1)
+            out += wy * wx * padded[yi, xi]
+    return out
+
+
+def resample_kernel(kernel: np.ndarray, jac: np.ndarray, size: int | None = None) -> np.ndarray:
+    """Kernel image on the destination grid: ``K_dst(d) = K_src(J·d)``, centred, odd ``size``, unit sum."""
+    k = np.asarray(kernel, float)
+    ny, nx = k.shape
+    jac = np.asarray(jac, float).reshape(2, 2)
+    if size is None:
+        # The destination stamp must hold the source stamp's extent: scale by the largest inverse stretch.
+        inv = np.linalg.inv(jac)
+        scale = float(np.max(np.abs(inv).sum(axis=1)))
+        size = 2 * int(math.ceil(max(nx, ny) / 2.0 * scale)) + 1
+    h = size // 2
+    dy, dx = np.mgrid[-h : h + 1, -h : h + 1].astype(float)
+    sx = jac[0, 0] * dx + jac[0, 1] * dy + (nx - 1) / 2.0
+    sy = jac[1, 0] * dx + jac[1, 1] * dy + (ny - 1) / 2.0
+    out = _interp2d_lanczos(k, sx, sy)
+    s = out.sum()
+    if not np.isfinite(s) or s <= 0:
+        raise PsfError("The warped PSF kernel has no positive flux; the warp Jacobian is degenerate.")
+    return out / s
+
+
+class WarpedPsf(Psf):
+    """The PSF of an exposure warped through ``transform`` (destination → source parent pixels).
+
+    Parameters
+    ----------
+    psf
+        The source exposure's PSF.
+    transform
+        Callable ``(x, y) -> (xs, ys)`` on arrays (destination parent pixels → source parent pixels).
+    average_position
+        Destination position where the model is best defined (default: the warped source average position is
+        not invertible cheaply, so callers pass the destination bbox centre).
+    """
+
+    psf_type = "WARPED"
+
+    def __init__(self, psf: Psf, transform: Callable, average_position: tuple[float, float] | None = None) -> None:
+        super().__init__(average_position)
+        self.psf = psf
+        self.transform = transform
+        self._cache: dict[tuple[float, float], np.ndarray] = {}
+
+    def jacobian(self, x: float, y: float) -> tuple[np.ndarray, tuple[float, float]]:
+        """Jacobian ``J`` (source px per destination px, ``[[du/dx, du/dy], [dv/dx, dv/dy]]``) and source position."""
+        xs = np.array([x, x + 0.5, x - 0.5, x, x])
+        ys = np.array([y, y, y, y + 0.5, y - 0.5])
+        u, v = self.transform(xs, ys)
+        jac = np.array([[u[1] - u[2], u[3] - u[4]], [v[1] - v[2], v[3] - v[4]]])
+        return jac, (float(u[0]), float(v[0]))
+
+    def _kernel_image(self, x: float, y: float) -> np.ndarray:
+        key = (round(float(x), 3), round(float(y), 3))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        jac, (xs, ys) = self.jacobian(x, y)
+        k = resample_kernel(self.psf.compute_kernel_image(xs, ys), jac)
+        if len(self._cache) > 256:
+            self._cache.clear()
+        self._cache[key] = k
+        return k
+
+    def to_fits_hdus(self) -> list:
+        """An ``IMAGE`` PSF snapshot at the average position (the transform itself is not persistable)."""
+        return ImagePsf(self.compute_kernel_image(), average_position=self.average_position).to_fits_hdus()
+
+    def __repr__(self) -> str:
+        return f"WarpedPsf({self.psf!r})"
