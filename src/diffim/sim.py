@@ -438,6 +438,14 @@ def _resolve_options(size: int, options: dict) -> dict:
     opt.update(options)
     if opt["psf_profile"] not in ("gaussian", "moffat"):
         raise DiffimValueError(f"psf_profile must be 'gaussian' or 'moffat', got {opt['psf_profile']!r}.")
+    sky_min = opt["science_sky"] - abs(opt["science_sky_gradient"][0]) - abs(opt["science_sky_gradient"][1])
+    if not sky_min / opt["gain"] + opt["read_noise"] ** 2 > 0:
+        raise DiffimValueError(
+            f"The science background variance must be > 0 everywhere (science_sky={opt['science_sky']}, gradient "
+            f"{tuple(opt['science_sky_gradient'])}, read_noise={opt['read_noise']}): S/N-defined fluxes need noise."
+        )
+    if not (opt["gain"] > 0 and opt["template_scale"] > 0 and opt["template_depth"] > 0):
+        raise DiffimValueError("gain, template_scale and template_depth must be > 0.")
     if opt["template_psf"] not in ("sharper", "broader", "mixed", "same"):
         raise DiffimValueError(
             f"template_psf must be 'sharper', 'broader', 'mixed' or 'same', got {opt['template_psf']!r}."
@@ -761,8 +769,9 @@ def simulate_pair(size: int = 1024, seed: int = 0, **options: Any) -> SimulatedP
         if -30 < xt < tsize + 30 and -30 < yt < tsize + 30:
             k = tmpl_psf.compute_kernel_image(min(max(xt, 0), tsize - 1), min(max(yt, 0), tsize - 1))
             ix, iy = int(math.floor(xt + 0.5)), int(math.floor(yt + 0.5))
-            # On a rotated template grid the galaxy's position angle turns with the pixel axes.
-            st = _galaxy_stamp(xt - ix, yt - iy, g["radius"], g["sersic_n"], g["axis_ratio"], g["theta"] + rot_rad, k)
+            # The template's pixel axes are turned by +rot on the sky, so a direction at angle θ in science
+            # pixels is at θ − rot in template pixels.
+            st = _galaxy_stamp(xt - ix, yt - iy, g["radius"], g["sersic_n"], g["axis_ratio"], g["theta"] - rot_rad, k)
             _add_stamp(gal_img_t, g["flux_template"] * st, ix, iy)
 
     cr_img = np.zeros(shape)
@@ -881,9 +890,7 @@ def simulate_pair(size: int = 1024, seed: int = 0, **options: Any) -> SimulatedP
 
     delta = FS - FT / scale
     inside_s = (X >= -0.5) & (X < size - 0.5) & (Y >= -0.5) & (Y < size - 0.5)
-    noise = np.full(nrow, np.nan)
-    pn = psf_noise(X, Y)
-    noise[:] = pn
+    noise = psf_noise(X, Y)
     snr_change = np.abs(delta) / noise
     snr_change[np.isin(kind, ["star", "galaxy"])] = 0.0
     dip = kind == "dipole"
