@@ -61,7 +61,10 @@ def clipped_mean_std(
         return float("nan"), float("nan")
     if v.dtype not in (np.float32, np.float64):
         v = v.astype(np.float64)
-    q25, med, q75 = (float(q) for q in np.quantile(v, [0.25, 0.5, 0.75]))
+    # The quartiles only set the first clipping window; for very large samples a regular subsample of
+    # ≥ 2·10⁶ values fixes them to ~1e-3 σ, far below any effect on the iterated result, at a fraction of the cost.
+    qv = v[:: max(1, v.size // 2_000_000)] if v.size > 4_000_000 else v
+    q25, med, q75 = (float(q) for q in np.quantile(qv, [0.25, 0.5, 0.75]))
     # Work on values relative to the median: float32 differences are exact enough and the float64
     # accumulations of Σd and Σd² then suffer no cancellation.
     d = v - v.dtype.type(med)
@@ -72,9 +75,11 @@ def clipped_mean_std(
         k = int(np.count_nonzero(keep))
         if k == 0:
             break
-        kept = d[keep].astype(np.float64)
-        s1 = float(kept.sum())
-        s2 = float((kept * kept).sum())  # not np.dot: BLAS thread start-up costs more than the sum itself
+        kept = d[keep]
+        s1 = float(kept.sum(dtype=np.float64))
+        # float64 accumulation without a float64 copy (einsum buffers the cast); not np.dot, whose BLAS
+        # thread start-up costs more than the sum itself on small samples
+        s2 = float(np.einsum("i,i->", kept, kept, dtype=np.float64))
         m = s1 / k
         std = float(np.sqrt(max(s2 - s1 * m, 0.0) / (k - 1))) if k > 1 else float("nan")
         center, mean = m, med + m
