@@ -388,3 +388,20 @@ def test_spatial_task_with_varying_kernel_object_and_offset_origin():
     for sl in (np.s_[:128, :128], np.s_[:128, -128:], np.s_[-128:, 200:328]):
         assert abs(autocorr(out.image[sl], 1, 0)) < 0.05
         assert np.var(out.image[sl]) == pytest.approx(float(out.variance[sl].mean()), rel=0.06)
+
+
+def test_accepts_the_al_spatial_kernel_object():
+    """The AL ``SpatialKernel`` (basis × spatial polynomial) is used through ``kernel_image(x, y)``: built to
+    equal the BlendKernel, it gives the same spatially varying decorrelation."""
+    from diffim.psfmatch.basis import KernelBasis
+    from diffim.psfmatch.kernel import SpatialFunction, SpatialKernel
+
+    n = 256
+    D, V, blend = _varying_scene(n, 1.0, 30.0, seed=4)
+    basis = KernelBasis(images=np.stack([blend.ka, blend.kb]))
+    coeffs = np.array([[1.0, -1.0 / (n - 1), 0.0], [0.0, 1.0 / (n - 1), 0.0]])  # terms 1, x, y
+    spatial = SpatialKernel(basis, coeffs, SpatialFunction(1, kind="polynomial"))
+    assert np.allclose(spatial.kernel_image(100.0, 7.0), blend.kernel_image(100.0, 7.0))
+    a, va, _ = decorrelate_spatial(D, V, spatial, 1.0, 30.0, cell_step=128)
+    b, vb, _ = decorrelate_spatial(D, V, blend, 1.0, 30.0, cell_step=128)
+    assert np.allclose(a, b, atol=1e-5) and np.allclose(va, vb, rtol=1e-5)
