@@ -504,3 +504,14 @@ def test_galaxy_orientation_on_a_rotated_template():
             assert abs(diff) < 3.0
         checked += 1
     assert checked >= 2
+
+
+def test_option_aliases_used_by_the_command_line(tmp_path):
+    """`diffim simulate --psf elliptical --template-psf broader --rotation 1 --offset 3 2` option names work."""
+    from diffim.cli import main as cli_main
+
+    p = simulate_pair(128, seed=1, psf="elliptical", template_psf_mode="broader", wcs_rotation_deg=1.0, wcs_offset_pix=(3.0, 2.0))
+    assert p.science_psf.axis_ratio0 == 0.8 and p.options["template_psf"] == "broader"
+    assert p.options["template_rotation"] == 1.0 and p.template.shape[0] > 128
+    rc = cli_main(["-q", "simulate", str(tmp_path / "s"), "--size", "96", "--psf", "elliptical", "--template-psf", "mixed", "--offset", "2", "1"])
+    assert rc == 0 and (tmp_path / "s" / "template.fits").exists()

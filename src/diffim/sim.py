@@ -24,7 +24,8 @@ Scene model
 Options (all keyword arguments of :func:`simulate_pair`; counts are per 1024² pixels and scale with the area)
 ---------------------------------------------------------------------------------------------------------
 PSFs
-    ``psf_profile`` ('gaussian' | 'moffat'), ``moffat_beta`` (3.0), ``science_fwhm`` (4.0 px at the centre),
+    ``psf_profile`` ('gaussian' | 'elliptical' | 'moffat'; 'elliptical' = Gaussian with science axis ratio
+    0.8 varying by ±0.05 and θ = 0.5, template 0.9 and θ = -0.3), ``moffat_beta`` (3.0), ``science_fwhm`` (4.0 px at the centre),
     ``science_fwhm_coeffs`` ((0.10, 0.05): relative FWHM change per unit of ``u, v`` ∈ [-1, 1], i.e. ±15 % at
     the corners, 30 % corner to corner), ``science_axis_ratio`` (1.0), ``science_axis_ratio_coeffs`` ((0, 0)),
     ``science_theta`` (0.0 rad), ``template_psf`` ('sharper' | 'broader' | 'mixed' | 'same'),
@@ -61,6 +62,7 @@ Geometry
     ``wcs`` (True: TAN WCS at ``ra_dec`` (150.0, 2.0), ``pixel_scale`` 0.2″), ``template_offset`` ((0, 0) px),
     ``template_rotation`` (0.0 deg), ``template_margin`` (None: 0 on a shared grid, else offset + rotation
     reach + 16 px). ``band`` ('r'), ``science_id`` (1), ``template_id`` (2).
+Aliases (:data:`OPTION_ALIASES`): ``template_psf_mode``, ``wcs_rotation_deg``, ``wcs_offset_pix``, ``psf``.
 
 Truth table columns
 -------------------
@@ -93,7 +95,15 @@ from .model import Box, Exposure, Mask, MaskedImage, PhotoCalib, VisitInfo
 from .model.psf import Psf
 from .testing.psfs import VaryingGaussianPsf, VaryingMoffatPsf
 
-__all__ = ["SimulatedPair", "simulate_pair", "write_simulation", "render_point_sources", "DEFAULT_OPTIONS", "main"]
+__all__ = [
+    "SimulatedPair",
+    "simulate_pair",
+    "write_simulation",
+    "render_point_sources",
+    "DEFAULT_OPTIONS",
+    "OPTION_ALIASES",
+    "main",
+]
 
 #: Default options of :func:`simulate_pair` (counts are per 1024² pixels; see the module docstring).
 DEFAULT_OPTIONS: dict[str, Any] = dict(
@@ -424,7 +434,32 @@ def _bleed(image: np.ndarray, sat: np.ndarray, level: float) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # The simulator
 # ----------------------------------------------------------------------------------------------------------
+#: Alternative option names accepted for convenience (the ``diffim simulate`` command line uses some of them).
+OPTION_ALIASES: dict[str, str] = {
+    "template_psf_mode": "template_psf",
+    "wcs_rotation_deg": "template_rotation",
+    "wcs_offset_pix": "template_offset",
+    "template_wcs_rotation": "template_rotation",
+    "template_wcs_offset": "template_offset",
+    "psf": "psf_profile",
+}
+
+
 def _resolve_options(size: int, options: dict) -> dict:
+    options = dict(options)
+    for alias, name in OPTION_ALIASES.items():
+        if alias in options:
+            if name in options:
+                raise DiffimValueError(f"Options {alias!r} and {name!r} are the same; give only one.")
+            options[name] = options.pop(alias)
+    if options.get("psf_profile") == "elliptical":
+        # Shorthand: an elliptical Gaussian science PSF whose ellipticity also varies over the field.
+        options["psf_profile"] = "gaussian"
+        options.setdefault("science_axis_ratio", 0.8)
+        options.setdefault("science_axis_ratio_coeffs", (0.05, -0.05))
+        options.setdefault("science_theta", 0.5)
+        options.setdefault("template_axis_ratio", 0.9)
+        options.setdefault("template_theta", -0.3)
     unknown = set(options) - set(DEFAULT_OPTIONS)
     if unknown:
         raise DiffimValueError(
@@ -437,7 +472,7 @@ def _resolve_options(size: int, options: dict) -> dict:
             opt[k] = int(round(DEFAULT_OPTIONS[k] * area))
     opt.update(options)
     if opt["psf_profile"] not in ("gaussian", "moffat"):
-        raise DiffimValueError(f"psf_profile must be 'gaussian' or 'moffat', got {opt['psf_profile']!r}.")
+        raise DiffimValueError(f"psf_profile must be 'gaussian', 'elliptical' or 'moffat', got {opt['psf_profile']!r}.")
     sky_min = opt["science_sky"] - abs(opt["science_sky_gradient"][0]) - abs(opt["science_sky_gradient"][1])
     if not sky_min / opt["gain"] + opt["read_noise"] ** 2 > 0:
         raise DiffimValueError(
