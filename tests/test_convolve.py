@@ -120,7 +120,7 @@ def test_spatially_varying_kernel_exact():
     var = rng.uniform(1.0, 2.0, bbox.shape)
     mi = MaskedImage(img, variance=var, xy0=bbox.xy0)
     sk = _spatial_kernel(bbox)
-    out = convolve_masked_image(mi, sk, copy_edge=False)
+    out = convolve_masked_image(mi, sk, copy_edge=False, variance_mode="exact")
     h = 5
     ref_i = np.full(bbox.shape, np.nan)
     ref_v = np.full(bbox.shape, np.nan)
@@ -132,6 +132,9 @@ def test_spatially_varying_kernel_exact():
     inner = (slice(h, -h), slice(h, -h))
     np.testing.assert_allclose(out.image[inner], ref_i[inner], atol=2e-5)
     np.testing.assert_allclose(out.variance[inner], ref_v[inner], rtol=2e-5)
+    assert np.array_equal(convolve_masked_image(mi, sk, copy_edge=False).variance, out.variance)  # auto = exact
+    fo = convolve_masked_image(mi, sk, copy_edge=False, variance_mode="first_order")
+    assert np.median(np.abs(fo.variance[inner] / ref_v[inner] - 1)) < 0.03
     scaled = convolve_masked_image(mi, sk, copy_edge=False, variance_mode="scaled")
     # The approximation is exact for a flat variance; on this deliberately hostile case (kernel shape changing
     # strongly across 48 px, white-noise variance structure of ±33 %) we measure a median error of ~1 % and a
