@@ -31,8 +31,8 @@ Implementation notes (deliberate choices, see ``lsst_algorithms.md`` §3):
 * Spatially varying decorrelation (:func:`decorrelate_spatial`) evaluates φ̂ on a grid of cell centres (local
   kernel, local clipped-mean variances) and blends the filtered images with bilinear weights between the four
   surrounding centres — the result equals filtering with a kernel that varies bilinearly in position, is
-  continuous everywhere (no seams) and costs about five full-image FFTs. LSST instead averages overlapping
-  decorrelated sub-images (``ImageMapReduceTask``).
+  continuous everywhere (no seams) and costs about ``5·(1 + 2·border/spacing)²`` image-sized FFTs. LSST instead
+  averages overlapping decorrelated sub-images (``ImageMapReduceTask``), i.e. a piecewise-constant filter.
 """
 
 from __future__ import annotations
