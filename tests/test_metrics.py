@@ -37,6 +37,10 @@ def test_perfect_difference_noise_ratio_is_one(pair, perfect):
     empty = M.empty_pixels(perfect, pair.truth, FWHM)
     assert empty.sum() > 3e5
     assert M.noise_ratio(perfect, pair.truth, FWHM) == pytest.approx(1.0, abs=0.01)
+    # science − its complete noiseless model (changes included) is pure noise as well.
+    resid = pair.science.copy()
+    resid.image[...] = pair.science.image - pair.science_model
+    assert M.noise_ratio(resid, pair.truth, FWHM) == pytest.approx(1.0, abs=0.02)
     # A variance plane 21 % too large must read as a noise ratio of 1/1.1.
     wrong = perfect.copy()
     wrong.variance[...] *= 1.21
