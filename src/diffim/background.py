@@ -180,8 +180,45 @@ def interpolate_grid(
         )
     ny, nx = shape
     cols = _interp_columns(yc, grid, np.arange(ny, dtype=np.float64), interp)  # (ny, nbx)
+    if interp == "akima" and xc.size >= 5 and np.isfinite(cols).all():
+        return _akima_rows_float32(xc, cols, nx)
     rows = _interp_columns(xc, cols.T, np.arange(nx, dtype=np.float64), interp)  # (nx, ny)
     return np.ascontiguousarray(rows.T, dtype=np.float32)
+
+
+def _akima_rows_float32(xc: np.ndarray, cols: np.ndarray, nx: int) -> np.ndarray:
+    """Akima interpolation of every row of ``cols`` (``(ny, len(xc))``) to ``0 … nx−1``, as float32.
+
+    Same result as :func:`_interp_block` but evaluated interval by interval with Horner's rule straight into
+    the output, avoiding the transposed float64 copies of a 16-Mpixel image.
+    """
+    ny = cols.shape[0]
+    pp = Akima1DInterpolator(xc, cols, axis=1)
+    c = pp.c.astype(np.float32)  # (4, n_intervals, ny), highest power first
+    out = np.empty((ny, nx), dtype=np.float32)
+    x = np.arange(nx, dtype=np.float64)
+    edges = np.searchsorted(x, xc)  # first pixel at or after each node
+    for j in range(xc.size - 1):
+        lo, hi = edges[j], edges[j + 1]
+        if hi <= lo:
+            continue
+        t = (x[lo:hi] - xc[j]).astype(np.float32)[None, :]
+        v = c[0, j][:, None] * t
+        v += c[1, j][:, None]
+        v *= t
+        v += c[2, j][:, None]
+        v *= t
+        v += c[3, j][:, None]
+        out[:, lo:hi] = v
+    # the last node itself and linear extension beyond the end nodes (secant slope, as _interp_block)
+    s0 = ((cols[:, 1] - cols[:, 0]) / (xc[1] - xc[0])).astype(np.float32)[:, None]
+    s1 = ((cols[:, -1] - cols[:, -2]) / (xc[-1] - xc[-2])).astype(np.float32)[:, None]
+    if edges[0] > 0:
+        out[:, : edges[0]] = cols[:, :1] + s0 * (x[: edges[0]] - xc[0]).astype(np.float32)[None, :]
+    last = edges[-1]
+    if last < nx:
+        out[:, last:] = cols[:, -1:] + s1 * (x[last:] - xc[-1]).astype(np.float32)[None, :]
+    return out
 
 
 def estimate_background(

@@ -139,18 +139,22 @@ def clipped_mean_std_rows(
     n, (q25, med, q75) = nan_quantiles_rows(values, valid, (0.25, 0.5, 0.75))
     # Values relative to the row median, invalid entries NaN (every comparison with NaN is False).
     dt = values.dtype if values.dtype in (np.float32, np.float64) else np.float64
-    d = np.where(valid, values - med[:, None].astype(dt), np.nan).astype(dt, copy=False)
+    d = np.subtract(values, med[:, None].astype(dt), dtype=dt)
+    d[~valid] = np.nan
     center = np.zeros(values.shape[0], dtype=dt)
     half = (nsigma * IQR_TO_SIGMA * (q75 - q25)).astype(dt)
     mean = med.copy()
     std = np.full(values.shape[0], np.nan)
+    d2 = d * d  # reused by every pass; reductions with ``where=`` avoid masked copies
+    tmp = np.empty_like(d)
     for _ in range(max(int(niter), 1)):
+        np.subtract(d, center[:, None], out=tmp)
+        np.abs(tmp, out=tmp)
         with np.errstate(invalid="ignore"):
-            keep = np.abs(d - center[:, None]) <= half[:, None]
-        kept = np.where(keep, d, 0)
-        k = keep.sum(axis=1)
-        s1 = kept.sum(axis=1, dtype=np.float64)
-        s2 = np.einsum("ij,ij->i", kept, kept, dtype=np.float64)
+            keep = tmp <= half[:, None]
+        k = np.count_nonzero(keep, axis=1)
+        s1 = np.add.reduce(d, axis=1, dtype=np.float64, where=keep, initial=0.0)
+        s2 = np.add.reduce(d2, axis=1, dtype=np.float64, where=keep, initial=0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             m = s1 / k
             var = np.maximum(s2 - s1 * m, 0.0) / (k - 1)
