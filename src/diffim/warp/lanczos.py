@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["lanczos_kernel", "lanczos_table", "kernel_order", "resample_rows", "N_PHASE"]
+__all__ = ["lanczos_kernel", "lanczos_table", "kernel_order", "resample_rows", "resample_axis", "N_PHASE"]
 
 #: Number of tabulated fractional offsets per pixel.
 N_PHASE = 8192
@@ -85,7 +85,7 @@ def resample_rows(
     Parameters
     ----------
     planes
-        C-contiguous 2-D float32 arrays of one shape ``(ny, nx)``.
+        2-D float32 arrays of one shape ``(ny, nx)``.
     rows, cols
         Arrays of one shape: output sample ``m`` is ``Σ_k w_k(cols[m]) · plane[rows[m], floor(cols[m]) − a + 1 + k]``.
         ``rows`` must lie in ``[0, ny)``.
@@ -107,62 +107,93 @@ def resample_rows(
     mask_values
         One integer array per mask, then one per full mask.
     valid
-        Boolean array: True where every tap fell inside ``[0, nx)``. Outside, taps are clamped to the edge and
-        the value must not be used.
+        Boolean array: True where every tap of non-zero weight fell inside ``[0, nx)``. Elsewhere the value
+        must not be used.
     """
     shape = np.shape(rows)
-    ny, nx = planes[0].shape if planes else masks[0].shape
-    squared = squared or [False] * len(planes)
+    nx = (planes[0] if planes else masks[0]).shape[1]
+    rows = np.asarray(rows).reshape(-1).astype(np.intp)
+    cols = np.asarray(cols, dtype=np.float64).reshape(-1)
+    vals, mvals, valid = resample_axis(
+        [np.ascontiguousarray(p).reshape(-1) for p in planes], rows * nx, 1, nx, cols, order, squared,
+        [np.ascontiguousarray(m).reshape(-1) for m in masks or []],
+        [np.ascontiguousarray(m).reshape(-1) for m in full_masks or []],
+    )
+    return [v.reshape(shape) for v in vals], [m.reshape(shape) for m in mvals], valid.reshape(shape)
+
+
+def resample_axis(
+    flats: list[np.ndarray],
+    line_start: np.ndarray,
+    stride: int,
+    length: int,
+    pos: np.ndarray,
+    order: int = 3,
+    squared: list[bool] | None = None,
+    masks: list[np.ndarray] | None = None,
+    full_masks: list[np.ndarray] | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """The 1-D resampling kernel of the warper, on flattened arrays.
+
+    Output sample ``m`` reads the line of ``length`` samples starting at flat index ``line_start[m]`` with
+    ``stride`` (1: along a row; the row length: down a column) at the continuous position ``pos[m]``
+    (0-based along the line). Arguments and results otherwise as :func:`resample_rows` (1-D).
+    """
+    squared = squared or [False] * len(flats)
     masks = masks or []
-    cols = np.asarray(cols, dtype=np.float64).ravel()
-    rows = np.asarray(rows).ravel().astype(np.intp, copy=False)
-    fl = np.floor(cols)
-    frac = cols - fl
+    full_masks = full_masks or []
+    n = pos.size
+    fl = np.floor(pos)
+    q = np.rint((pos - fl) * N_PHASE).astype(np.intp)
     fl = fl.astype(np.intp)
-    q = np.rint(frac * N_PHASE).astype(np.intp)
     table = lanczos_table(order)
     first = fl - (order - 1)
+    ntap = 2 * order
+    valid = (first >= 0) & (first + ntap <= length)
     # Taps of zero weight do not count: an exact integer position needs only the sample it lands on, so an
-    # identity or integer-shift warp reproduces its input up to the very edge.
-    valid = (first >= 0) & (fl + order <= nx - 1)
+    # identity or integer-shift warp reproduces its input up to the very edge (fixed up below).
     exact = (q == 0) | (q == N_PHASE)
-    if exact.any():
-        near = fl + (q == N_PHASE)
-        valid |= exact & (near >= 0) & (near <= nx - 1)
-    base = rows * nx
-    n = cols.size
-    outs = [np.zeros(n, dtype=np.float32) for _ in planes]
-    idx = np.empty(n, dtype=np.intp)
+    near = fl + (q == N_PHASE)
+    edge_exact = exact & ~valid & (near >= 0) & (near < length)
+    valid |= edge_exact
+    # Clamp the whole footprint inside the line once (clamped values are only used where invalid).
+    first_c = np.clip(first, 0, max(length - ntap, 0))
+    start = line_start + first_c * stride
+    outs = [np.zeros(n, dtype=np.float32) for _ in flats]
+    idx = start.copy()
     tmp = np.empty(n, dtype=np.float32)
     w = np.empty(n, dtype=np.float32)
-    flats = [np.ascontiguousarray(p).reshape(-1) for p in planes]
-    for k in range(2 * order):
-        np.add(base, np.clip(first + k, 0, nx - 1), out=idx)
+    w2 = np.empty(n, dtype=np.float32) if any(squared) else None
+    last = length - 1
+    for k in range(ntap):
+        if k:
+            idx += stride
+        if length < ntap and k > last:
+            break
         table[k].take(q, out=w)
-        w2 = None
+        if w2 is not None:
+            np.multiply(w, w, out=w2)
         for flat, sq, out in zip(flats, squared, outs):
             flat.take(idx, out=tmp)
-            if sq:
-                if w2 is None:
-                    w2 = w * w
-                tmp *= w2
-            else:
-                tmp *= w
+            tmp *= w2 if sq else w
             out += tmp
+    if edge_exact.any():
+        sel = np.nonzero(edge_exact)[0]
+        src = line_start[sel] + near[sel] * stride
+        for flat, out in zip(flats, outs):
+            out[sel] = flat[src]
     mask_outs = []
     if masks:
         # Bilinear footprint: the two nearest samples, or the one sample an integer position lands on.
-        i0 = base + np.clip(fl + (q == N_PHASE), 0, nx - 1)
-        i1 = base + np.clip(fl + (q > 0), 0, nx - 1)
-        for m in masks:
-            mf = np.ascontiguousarray(m).reshape(-1)
-            mask_outs.append((mf.take(i0) | mf.take(i1)).reshape(shape))
-    if full_masks:
-        for m in full_masks:
-            mf = np.ascontiguousarray(m).reshape(-1)
-            acc = np.zeros(n, dtype=mf.dtype)
-            for k in range(2 * order):
-                np.add(base, np.clip(first + k, 0, nx - 1), out=idx)
-                acc |= mf.take(idx)
-            mask_outs.append(acc.reshape(shape))
-    return [o.reshape(shape) for o in outs], mask_outs, valid.reshape(shape)
+        i0 = line_start + np.clip(near, 0, last) * stride
+        i1 = line_start + np.clip(fl + (q > 0), 0, last) * stride
+        for mf in masks:
+            mask_outs.append(mf.take(i0) | mf.take(i1))
+    for mf in full_masks:
+        acc = mf.take(start)
+        idx = start.copy()
+        for k in range(1, min(ntap, length)):
+            idx += stride
+            acc |= mf.take(idx)
+        mask_outs.append(acc)
+    return outs, mask_outs, valid

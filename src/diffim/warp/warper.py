@@ -49,6 +49,7 @@ PSF
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import numpy as np
@@ -57,7 +58,7 @@ from ..errors import BadInputError, NoOverlapError, WcsError
 from ..model.box import Box
 from ..model.exposure import Exposure, MaskedImage
 from ..model.mask import Mask
-from .lanczos import kernel_order, resample_rows
+from .lanczos import N_PHASE, kernel_order, resample_axis
 
 __all__ = [
     "warp_exposure",
@@ -179,12 +180,17 @@ def warp_masked_image(
     kernel: str = "lanczos3",
     interp_length: int = 10,
     strip_width: int = WARP_STRIP_WIDTH,
+    n_threads: int | None = None,
 ) -> MaskedImage:
     """Resample a :class:`MaskedImage` onto the destination box through a destination → source pixel map.
 
     See the module docstring for the image, variance and mask conventions. Returns a new MaskedImage on
-    ``bbox_out`` whose mask shares the plane names of the input (NO_DATA added if missing).
+    ``bbox_out`` whose mask shares the plane names of the input (NO_DATA added if missing). Strips of
+    ``strip_width`` destination columns are processed by ``n_threads`` threads (default: up to 2, the
+    ``DIFFIM_WARP_THREADS`` environment variable overrides).
     """
+    if n_threads is None:
+        n_threads = int(os.environ.get("DIFFIM_WARP_THREADS", min(2, os.cpu_count() or 1)))
     order = kernel_order(kernel)
     src = masked_image
     sx0, sy0 = src.xy0
@@ -238,59 +244,73 @@ def warp_masked_image(
     uj_nodes = _invert_columns(v_nodes, u_nodes, j_all)  # (nj_all, n_node_cols)
 
     ys = np.arange(bbox_out.y0, bbox_out.y1, dtype=float)
-    area_all = None
-    for xa in range(bbox_out.x0, bbox_out.x1, strip_width):
+    img_f, var_f, msk_f = img.reshape(-1), var.reshape(-1), msk.reshape(-1)
+    full_f = full.reshape(-1) if use_full else None
+
+    def do_strip(xa: int) -> None:
         xb = min(xa + strip_width, bbox_out.x1)
         xs = np.arange(xa, xb, dtype=float)
         w = xs.size
-        vs = grid.interpolate(v_nodes, xs, ys)  # (ny_d, w), source row coordinate per destination pixel
+        cs = slice(xa - bbox_out.x0, xb - bbox_out.x0)
+        vs = grid.interpolate(v_nodes, xs, ys)  # (ny_d, w): source row coordinate of each destination pixel
         jlo = max(j_all_lo, int(math.floor(vs.min())) - order + 1)
         jhi = min(j_all_hi, int(math.floor(vs.max())) + order)
-        cs = slice(xa - bbox_out.x0, xb - bbox_out.x0)
         if jlo > jhi:
             out_mask.array[:, cs] = no_data
-            continue
+            return
         j = np.arange(jlo, jhi + 1)
-        # Pass 1: source x of each (source row j, destination column), linear between node columns.
+        nj = j.size
+        # Pass 1: source x where each destination column crosses source row j (linear between node columns).
         ix, fx = grid._weights(grid.gx, xs)
         uj = uj_nodes[jlo - j_all_lo : jhi - j_all_lo + 1]
-        us = uj[:, ix] * (1.0 - fx) + uj[:, ix + 1] * fx  # (nj, w)
-        rows = np.broadcast_to(j[:, None], us.shape)
-        (h_img, h_var), h_masks, valid1 = resample_rows(
-            [img, var], rows, us, order, squared=[False, True], masks=[msk], full_masks=[full] if use_full else None
+        us = (uj[:, ix] * (1.0 - fx) + uj[:, ix + 1] * fx).reshape(-1)  # (nj, w) flattened
+        line = np.repeat(j * nx_s, w)
+        (h_img, h_var), h_masks, valid1 = resample_axis(
+            [img_f, var_f], line, 1, nx_s, us, order, [False, True], [msk_f], [full_f] if use_full else None
         )
-        # Pass 2: along the intermediate columns (transposed so that taps are contiguous).
-        ht = [np.ascontiguousarray(a.T) for a in (h_img, h_var)]
-        hm = [np.ascontiguousarray(a.T) for a in h_masks]
-        v1t = np.ascontiguousarray(valid1.T)
-        vt = np.ascontiguousarray(vs.T) - jlo  # (w, ny_d)
-        rows2 = np.broadcast_to(np.arange(w)[:, None], vt.shape)
-        (o_img, o_var), o_masks, valid2 = resample_rows(
-            ht, rows2, vt, order, squared=[False, True], masks=[hm[0]], full_masks=hm[1:] or None
+        # Pass 2: down the intermediate columns (flat index row * w + column, stride w).
+        vt = (vs - jlo).reshape(-1)
+        line2 = np.tile(np.arange(w), ys.size)
+        (o_img, o_var), o_masks, valid2 = resample_axis(
+            [h_img, h_var], line2, w, nj, vt, order, [False, True], [h_masks[0]], h_masks[1:] or None
         )
-        # A pixel is good if all its pass-2 taps exist and their pass-1 values were complete. valid1 is an
-        # interval in j for each column (the column crosses the source once), so its end taps suffice.
+        # A pixel is good if its pass-2 taps exist and their pass-1 values were complete. valid1 is an interval
+        # in j for each column (the column crosses the source once), so the two end taps suffice.
         fl = np.floor(vt).astype(np.intp)
-        nj = j.size
-        t0 = np.clip(fl - order + 1, 0, nj - 1)
-        t1 = np.clip(fl + order, 0, nj - 1)
-        flat_v1 = v1t.reshape(-1)
-        base = (rows2 * nj).reshape(-1)
-        good = valid2 & flat_v1.take(base + t0.reshape(-1)).reshape(vt.shape) & flat_v1.take(
-            base + t1.reshape(-1)
-        ).reshape(vt.shape)
+        t0 = np.clip(fl - order + 1, 0, nj - 1) * w + line2
+        t1 = np.clip(fl + order, 0, nj - 1) * w + line2
+        good = valid2 & valid1.take(t0) & valid1.take(t1)
+        exact = valid2 & ~(valid1.take(t0) & valid1.take(t1))
+        if exact.any():
+            # Exact-integer positions at the very edge need only their own tap.
+            tn = np.clip(np.rint(vt[exact]).astype(np.intp), 0, nj - 1) * w + line2[exact]
+            qv = np.abs(vt[exact] - np.rint(vt[exact])) * N_PHASE < 0.5
+            good[np.nonzero(exact)[0][qv]] = valid1.take(tn[qv])
         m_out = o_masks[0]
         if len(o_masks) > 1:
             m_out = m_out | o_masks[1]
-        area = grid.interpolate(grid.area, xs, ys).T  # (w, ny_d)
+        area = grid.interpolate(grid.area, xs, ys).reshape(-1)
         o_img *= area.astype(np.float32)
         o_var *= (area * area).astype(np.float32)
-        o_img[~good] = np.nan
-        o_var[~good] = np.inf
-        m_out = np.where(good, m_out, no_data)
-        out_img[:, cs] = o_img.T
-        out_var[:, cs] = o_var.T
-        out_mask.array[:, cs] = m_out.T
+        bad_px = ~good
+        o_img[bad_px] = np.nan
+        o_var[bad_px] = np.inf
+        m_out[bad_px] = no_data
+        out_img[:, cs] = o_img.reshape(ys.size, w)
+        out_var[:, cs] = o_var.reshape(ys.size, w)
+        out_mask.array[:, cs] = m_out.reshape(ys.size, w)
+
+    starts = list(range(bbox_out.x0, bbox_out.x1, strip_width))
+    n_threads = max(1, min(int(n_threads or 1), len(starts)))
+    if n_threads == 1:
+        for xa in starts:
+            do_strip(xa)
+    else:
+        # numpy's take and ufuncs release the GIL, so strips run concurrently; each writes its own columns.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(n_threads) as pool:
+            list(pool.map(do_strip, starts))
     return MaskedImage(out_img, out_mask, out_var, bbox_out.xy0)
 
 
