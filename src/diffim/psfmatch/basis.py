@@ -95,7 +95,7 @@ class KernelBasis:
         mix = None if self.mix is None else self.mix[order] / s[:, None]
         return KernelBasis(images, self.fx, self.fy, mix, self.kind, self.sigmas, self.degrees)
 
-    def correlate_stamps(self, stamps: np.ndarray) -> np.ndarray:
+    def correlate_stamps(self, stamps: np.ndarray, *, basis_first: bool = False) -> np.ndarray:
         """``corr(B_i, stamp)`` on the valid region of each stamp, for all bases at once.
 
         Parameters
@@ -108,7 +108,7 @@ class KernelBasis:
         columns
             ``(nc, (H − size + 1)·(W − size + 1), N)`` float64: column ``i`` holds
             ``out(X) = Σ_u B_i(u) stamp(X + u)`` over the pixels whose kernel footprint is inside the stamp,
-            flattened row-major.
+            flattened row-major. With ``basis_first`` the layout is ``(N, nc, npix)`` instead (cheaper to build).
         """
         stamps = np.asarray(stamps, dtype=np.float64)
         nc, H, W = stamps.shape
@@ -117,24 +117,32 @@ class KernelBasis:
         if hv <= 0 or wv <= 0:
             raise ValueError(f"Stamps of shape {H}×{W} are smaller than the {w}×{w} kernel.")
         if self.separable:
-            # x pass for every distinct x factor, then one y pass (a matmul over the window axis) for all raw
-            # terms sharing that x factor: 1-D work only, all through BLAS.
+            # Separable path: an x pass for every distinct x factor and a y pass for every raw term, each written
+            # as one GEMM with a banded (Toeplitz) matrix so that no sliding-window copies are needed.
             xkeys, xinv = np.unique(self.fx, axis=0, return_inverse=True)
             xinv = np.asarray(xinv).reshape(-1)
-            # Contiguous copies of the window views make every product a single 2-D GEMM (numpy's stacked
-            # matmul on strided views is far slower).
-            win = np.ascontiguousarray(sliding_window_view(stamps, w, axis=2)).reshape(-1, w)  # (nc·H·wv, w)
-            xp = np.ascontiguousarray((win @ xkeys.T).T).reshape(len(xkeys), nc, H, wv)
-            del win
-            raw = np.empty((nc * hv * wv, len(self.fx)))
-            for p in range(len(xkeys)):
+            nk = len(xkeys)
+            tx = np.zeros((nk, W, wv))
+            jj = np.arange(wv)
+            for u in range(w):
+                tx[:, jj + u, jj] = xkeys[:, u : u + 1]
+            X = stamps.reshape(nc * H, W) @ tx.transpose(1, 0, 2).reshape(W, nk * wv)  # (nc·H, nk·wv)
+            X = X.reshape(nc, H, nk, wv)
+            ii = np.arange(hv)
+            raw = np.empty((len(self.fx), nc, hv, wv))
+            for p in range(nk):
                 js = np.nonzero(xinv == p)[0]
-                ywin = np.ascontiguousarray(sliding_window_view(xp[p], w, axis=1)).reshape(-1, w)
-                raw[:, js] = ywin @ self.fy[js].T
-            return (raw @ self.mix.T).reshape(nc, hv * wv, -1)
+                ty = np.zeros((len(js), hv, H))
+                for v in range(w):
+                    ty[:, ii, ii + v] = self.fy[js, v : v + 1]
+                A = np.ascontiguousarray(X[:, :, p, :].transpose(1, 0, 2)).reshape(H, nc * wv)
+                R = (ty.reshape(len(js) * hv, H) @ A).reshape(len(js), hv, nc, wv)
+                raw[js] = R.transpose(0, 2, 1, 3)
+            out = (self.mix @ raw.reshape(len(self.fx), -1)).reshape(len(self), nc, hv * wv)
+            return out if basis_first else np.ascontiguousarray(out.transpose(1, 2, 0))
         win = sliding_window_view(stamps, (w, w), axis=(1, 2))  # (nc, hv, wv, w, w)
-        out = np.einsum("chwyx,nyx->chwn", win, self.images, optimize=True)
-        return out.reshape(nc, hv * wv, len(self))
+        out = np.einsum("chwyx,nyx->chwn", win, self.images, optimize=True).reshape(nc, hv * wv, len(self))
+        return np.ascontiguousarray(out.transpose(2, 0, 1)) if basis_first else out
 
 
 def alard_lupton_basis(size: int, sigmas, degrees) -> KernelBasis:

@@ -69,7 +69,7 @@ class StampSystem:
     Attributes
     ----------
     C
-        ``(nc, npix, n)`` float32 design matrix (``n = N + 1`` with a background column).
+        ``(nc, n, npix)`` float32 design matrices, transposed (``n = N + 1`` with a background column).
     S, VS
         ``(nc, npix)`` science pixels and science variance over the valid region.
     VT
@@ -128,26 +128,24 @@ def build_stamp_system(
         wv_ = np.median(full, axis=1)
         wpix = np.where(full > 0, 1.0 / np.where(full > 0, full, 1.0), 0.0)
     n = len(basis) + (1 if fit_background else 0)
-    C = np.empty((nc, hv * wv, n), dtype=np.float32)
+    C = np.empty((nc, n, hv * wv), dtype=np.float32)  # basis-major per candidate: rows are the columns C_i
     M = np.empty((nc, n, n))
     b = np.empty((nc, n))
     for lo in range(0, nc, chunk):
         hi = min(nc, lo + chunk)
-        cols = basis.correlate_stamps(T[lo:hi])
-        if fit_background:
-            cols = np.concatenate([cols, np.ones(cols.shape[:2] + (1,))], axis=2)
-        C[lo:hi] = cols
-        if wpix is None:
-            for c in range(lo, hi):  # 2-D BLAS products beat numpy's stacked matmul/einsum here
-                cc = cols[c - lo]
-                M[c] = (cc.T @ cc) / wv_[c]
-                b[c] = (cc.T @ S[c]) / wv_[c]
-        else:
-            for c in range(lo, hi):
-                cc = cols[c - lo]
-                cw = cc * wpix[c, :, None]
-                M[c] = cw.T @ cc
-                b[c] = cw.T @ S[c]
+        cols = basis.correlate_stamps(T[lo:hi], basis_first=True)  # (N, nch, npix)
+        for c in range(lo, hi):  # 2-D BLAS products beat numpy's stacked matmul/einsum here
+            cc = cols[:, c - lo, :]
+            if fit_background:
+                cc = np.vstack([cc, np.ones((1, cc.shape[1]))])
+            C[c] = cc
+            if wpix is None:
+                M[c] = (cc @ cc.T) / wv_[c]
+                b[c] = (cc @ S[c]) / wv_[c]
+            else:
+                cw = cc * wpix[c]
+                M[c] = cw @ cc.T
+                b[c] = cw @ S[c]
     return StampSystem(C, S, VS, VT, wv_, M, b, fit_background, (hv, wv))
 
 
@@ -205,7 +203,7 @@ def residual_statistics(system: StampSystem, coeffs: np.ndarray, basis: KernelBa
     good_c = np.all(np.isfinite(coeffs), axis=1)
     c = np.where(good_c[:, None], coeffs, 0.0)
     cf = c.astype(np.float32)
-    model = np.stack([Ci @ ci for Ci, ci in zip(system.C, cf)]).astype(float)
+    model = np.stack([ci @ Ci for Ci, ci in zip(system.C, cf)]).astype(float)
     D = system.S - model
     N = len(basis)
     K = np.tensordot(c[:, :N], basis.images, axes=1)  # (nc, w, w)
