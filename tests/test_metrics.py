@@ -229,3 +229,18 @@ def test_robust_std_and_match_radius():
     x[:1000] = 1e6  # 1 % outliers barely move the MAD
     assert M.robust_std(x) == pytest.approx(3.0, rel=0.03)
     assert M.match_radius(2.0) == 2.0 and M.match_radius(4.0) == 3.0
+
+
+def test_evaluate_on_a_truth_table_read_back_from_fits(pair, perfect, tmp_path):
+    """The truth written by SimulatedPair.write (FITS and CSV) scores exactly like the in-memory table."""
+    from astropy.table import Table
+
+    cat = matched_filter_catalog(perfect, FWHM)
+    want = M.evaluate(perfect, cat, pair.truth, FWHM)
+    pair.truth.write(tmp_path / "truth.fits")
+    pair.truth.write(tmp_path / "truth.csv", format="ascii.csv")
+    for path in ("truth.fits", "truth.csv"):
+        got = M.evaluate(perfect, cat, Table.read(tmp_path / path), FWHM)
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, nan_ok=True, rel=1e-9), (path, k)
+    assert want["false_per_mpix"] == want["false_detections_per_mpix"]

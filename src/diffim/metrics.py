@@ -101,6 +101,14 @@ def _col(truth, name: str, default=None) -> np.ndarray:
     return np.full(len(truth), default)
 
 
+def _as_bool(values) -> np.ndarray:
+    """Boolean array from bools, numbers or the strings 'True'/'False' (a truth table read back from CSV)."""
+    v = np.asarray(values)
+    if v.dtype.kind in "US":
+        return np.char.lower(v.astype(str)) == "true"
+    return v.astype(bool)
+
+
 def _template_flux_sci(truth) -> np.ndarray:
     """Template-epoch flux on the science scale: ``flux_science − delta_flux``."""
     return _col(truth, "flux_science") - _col(truth, "delta_flux")
@@ -122,7 +130,7 @@ def _catalog_columns(catalog, flux_unit_scale=1.0) -> dict[str, np.ndarray]:
         cols = {"x": np.asarray(catalog["x"], float), "y": np.asarray(catalog["y"], float)}
         keep = np.ones(cols["x"].shape, bool)
         if "sky_source" in names:
-            keep &= ~np.asarray(catalog["sky_source"], bool)
+            keep &= ~_as_bool(catalog["sky_source"])
         for name in ("psfFlux", "psfFluxErr"):
             if name in names:
                 cols[name] = np.asarray(catalog[name], float)
@@ -254,7 +262,7 @@ def bright_star_rows(difference: Exposure, truth, fwhm: float) -> np.ndarray:
     kind = _col(truth, "kind").astype(str)
     x, y = _col(truth, "x").astype(float), _col(truth, "y").astype(float)
     cand = (kind == "star") & (_col(truth, "flux_science").astype(float) >= BRIGHT_STAR_FLUX)
-    cand &= ~_col(truth, "saturated", False).astype(bool)
+    cand &= ~_as_bool(_col(truth, "saturated", False))
     idx = np.nonzero(cand)[0]
     if idx.size == 0:
         return idx
@@ -542,7 +550,8 @@ def evaluate(difference: Exposure, catalog, truth, fwhm: float | None = None, fl
     -------
     dict
         ``noise_ratio, star_chi2_p95, star_max_p95, n_stars_chi2``, the :func:`completeness` entries,
-        ``false_detections_per_mpix, n_false``, ``flux_bias, pull_std, n_flux_bias, n_pull``.
+        ``false_detections_per_mpix`` (alias ``false_per_mpix``), ``n_false``, ``flux_bias, pull_std,
+        n_flux_bias, n_pull``.
     """
     if fwhm is None:
         meta = getattr(truth, "meta", {}) or {}
@@ -557,6 +566,7 @@ def evaluate(difference: Exposure, catalog, truth, fwhm: float | None = None, fl
     out.update(completeness(catalog, truth, fwhm, difference))
     _, false = false_detection_flags(catalog, truth, fwhm, difference)
     out["false_detections_per_mpix"] = false_detections_per_mpix(catalog, truth, fwhm, difference)
+    out["false_per_mpix"] = out["false_detections_per_mpix"]  # short alias
     out["n_false"] = int(false.sum())
     cat = _catalog_columns(catalog)
     if "psfFlux" in cat and "psfFluxErr" in cat:
