@@ -56,6 +56,7 @@ def scale_variance_factor(
     bin_size: int = 32,
     statistic: str = "meanclip",
     interp: str = "akima",
+    background_bad: np.ndarray | None = None,
 ) -> float:
     """Factor by which ``variance`` must be multiplied to describe the scatter of ``image``.
 
@@ -71,6 +72,8 @@ def scale_variance_factor(
     subtract_background
         Fit and remove a mesh background first (``bin_size``, ``statistic``, ``interp``; LSST: 32 px,
         MEANCLIP, Akima), so that large-scale sky structure does not inflate the IQR.
+    background_bad
+        Pixels ignored by the background fit (LSST ``background.ignoredPixelMask``); default: ``bad``.
 
     Returns
     -------
@@ -90,7 +93,8 @@ def scale_variance_factor(
     if np.count_nonzero(good) < 2:
         return 1.0
     if subtract_background:
-        bg = estimate_background(image, ~good, bin_size, statistic, interp)  # type: ignore[arg-type]
+        bg_bad = ~good if background_bad is None else (np.asarray(background_bad, dtype=bool) | ~good)
+        bg = estimate_background(image, bg_bad, bin_size, statistic, interp)  # type: ignore[arg-type]
         image = image - bg
     factor = pixel_based_factor(image, variance, good)
     if factor > limit:

@@ -66,6 +66,7 @@ class ScaleVarianceTask(Task):
             bin_size=bg.binSize,
             statistic=_STATISTICS[bg.statisticsProperty],
             interp=_ALGORITHMS[bg.algorithm],
+            background_bad=mi.mask.get(list(bg.ignoredPixelMask), ignore_missing=True),
         )
         self.log.info("Renormalizing variance by %f", factor)
         mi.variance *= factor
