@@ -361,10 +361,13 @@ def _psf_from_hdus(hdul: fits.HDUList, start: int, path: str) -> Psf:
 
 def _import_psf_types() -> None:
     """Import the modules that register the spatially varying PSF classes."""
-    try:
-        from .. import psf as _psf  # noqa: F401
-    except ImportError:  # pragma: no cover - partial installs
-        pass
+    import importlib
+
+    for name in ("diffim.psf", "diffim.decorrelated_psf", "diffim.testing.psfs", "diffim.warp"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # pragma: no cover - partial installs
+            pass
 
 
 def read_psf_file(path: str | os.PathLike, hdu: str | int | None = None) -> Psf:

@@ -172,7 +172,12 @@ def measure_ap_corr(
             f"Only {int(use.sum())} of {len(x)} stars are usable for aperture corrections (need {min_stars}); "
             f"lower min_snr ({min_snr}) or the isolation radius ({isolation_radius} px), or disable doApCorr."
         )
-    weights = 1.0 / np.where(use, ratio_err, 1.0) ** 2
+    # Ratios scatter far more than their formal errors (neighbours and faint confusion inside the 12-px
+    # aperture), so a pure inverse-variance mean is ruled by a few bright stars; add the robust intrinsic
+    # scatter to every star's error.
+    q25, q75 = np.percentile(ratio[use], [25, 75])
+    scatter2 = max((0.741 * (q75 - q25)) ** 2 - float(np.median(ratio_err[use] ** 2)), 0.0)
+    weights = 1.0 / (np.where(use, ratio_err, 1.0) ** 2 + scatter2)
     model = None
     for _ in range(max(1, n_iter)):
         model = _fit_chebyshev(x[use], y[use], ratio[use], weights[use], bbox, order)

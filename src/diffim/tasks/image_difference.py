@@ -209,6 +209,10 @@ class ImageDifferenceConfig(pexConfig.Config):
         self.detection.thresholdValue = 5.0
         self.detection.thresholdType = "pixel_stdev"
         self.detection.reEstimateBackground = False
+        # The difference's border (kernel half-width) is copied, not convolved: EDGE there. Keep it out of the
+        # variance statistics as well (LSST's templates carry a border that hides this).
+        if "EDGE" not in self.scaleVariance.maskPlanes:
+            self.scaleVariance.maskPlanes.append("EDGE")
 
     def validate(self) -> None:
         super().validate()
@@ -371,6 +375,13 @@ class ImageDifferenceTask(Task):
                     f"Template covers {100 * frac:.1f} % of the science image; requiredTemplateFraction="
                     f"{cfg.requiredTemplateFraction}. Provide a larger template or lower requiredTemplateFraction."
                 )
+            if cfg.doScaleDiffimVariance and not science.mask.get("DETECTED", ignore_missing=True).any():
+                # Calibrated LSST exposures carry DETECTED from their own source detection; variance scaling
+                # of the difference ignores those pixels. Give plain inputs the same property.
+                with self._stage("scienceDetection"):
+                    from ..sources import mark_detections
+
+                    self.metadata["nScienceDetections"] = mark_detections(science)
             if cfg.doScaleTemplateVariance:
                 with self._stage("scaleTemplateVariance"):
                     self.metadata["scaleTemplateVarianceFactor"] = self.scaleVariance.run(warpedExposure.masked_image)
@@ -389,10 +400,13 @@ class ImageDifferenceTask(Task):
                     matchedExposure = subtractRes.matchedExposure
             if cfg.subtract.name != "zogy" and cfg.doDecorrelation:
                 with self._stage("decorrelate"):
+                    base_psf = subtractedExposure.psf
                     subtractedExposure = self.decorrelate.run(
                         science, warpedExposure, subtractedExposure, subtractRes.psfMatchingKernel,
                         spatiallyVarying=cfg.doSpatiallyVarying, templateMatched=cfg.convolveTemplate,
                     ).correctedExposure
+                    subtractedExposure.psf = self._decorrelated_psf(base_psf, subtractedExposure,
+                                                                    subtractRes.psfMatchingKernel, cfg.convolveTemplate)
             if cfg.subtract.name != "zogy" and cfg.useScoreImageDetection:
                 with self._stage("scoreImage"):
                     scoreExposure = self._al_score_image(science, warpedExposure, kernelSources)
@@ -421,3 +435,293 @@ class ImageDifferenceTask(Task):
             kernelSources=kernelSources,
             controlSources=controlSources,
         )
+
+    # ------------------------------------------------------------------------------------------------------
+    # Steps of run()
+    # ------------------------------------------------------------------------------------------------------
+    def _align_template(self, science, template, selectSources, templateSources):
+        """The template on the science pixel grid (with a border when available): warped if needed.
+
+        With ``doUseRegister`` the template WCS is first re-fitted from sources matched between the two images
+        (TAN-SIP of order ``templateSipOrder``).
+        """
+        cfg = self.config
+        if cfg.doUseRegister:
+            from ..sources import detect_and_measure_sources as detect_sources_for_registration
+
+            if science.wcs is None or template.wcs is None:
+                raise NoOverlapError("doUseRegister needs WCSs on both the science and the template exposures.")
+            sci_src = selectSources if selectSources is not None else detect_sources_for_registration(science)
+            tmpl_src = templateSources if templateSources is not None else detect_sources_for_registration(template)
+            reg = self.register.run(tmpl_src, template.wcs, template.bbox, sci_src, sipOrder=cfg.templateSipOrder)
+            self.metadata["registerMatches"] = int(getattr(reg, "nMatches", len(getattr(reg, "matches", []))))
+            template = template.copy(deep=False)
+            template.wcs = reg.wcs
+            if cfg.doDebugRegister:
+                self.metadata["registerDebug"] = getattr(reg, "debug", None)
+        if same_pixel_grid(science, template):
+            return template
+        if science.wcs is None or template.wcs is None:
+            if template.bbox.intersection(science.bbox).is_empty():
+                raise NoOverlapError(
+                    f"Template bbox {template.bbox} and science bbox {science.bbox} do not overlap and there is no "
+                    "WCS to warp with; give pre-registered images on the same pixel grid or attach WCSs."
+                )
+            return template
+        from ..warp import warp_exposure
+
+        border = 0
+        return warp_exposure(template, science.wcs, science.bbox.grown(border))
+
+    def _decorrelated_psf(self, base_psf, diff, kernel, template_matched, preconv_kernel=None):
+        """PSF of the decorrelated difference, φ ⊗ (the un-convolved image's PSF), valid across the field."""
+        from ..decorrelated_psf import DecorrelatedPsf
+        from ..decorrelation import kernel_image_at
+
+        md = self.decorrelate.metadata
+        inner = md.get("decorrelate", {})
+        svar = md.get("svar", inner.get("svar"))
+        tvar = md.get("tvar", inner.get("tvar"))
+        if base_psf is None or svar is None or tvar is None:
+            return diff.psf
+        xc, yc = diff.bbox.center
+        return DecorrelatedPsf(base_psf, kernel_image_at(kernel, xc, yc), svar, tvar,
+                               template_matched=template_matched, preconv_kernel=preconv_kernel)
+
+    def _select_kernel_sources(self, science, selectSources):
+        """Kernel sources (and a control sample) from ``selectSources`` via ``sourceSelector`` (doSelectSources)."""
+        import random
+
+        from ..sources import detect_and_measure_sources as detect_stars
+
+        cfg = self.config
+        if selectSources is None:
+            selectSources = detect_stars(science)
+        selected = self.sourceSelector.run(selectSources, exposure=science).sourceCat
+        rows = list(range(len(selected)))
+        rng = random.Random(cfg.controlRandomSeed)
+        rng.shuffle(rows)
+        step = max(int(cfg.controlStepSize), 1)
+        control_rows = rows[::step]
+        kernel_rows = [r for i, r in enumerate(rows) if i % step != 0]
+        self.metadata["nKernelSources"] = len(kernel_rows)
+        self.metadata["nControlSources"] = len(control_rows)
+        return selected[sorted(kernel_rows)], selected[sorted(control_rows)], selectSources
+
+    def _al_score_image(self, science, template, kernelSources):
+        """Pre-convolved AL likelihood (score) image: (science ⊗ PSF) − matched template, decorrelated."""
+        from ..convolve import convolve_exposure
+        from ..model.psf import GaussianPsf
+
+        cfg = self.config
+        psf = science.require_psf()
+        pos = science.psf_position()
+        kimg = psf.compute_kernel_image(*pos)
+        if cfg.useGaussianForPreConvolution:
+            kimg = GaussianPsf(psf.sigma(*pos), size=kimg.shape[0]).compute_kernel_image()
+        pre_kernel = kimg[::-1, ::-1] / kimg.sum()  # correlation with the flipped PSF = convolution with the PSF
+        pre = convolve_exposure(science, pre_kernel, copy_edge=True)
+        pre.psf = _preconvolved_psf(psf, pre_kernel, pos)
+        res = self.subtract.subtractExposures(template, pre, candidateList=kernelSources, convolveTemplate=True)
+        score = res.subtractedExposure
+        if cfg.doDecorrelation:
+            score = self.decorrelate.run(
+                science, template, score, res.psfMatchingKernel, spatiallyVarying=cfg.doSpatiallyVarying,
+                preConvKernel=pre_kernel, templateMatched=True, preConvMode=True,
+            ).correctedExposure
+        score.psf = psf
+        return score
+
+    def _kernel_metrics(self, science, template, subtractRes, kernelSources, controlSources):
+        """Kernel-quality metrics on the kernel and control samples (doAddMetrics)."""
+        from ..kernel_qa import kernel_candidate_metrics
+
+        diff = subtractRes.subtractedExposure
+        kern = subtractRes.psfMatchingKernel
+        for label, src in (("kernel", kernelSources), ("control", controlSources)):
+            if src is None:
+                src = getattr(subtractRes, "kernelCandidates", None)
+            if src is None or len(src) == 0:
+                continue
+            stats = kernel_candidate_metrics(diff, kern, src)
+            for key, value in stats.items():
+                self.metadata[f"{label}_{key}"] = value
+
+    def _detect_and_measure(self, science, diffExp, detExp, matchedExposure, warpedExposure, idFactory, selectSources):
+        from ..catalog import build_dia_source_table
+        from ..deblend import split_footprints
+        from ..detection import merge_footprints
+        from ..measure.single_frame import measure_dia_sources
+
+        cfg = self.config
+        with self._stage("scaleDiffimVariance"):
+            if cfg.doScaleDiffimVariance:
+                self.metadata["scaleDiffimVarianceFactor"] = self.scaleVariance.run(detExp.masked_image)
+                if detExp is not diffExp:
+                    self.metadata["scaleDiffimVarianceFactorDifference"] = self.scaleVariance.run(diffExp.masked_image)
+        with self._stage("detection"):
+            useScore = detExp is not diffExp
+            det = self.detection.run(detExp, doSmooth=not useScore)
+            if useScore:  # detection masks travel to the difference that is measured
+                for plane in ("DETECTED", "DETECTED_NEGATIVE", "EDGE"):
+                    if detExp.mask.has_plane(plane):
+                        diffExp.mask.clear(plane)
+                        diffExp.mask.set(plane, detExp.mask.get(plane))
+            if cfg.doMerge:
+                footprints = merge_footprints(det.positive, det.negative, grow=cfg.growFootprint,
+                                              shape=detExp.shape, xy0=detExp.xy0)
+            else:
+                footprints = list(det.sources)
+            smoothed = getattr(det, "smoothed", None)
+            snr = None
+            if smoothed is not None and getattr(smoothed, "image", None) is not None:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    snr = smoothed.image / np.sqrt(smoothed.variance)
+            footprints, parents = split_footprints(footprints, snr, xy0=detExp.xy0,
+                                                   min_separation=max(2.0, diffExp.psf.fwhm(*diffExp.psf_position())))
+            n_real = len(footprints)
+            self.metadata["nMergedFootprints"] = int(len(set(parents.tolist())))
+            if cfg.doSkySources:
+                seed = int(science.id) if science.id is not None else 0
+                sky = self.skySources.run(diffExp.mask, seed, xy0=diffExp.xy0)
+                footprints = footprints + list(sky)
+            is_sky = np.zeros(len(footprints), bool)
+            is_sky[n_real:] = True
+        columns: dict = {"x": np.array([fp.peaks[0].x if fp.peaks else fp.centroid()[0] for fp in footprints], float),
+                         "y": np.array([fp.peaks[0].y if fp.peaks else fp.centroid()[1] for fp in footprints], float),
+                         "isNegative": np.array([fp.is_negative for fp in footprints], bool)}
+        if cfg.doMeasurement:
+            with self._stage("measurement"):
+                columns = measure_dia_sources(diffExp, footprints)
+                if cfg.doDipoleFitting:
+                    negExp = matchedExposure if cfg.convolveTemplate else warpedExposure
+                    posExp = science if cfg.convolveTemplate else matchedExposure
+                    if cfg.subtract.name == "zogy":
+                        negExp = None
+                    dip = self.measurement.run(footprints, diffExp, posExp=posExp, negExp=negExp,
+                                               centroids={k: columns[k] for k in ("x", "y", "xErr", "yErr")}
+                                               | {"flag": columns["centroid_flag"]})
+                    d = dip.dipoles
+                    isdip = np.asarray(d["isDipole"], bool)
+                    for key, arr in d.items():
+                        if key in ("x", "y", "xErr", "yErr"):
+                            continue
+                        columns[key] = arr
+                    # The centroid slot becomes the dipole-fit centroid for dipoles (LSST re-aliases it).
+                    for key in ("x", "y", "xErr", "yErr"):
+                        src = f"ip_diffim_DipoleFit_{key}"
+                        if src in d:
+                            columns[key] = np.where(isdip, np.asarray(d[src], float), columns[key])
+        columns["sky_source"] = is_sky
+        table = build_dia_source_table(
+            columns, exposure=diffExp, science_photo_calib=science.photo_calib,
+            template_photo_calib=warpedExposure.photo_calib if warpedExposure is not None else None,
+        )
+        if idFactory is not None:
+            table["diaSourceId"] = np.array([idFactory() for _ in range(len(table))], dtype=np.int64)
+        if cfg.doMeasurement and cfg.doApCorr:
+            with self._stage("apCorr"):
+                apcorr = diffExp.ap_corr_map if diffExp.ap_corr_map else self._measure_ap_corr(science)
+                if apcorr:
+                    diffExp.ap_corr_map = apcorr
+                self.applyApCorr.run(table, apcorr)
+        if cfg.doForcedMeasurement:
+            with self._stage("forcedMeasurement"):
+                from ..sources import background_subtracted
+
+                # Forced PSF fluxes need the science without its sky (a calexp is background-subtracted).
+                self.forcedMeasurement.run(table, background_subtracted(science))
+        if cfg.doMatchSources:
+            with self._stage("matchSources"):
+                self._match_sources(table, science, selectSources)
+        self._count_metadata(table)
+        return table
+
+    def _measure_ap_corr(self, science):
+        """Aperture corrections of PSF fluxes measured on the science stars (when none are supplied)."""
+        from ..measure.apcorr import measure_ap_corr
+        from ..sources import background_subtracted, detect_and_measure_sources
+
+        try:
+            work = background_subtracted(science)
+            sources = detect_and_measure_sources(science)
+            stars = self.sourceSelector.run(sources, exposure=science).sourceCat
+            # Isolation from every detected source, not only from other stars: a faint neighbour inside the
+            # 12-px aperture biases the ratio high.
+            if len(stars) and len(sources) > 1:
+                from scipy.spatial import cKDTree
+
+                tree = cKDTree(np.column_stack([sources["x"], sources["y"]]))
+                counts = np.array([len(n) for n in tree.query_ball_point(
+                    np.column_stack([stars["x"], stars["y"]]), 24.0)])
+                stars = stars[counts <= 1]
+            res = measure_ap_corr(work.image, work.variance, work.mask.array, science.require_psf(),
+                                  np.asarray(stars["x"], float), np.asarray(stars["y"], float), bbox=science.bbox,
+                                  xy0=science.xy0, bad_mask=science.mask.bitmask(
+                                      ["BAD", "SAT", "NO_DATA", "EDGE", "CR", "INTRP"], ignore_missing=True))
+        except Exception as exc:  # too few stars: no correction, each source gets flag_apCorr
+            self.log.warning("Aperture corrections not measured: %s", exc)
+            return None
+        self.metadata["apCorrNStars"] = int(np.sum(res.used))
+        self.metadata["apCorrValue"] = float(res.value)
+        return res.ap_corr_map
+
+    def _match_sources(self, table, science, selectSources):
+        """Match DIA sources to the science sources (srcMatchId) and the reference catalogue (refMatchId)."""
+        from ..sources import detect_and_measure_sources as detect_stars
+        from ..warp.matching import match_dia_sources
+        from .ref_obj_loader import load_reference_catalog
+
+        cfg = self.config
+        scale = science.pixel_scale() or 1.0
+        src = selectSources if selectSources is not None else detect_stars(science)
+        ids = np.asarray(src["id"]) if "id" in src.colnames else np.arange(len(src))
+        idx, _ = match_dia_sources(np.column_stack([table["x"], table["y"]]),
+                                   np.column_stack([np.asarray(src["x"], float), np.asarray(src["y"], float)]),
+                                   cfg.diaSourceMatchRadius, pixel_scale=scale)
+        table["srcMatchId"] = np.where(idx >= 0, ids[np.clip(idx, 0, None)], -1)
+        if cfg.refObjLoader.filename and science.wcs is not None:
+            ref = load_reference_catalog(cfg.refObjLoader, science)
+            rx, ry = science.sky_to_pixel(np.asarray(ref[cfg.refObjLoader.raColumn], float),
+                                          np.asarray(ref[cfg.refObjLoader.decColumn], float))
+            rids = np.asarray(ref["id"]) if "id" in ref.colnames else np.arange(len(ref))
+            idx, _ = match_dia_sources(np.column_stack([table["x"], table["y"]]), np.column_stack([rx, ry]),
+                                       cfg.diaSourceMatchRadius, pixel_scale=scale)
+            table["refMatchId"] = np.where(idx >= 0, rids[np.clip(idx, 0, None)], -1)
+        self.metadata["nSrcMatches"] = int((np.asarray(table["srcMatchId"]) >= 0).sum())
+
+    def _count_metadata(self, table) -> None:
+        sky = np.asarray(table["sky_source"], bool) if "sky_source" in table.colnames else np.zeros(len(table), bool)
+        neg = np.asarray(table["isNegative"], bool) if "isNegative" in table.colnames else np.zeros(len(table), bool)
+        dip = np.asarray(table["isDipole"], bool) if "isDipole" in table.colnames else np.zeros(len(table), bool)
+        real = ~sky
+        self.metadata["counts"] = {
+            "nDiaSources": int(real.sum()), "nPositive": int((real & ~neg & ~dip).sum()),
+            "nNegative": int((real & neg & ~dip).sum()), "nDipoles": int((real & dip).sum()),
+            "nSkySources": int(sky.sum()),
+        }
+
+    def _quality_metadata(self, diff) -> None:
+        """Noise ratio of the difference on unmasked, undetected pixels (robust std of D/σ)."""
+        if diff is None:
+            return
+        bad = diff.mask.get(["NO_DATA", "BAD", "SAT", "EDGE", "DETECTED", "DETECTED_NEGATIVE", "CR", "SUSPECT"],
+                            ignore_missing=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = diff.image[~bad] / np.sqrt(diff.variance[~bad])
+        z = z[np.isfinite(z)]
+        if z.size > 100:
+            med = float(np.median(z))
+            self.metadata["quality"] = {"noiseRatio": float(1.4826 * np.median(np.abs(z - med))), "medianSnr": med,
+                                        "nPixels": int(z.size)}
+
+
+def _preconvolved_psf(psf, pre_kernel, pos):
+    """PSF of an image convolved with ``pre_kernel``: the kernel image at ``pos`` convolved with it."""
+    from scipy.signal import fftconvolve
+
+    from ..model.psf import ImagePsf
+
+    k = psf.compute_kernel_image(*pos)
+    out = fftconvolve(k, pre_kernel[::-1, ::-1], mode="full")
+    return ImagePsf(out / out.sum(), average_position=pos)
