@@ -28,8 +28,9 @@ def _scene(n=512, seed=11, factor=1.3, sources=True, nsrc=150):
 def test_recovers_injected_factor_with_sources_masked():
     """The IQR of 2.6·10⁵ normalised residuals has a relative standard error of ~0.3 %, so the squared σ is
     recovered to within ±0.02 of 1.3 (the estimator runs ~1 % low: LSST's rounded 0.74 instead of 0.7413,
-    and the 32-px background absorbs a little noise; over seeds 0-5 it gives 1.289 ± 0.008). Unmasked sources (~25 % of the pixels, several σ bright) widen
-    the IQR by far more than that: this proves the mask is used."""
+    and the 32-px background absorbs a little noise; over seeds 0-5 it gives 1.289 ± 0.008). Unmasked
+    sources (~25 % of the pixels, several σ bright) widen the IQR by far more than that: this proves the
+    mask is used."""
     img, var, src = _scene()
     assert src.mean() > 0.2
     assert scale_variance_factor(img, var, src) == pytest.approx(1.3, abs=0.02)

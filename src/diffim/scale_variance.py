@@ -93,7 +93,10 @@ def scale_variance_factor(
     if np.count_nonzero(good) < 2:
         return 1.0
     if subtract_background:
-        bg_bad = ~good if background_bad is None else (np.asarray(background_bad, dtype=bool) | ~_good(image, variance, None))
+        if background_bad is None:
+            bg_bad = ~good
+        else:
+            bg_bad = np.asarray(background_bad, dtype=bool) | ~_good(image, variance, None)
         bg = estimate_background(image, bg_bad, bin_size, statistic, interp)  # type: ignore[arg-type]
         image = image - bg
     factor = pixel_based_factor(image, variance, good)

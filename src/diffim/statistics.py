@@ -92,7 +92,9 @@ def clipped_mean(values: np.ndarray, mask: np.ndarray | None = None, nsigma: flo
     return clipped_mean_std(values, mask, nsigma, niter)[0]
 
 
-def nan_quantiles_rows(values: np.ndarray, valid: np.ndarray, qs: tuple[float, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
+def nan_quantiles_rows(
+    values: np.ndarray, valid: np.ndarray, qs: tuple[float, ...]
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Per-row quantiles (numpy "linear" definition) of the ``valid`` entries of a 2-D array.
 
     Returns ``(n_valid, [quantile arrays])``; rows without valid entries get NaN. Rows are sorted once, with
