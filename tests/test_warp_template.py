@@ -1,0 +1,147 @@
+"""Tests of GetCoaddAsTemplateTask and patch stitching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffim.errors import BadInputError, InputFileNotFoundError, NoOverlapError, WcsError
+from diffim.model import Box, Exposure, GaussianPsf, PhotoCalib
+from diffim.tasks.get_template import GetCoaddAsTemplateConfig, GetCoaddAsTemplateTask, find_coadd_files
+from diffim.warp import stitch_masked_images, template_coverage, warp_exposure
+from diffim.warp.synthetic import make_tan_wcs, random_sky_positions, render_stars
+
+
+def _tract(rng, n=400):
+    """A noisy star field on a 'tract' grid rotated by 0.35° relative to the science grid."""
+    wt = make_tan_wcs((n / 2 + 3.3, n / 2 - 2.1), rotation_deg=0.35)
+    box = Box(0, 0, n, n)
+    ra, dec = random_sky_positions(wt, box, 150, rng)
+    psf = GaussianPsf(2.0, size=25)
+    img, _, _ = render_stars(box, wt, ra, dec, rng.uniform(200, 5000, ra.size), psf)
+    img += rng.normal(0, 1.0, img.shape)
+    return Exposure(image=img, variance=np.ones((n, n)), wcs=wt, psf=psf, band="r",
+                    photo_calib=PhotoCalib(57.5))
+
+
+def _patches(tract, overlap=40):
+    """Four overlapping quadrants (views sharing the tract WCS in parent coordinates)."""
+    n = tract.width
+    h = n // 2
+    boxes = [Box.from_corners(x0, y0, x1, y1) for (x0, x1) in ((0, h + overlap), (h - overlap, n))
+             for (y0, y1) in ((0, h + overlap), (h - overlap, n))]
+    return [tract[b].copy() for b in boxes]
+
+
+def _science(n=240, offset=(80, 80)):
+    ws = make_tan_wcs((200 - offset[0], 200 - offset[1]))  # science centre near the tract centre
+    return Exposure(image=np.zeros((n, n)), variance=np.ones((n, n)), wcs=ws, band="r")
+
+
+def test_four_patches_equal_one_large_image():
+    """A template stitched from 4 overlapping patches equals the warp of the single large image: every
+    destination pixel's Lanczos footprint lies wholly inside at least one patch (overlap 80 px ≫ 6 px), and
+    overlapping patches of one coadd hold identical pixels, so the weighted mean returns them exactly —
+    equality to float32 rounding (1e-5 of the noise σ = 1) everywhere, not just within the noise."""
+    rng = np.random.default_rng(21)
+    tract = _tract(rng)
+    sci = _science()
+    task = GetCoaddAsTemplateTask()
+    res = task.run(sci, coaddExposures=_patches(tract))
+    bbox = sci.bbox.grown(20)
+    single = warp_exposure(tract, sci.wcs, bbox)
+    t = res.exposure
+    assert t.bbox == bbox and t.wcs is sci.wcs
+    assert len(res.patches) == 4 and res.coverage == pytest.approx(1.0)
+    nd = t.mask.get("NO_DATA")
+    np.testing.assert_array_equal(nd, single.mask.get("NO_DATA"))
+    np.testing.assert_allclose(t.image[~nd], single.image[~nd], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(t.variance[~nd], single.variance[~nd], rtol=1e-5)
+    assert t.band == "r" and t.photo_calib.calibration_mean == 57.5 and t.psf is not None
+    assert task.metadata["numPatches"] == 4
+
+
+def test_patches_from_directory(tmp_path):
+    """Patch files named deepCoadd_*.fits are found and read; other FITS files are ignored while deepCoadd_*
+    files exist; with none of those, any *.fits is used."""
+    from diffim.io import write_exposure
+
+    rng = np.random.default_rng(22)
+    tract = _tract(rng)
+    for i, p in enumerate(_patches(tract)):
+        write_exposure(p, tmp_path / f"deepCoadd_{i}.fits")
+    write_exposure(_science(), tmp_path / "unrelated.fits")
+    files = find_coadd_files(str(tmp_path), "deep")
+    assert len(files) == 4 and all("deepCoadd_" in f for f in files)
+    sci = _science()
+    res = GetCoaddAsTemplateTask().run(sci, coaddDir=str(tmp_path))
+    single = warp_exposure(tract, sci.wcs, sci.bbox.grown(20))
+    nd = res.exposure.mask.get("NO_DATA")
+    np.testing.assert_allclose(res.exposure.image[~nd], single.image[~nd], atol=1e-4)
+    other = tmp_path / "other"
+    other.mkdir()
+    write_exposure(tract, other / "template.fits")
+    assert find_coadd_files(str(other), "deep") == [str(other / "template.fits")]
+    with pytest.raises(InputFileNotFoundError):
+        find_coadd_files(str(tmp_path / "nope"))
+
+
+def test_partial_coverage_and_no_data():
+    """Science hanging off the tract: uncovered pixels are NO_DATA/NaN; coverage is the covered fraction."""
+    rng = np.random.default_rng(23)
+    tract = _tract(rng)
+    sci = _science(n=200, offset=(-100, 0))  # science x from ≈ 300 to 500 on a 400-px tract: ≈ half covered
+    res = GetCoaddAsTemplateTask().run(sci, coaddExposures=_patches(tract))
+    assert 0.4 < res.coverage < 0.55
+    assert res.coverage == pytest.approx(template_coverage(sci, res.exposure))
+    nd = res.exposure.mask.get("NO_DATA")
+    assert np.all(np.isnan(res.exposure.image[nd])) and np.all(np.isfinite(res.exposure.image[~nd]))
+
+
+def test_template_errors():
+    rng = np.random.default_rng(24)
+    tract = _tract(rng, n=120)
+    task = GetCoaddAsTemplateTask()
+    far = Exposure(image=np.zeros((50, 50)), wcs=make_tan_wcs((25, 25), crval=(151.0, 2.0)), band="r")
+    with pytest.raises(NoOverlapError, match="overlaps"):
+        task.run(far, coaddExposures=[tract])
+    sci = Exposure(image=np.zeros((50, 50)), wcs=make_tan_wcs((25, 25)), band="r")
+    g = tract.copy()
+    g.band = "g"
+    with pytest.raises(BadInputError, match="different bands"):
+        task.run(sci, coaddExposures=[tract, g])
+    gsci = Exposure(image=np.zeros((50, 50)), wcs=make_tan_wcs((25, 25)), band="g")
+    with pytest.raises(BadInputError, match="science exposure is 'g'"):
+        task.run(gsci, coaddExposures=[tract])
+    nowcs = tract.copy()
+    nowcs.wcs = None
+    with pytest.raises(WcsError, match="no WCS"):
+        task.run(sci, coaddExposures=[nowcs])
+    zp = tract.copy()
+    zp.photo_calib = PhotoCalib(10.0)
+    with pytest.raises(BadInputError, match="photometric calibrations"):
+        task.run(sci, coaddExposures=[tract, zp])
+    with pytest.raises(BadInputError, match="coaddDir or coaddExposures"):
+        task.run(sci)
+
+
+def test_stitch_weighting():
+    """LSST's modern weights w = V^(-1/2): I = ΣwI/Σw, V = ΣwV/Σw; NO_DATA where no input is good."""
+    from diffim.model import MaskedImage
+
+    a = MaskedImage(np.full((2, 3), 1.0), variance=np.full((2, 3), 1.0))
+    b = MaskedImage(np.full((2, 3), 4.0), variance=np.full((2, 3), 4.0))
+    b.image[0, 0] = np.nan
+    a.image[1, 2] = np.nan
+    b.image[1, 2] = np.nan
+    out = stitch_masked_images([a, b])
+    # weights 1 and 1/2: I = (1 + 2)/1.5 = 2, V = (1 + 2)/1.5 = 2
+    assert out.image[0, 1] == pytest.approx(2.0) and out.variance[0, 1] == pytest.approx(2.0)
+    assert out.image[0, 0] == pytest.approx(1.0) and out.variance[0, 0] == pytest.approx(1.0)
+    assert out.mask.get("NO_DATA")[1, 2] and np.isnan(out.image[1, 2])
+    assert out.mask.get("NO_DATA").sum() == 1
+
+
+def test_config_defaults():
+    c = GetCoaddAsTemplateConfig()
+    assert (c.templateBorderSize, c.coaddName, c.warpType) == (20, "deep", "direct")
