@@ -211,8 +211,9 @@ class ImageDifferenceConfig(pexConfig.Config):
         self.detection.reEstimateBackground = False
         # The difference's border (kernel half-width) is copied, not convolved: EDGE there. Keep it out of the
         # variance statistics as well (LSST's templates carry a border that hides this).
-        if "EDGE" not in self.scaleVariance.maskPlanes:
-            self.scaleVariance.maskPlanes.append("EDGE")
+        for planes in (self.scaleVariance.maskPlanes, self.scaleVariance.background.ignoredPixelMask):
+            if "EDGE" not in planes:
+                planes.append("EDGE")
 
     def validate(self) -> None:
         super().validate()
