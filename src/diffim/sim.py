@@ -626,7 +626,8 @@ def simulate_pair(size: int = 1024, seed: int = 0, **options: Any) -> SimulatedP
     peak_frac = float(sci_psf.compute_kernel_image().max())
     sat_flux = (opt["saturation"] - opt["science_sky"]) / peak_frac
     n_sat = int(opt["n_saturated"])
-    qx, qy = rng.uniform(40, size - 40, n_sat), rng.uniform(40, size - 40, n_sat)
+    e_sat = min(40.0, size / 4.0)
+    qx, qy = rng.uniform(e_sat, size - e_sat, n_sat), rng.uniform(e_sat, size - e_sat, n_sat)
     qflux = sat_flux * rng.uniform(2.0, 10.0, n_sat)
     sx, sy, sflux = np.concatenate([sx, qx]), np.concatenate([sy, qy]), np.concatenate([sflux, qflux])
     for i in range(sx.size):
@@ -655,6 +656,7 @@ def simulate_pair(size: int = 1024, seed: int = 0, **options: Any) -> SimulatedP
         return not np.any((d2 < radius * radius) & (bright_f > f))
 
     def draw_field_positions(n, flux, edge=12.0, radius=4.0 * fw0):
+        edge = min(edge, size / 4.0)  # small images: keep a usable range
         xs, ys = np.empty(n), np.empty(n)
         for i in range(n):
             for _ in range(50):  # rejection sampling; keeps most field transients isolated
