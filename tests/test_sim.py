@@ -515,3 +515,15 @@ def test_option_aliases_used_by_the_command_line(tmp_path):
     assert p.options["template_rotation"] == 1.0 and p.template.shape[0] > 128
     rc = cli_main(["-q", "simulate", str(tmp_path / "s"), "--size", "96", "--psf", "elliptical", "--template-psf", "mixed", "--offset", "2", "1"])
     assert rc == 0 and (tmp_path / "s" / "template.fits").exists()
+
+
+@pytest.mark.parametrize(
+    "size, options",
+    [(64, dict(n_movers=3, n_saturated=2)), (100, dict(template_psf="same", wcs=False)), (96, dict(n_stars=0, n_galaxies=0, n_transients=0, n_host_transients=0, n_transient_pairs=0, n_cr_transients=0, n_variables=0, n_movers=0, n_cosmic_rays=0, n_bad_columns=0))],
+)
+def test_small_and_empty_scenes(size, options):
+    """Tiny images and empty scenes still give consistent exposures and a (possibly empty) truth table."""
+    p = simulate_pair(size, seed=2, **options)
+    assert p.science.shape == (size, size) and np.isfinite(p.science.image).all()
+    assert set(p.truth.colnames) >= {"id", "kind", "x", "y", "snr", "isolated"}
+    assert (p.science.wcs is None) == (options.get("wcs") is False)
