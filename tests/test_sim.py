@@ -426,6 +426,13 @@ def test_write_round_trip(tmp_path):
     assert sci.photo_calib.calibration_mean == pytest.approx(p.science.photo_calib.calibration_mean)
     t = Table.read(tmp_path / "truth.csv", format="ascii.csv")
     assert len(t) == len(p.truth)
+    try:
+        import pyarrow  # noqa: F401
+
+        tp = Table.read(tmp_path / "truth.parquet")
+        assert list(tp["kind"]) == list(p.truth["kind"])
+    except ImportError:
+        pass
     np.testing.assert_allclose(t["x"], p.truth["x"])
 
 
