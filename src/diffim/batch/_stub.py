@@ -27,6 +27,8 @@ def fake_worker(science: str, template: str | None, outdir: str, *, config_text:
     for p in (science, template):
         if p is not None and not Path(p).is_file():
             raise InputFileNotFoundError(f"Input file {p} does not exist.")
+    if "crash" in Path(science).name:  # lets tests kill a worker process the hard way
+        os._exit(9)
     out = Path(outdir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -461,25 +461,36 @@ class _ExecutorHandle:
             log.debug("executor shutdown: %s", exc)
 
 
-def _local_pool(workers: int, max_tasks_per_child: int | None):
+def _local_pool(workers: int, max_tasks_per_child: int | None, warm_up: bool = True):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn: fresh interpreters (no inherited threads or locks), environment taken at start.
     ctx = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=max_tasks_per_child)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=max_tasks_per_child,
+                               initializer=_warm_up if warm_up else None)
+
+
+def _warm_up() -> None:
+    """Import the pipeline when a worker starts, so the first pair's wall time measures the pair itself."""
+    try:
+        import diffim.io  # noqa: F401
+        import diffim.pipeline  # noqa: F401
+        import diffim.tasks.image_difference  # noqa: F401
+    except Exception:  # an import problem will be reported by the pair that hits it
+        pass
 
 
 def _make_executor(executor: Any, workers: int | None, scheduler: str | None, threads: int,
-                   max_tasks_per_child: int | None) -> _ExecutorHandle:
+                   max_tasks_per_child: int | None, warm_up: bool = True) -> _ExecutorHandle:
     if executor is None:
         executor = "dask" if scheduler else "local"
     if isinstance(executor, str):
         kind = executor.lower()
         if kind == "local":
             n = workers or max(1, os.cpu_count() or 1)
-            return _ExecutorHandle(_local_pool(n, max_tasks_per_child), n, "local", True,
-                                   restart=lambda: _local_pool(n, max_tasks_per_child))
+            return _ExecutorHandle(_local_pool(n, max_tasks_per_child, warm_up), n, "local", True,
+                                   restart=lambda: _local_pool(n, max_tasks_per_child, warm_up))
         if kind == "serial":
             return _ExecutorHandle(_SerialExecutor(), 1, "serial", True)
         if kind == "dask":
@@ -655,6 +666,7 @@ class _Progress:
         print(line, file=self.stream, flush=True)
 
     def start(self, n_skipped: int, outroot: Path, kind: str, window: int) -> None:
+        self.t0 = time.perf_counter()  # the ETA should not count executor start-up
         if self.emit:
             self.emit(f"diffim batch: {self.total} pairs, {n_skipped} already done, {self.to_run} to run "
                       f"({kind}, {window} at a time) → {outroot}")
@@ -802,7 +814,8 @@ def run_batch(
         prog = _Progress(len(rows), len(to_run), progress)
         totals = {"done": 0, "failed": 0, "skipped": n_skipped}
         if to_run:
-            handle = _make_executor(executor, workers, scheduler, threads, max_tasks_per_child)
+            handle = _make_executor(executor, workers, scheduler, threads, max_tasks_per_child,
+                                    warm_up=worker is None)
             prog.start(n_skipped, outroot, handle.kind, handle.window)
             with _worker_environment(threads if handle.kind == "local" else None):
                 _drive(handle, to_run, rows, manifest, prog, totals, dict(
@@ -880,7 +893,9 @@ def _drive(handle: _ExecutorHandle, to_run: list[Pair], rows: list[dict[str, Any
     def task_for(pair: Pair) -> dict[str, Any]:
         return {"id": pair.id, "science": pair.science, "template": pair.template,
                 "outdir": str(Path(common["outroot"]) / pair.id), "config_text": common["config_text"],
-                "plot": common["plot"], "threads": common["threads"], "worker": common["worker"],
+                "plot": common["plot"], "worker": common["worker"],
+                # In-process (serial) runs leave the caller's thread settings alone.
+                "threads": common["threads"] if handle.kind != "serial" else None,
                 "logfile": str(Path(common["logdir"]) / f"{pair.id}.log") if common["logdir"] else None}
 
     def submit(pair: Pair, isolated: bool) -> None:
