@@ -9,7 +9,7 @@ whitens it: the filtered noise has the flat spectrum ``σ²_S + σ²_T κ_sum²`
 The PSF of the result is ``φ ⊗ PSF_D``. In "pre-convolution" (score-image) mode the science image was first
 convolved with its own PSF ``P`` and the filter is (DMTN-179)
 
-    φ̂(k) = (σ²_S + σ²_T κ_sum²) / (σ²_S + σ²_T |K̂|² / |P̂|²),   with |P̂|² floored at 1000·tiny(float64).
+    φ̂(k) = (σ²_S + σ²_T κ_sum²) / (σ²_S + σ²_T |K̂|² / |P̂|²),   |P̂|² floored at 1e-6 (LSST: 1000·tiny).
 
 The variance plane follows from Parseval: the filtered noise has per-pixel variance
 ``V_u · mean|ĉ_u|² + V_c · mean|ĉ_c|²`` (means over all frequency cells) with ``ĉ_u = φ̂`` (``conj(P̂)·φ̂`` in
@@ -64,6 +64,9 @@ _log = logging.getLogger(__name__)
 
 #: Floor of |P̂|² in pre-convolution mode (LSST: 1000 × the smallest normal float64).
 _PREC_FLOOR = 1000.0 * np.finfo(np.float64).tiny
+#: Floors of |P̂|² (unit-sum P) and of |K̂|² relative to its peak in pre-convolution mode (see there).
+_PREC_P_FLOOR = 1e-6
+_PREC_K_REL = 1e-14
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,9 +199,16 @@ def decorrelation_kernel_fourier(
         den += ft(su)
         np.divide(num, den, out=den)
         return np.sqrt(den, out=den)
+    # |K̂|²/|P̂|² divides two spectra that both fall to round-off level at high frequency, and a truncated
+    # PSF stamp has near-zeros in |P̂|² there. LSST only floors |P̂|² at 1000·tiny, which leaves φ̂ spiky and
+    # grid-dependent where the score image carries no signal. We floor |P̂|² at 1e-6 (frequencies below it
+    # hold < 1e-6 of the science power) and |K̂|² at float64 round-off (1e-14 of its peak).
+    if k2.dtype != np.float64:
+        k2 = _power(kernel_image, shape, workers)
     p = np.asarray(preconv_kernel, dtype=np.float64)
-    p2 = np.maximum(_power(p / p.sum(), shape, workers), _PREC_FLOOR)  # float64: the floor is ~1e-305
-    return (num / (su + sc * k2 / p2)).astype(k2.dtype, copy=False)
+    p2 = np.maximum(_power(p / p.sum(), shape, workers), _PREC_P_FLOOR)
+    k2f = np.maximum(k2, _PREC_K_REL * max(ksum * ksum, float(k2.max())))
+    return (num / (su + sc * k2f / p2)).astype(ft, copy=False)
 
 
 def decorrelation_variance_factors(
