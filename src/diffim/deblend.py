@@ -40,6 +40,7 @@ def split_footprints(
     xy0: tuple[int, int] = (0, 0),
     min_separation: float = 2.0,
     min_dip: float = 1.0,
+    max_dipole_separation: float | None = None,
 ) -> tuple[list[Footprint], np.ndarray]:
     """One footprint per DIA source.
 
@@ -55,6 +56,11 @@ def split_footprints(
     min_dip
         Required depth, in σ, of the saddle between two peaks for the fainter to become its own source.
 
+    max_dipole_separation
+        A footprint with peaks of both signs is a dipole candidate only if its most positive and most negative
+        peaks are at most this far apart (pixels); farther apart (a fast mover's two epochs, two unrelated
+        changes joined by footprint growth) it is split into its positive and its negative part. None: never.
+
     Returns
     -------
     children, parent_index
@@ -65,6 +71,18 @@ def split_footprints(
     parents: list[int] = []
     for i, fp in enumerate(footprints):
         signs = {p.is_negative for p in fp.peaks}
+        if len(signs) > 1 and max_dipole_separation is not None:
+            pos_peaks = [p for p in fp.peaks if not p.is_negative]
+            neg_peaks = [p for p in fp.peaks if p.is_negative]
+            top = max(pos_peaks, key=lambda p: p.value)
+            bottom = min(neg_peaks, key=lambda p: p.value)
+            if np.hypot(top.x - bottom.x, top.y - bottom.y) > max_dipole_separation:
+                parts = [replace(fp, peaks=pos_peaks, is_negative=False, from_negative=False),
+                         replace(fp, peaks=neg_peaks, is_negative=True, from_positive=False)]
+                sub, _ = split_footprints(parts, snr_image, xy0=xy0, min_separation=min_separation, min_dip=min_dip)
+                children.extend(sub)
+                parents.extend([i] * len(sub))
+                continue
         if snr_image is None or len(fp.peaks) < 2 or len(signs) > 1:
             children.append(fp)
             parents.append(i)

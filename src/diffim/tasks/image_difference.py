@@ -578,8 +578,13 @@ class ImageDifferenceTask(Task):
             if smoothed is not None and getattr(smoothed, "image", None) is not None:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     snr = smoothed.image / np.sqrt(smoothed.variance)
+            psf_pos = diffExp.psf_position()
+            # A pair of opposite lobes farther apart than the dipole model may separate them (maxSeparation
+            # PSF σ) is two changes (a fast mover), not a dipole.
+            max_sep = self.measurement.config.dipoleFit.maxSeparation * diffExp.psf.sigma(*psf_pos)
             footprints, parents = split_footprints(footprints, snr, xy0=detExp.xy0,
-                                                   min_separation=max(2.0, diffExp.psf.fwhm(*diffExp.psf_position())))
+                                                   min_separation=max(2.0, diffExp.psf.fwhm(*psf_pos)),
+                                                   max_dipole_separation=max_sep if cfg.doMerge else None)
             n_real = len(footprints)
             self.metadata["nMergedFootprints"] = int(len(set(parents.tolist())))
             if cfg.doSkySources:
