@@ -143,33 +143,41 @@ def resample_axis(
     masks = masks or []
     full_masks = full_masks or []
     n = pos.size
+    ntap = 2 * order
     fl = np.floor(pos)
     q = np.rint((pos - fl) * N_PHASE).astype(np.intp)
     fl = fl.astype(np.intp)
     table = lanczos_table(order)
     first = fl - (order - 1)
-    ntap = 2 * order
-    valid = (first >= 0) & (first + ntap <= length)
+    valid = (first >= 0) & (first <= length - ntap)
     # Taps of zero weight do not count: an exact integer position needs only the sample it lands on, so an
     # identity or integer-shift warp reproduces its input up to the very edge (fixed up below).
-    exact = (q == 0) | (q == N_PHASE)
-    near = fl + (q == N_PHASE)
-    edge_exact = exact & ~valid & (near >= 0) & (near < length)
-    valid |= edge_exact
+    edge_exact = None
+    if not valid.all():
+        inval = ~valid
+        hi = q[inval] == N_PHASE
+        exact = (q[inval] == 0) | hi
+        if exact.any():
+            near = fl[inval] + hi
+            ok = exact & (near >= 0) & (near < length)
+            if ok.any():
+                edge_exact = np.nonzero(inval)[0][ok]
+                edge_near = near[ok]
+                valid[edge_exact] = True
     # Clamp the whole footprint inside the line once (clamped values are only used where invalid).
-    first_c = np.clip(first, 0, max(length - ntap, 0))
-    start = line_start + first_c * stride
+    short = length < ntap
+    first_c = np.minimum(np.maximum(first, 0), max(length - ntap, 0))
+    start = first_c
+    start *= stride
+    start += line_start
     outs = [np.zeros(n, dtype=np.float32) for _ in flats]
     idx = start.copy()
     tmp = np.empty(n, dtype=np.float32)
     w = np.empty(n, dtype=np.float32)
     w2 = np.empty(n, dtype=np.float32) if any(squared) else None
-    last = length - 1
-    for k in range(ntap):
+    for k in range(min(ntap, length)):
         if k:
             idx += stride
-        if length < ntap and k > last:
-            break
         table[k].take(q, out=w)
         if w2 is not None:
             np.multiply(w, w, out=w2)
@@ -177,23 +185,34 @@ def resample_axis(
             flat.take(idx, out=tmp)
             tmp *= w2 if sq else w
             out += tmp
-    if edge_exact.any():
-        sel = np.nonzero(edge_exact)[0]
-        src = line_start[sel] + near[sel] * stride
+    if edge_exact is not None:
+        src = line_start[edge_exact] + edge_near * stride
         for flat, out in zip(flats, outs):
-            out[sel] = flat[src]
+            out[edge_exact] = flat[src]
     mask_outs = []
     if masks:
         # Bilinear footprint: the two nearest samples, or the one sample an integer position lands on.
-        i0 = line_start + np.clip(near, 0, last) * stride
-        i1 = line_start + np.clip(fl + (q > 0), 0, last) * stride
+        if short:
+            last = length - 1
+            i0 = line_start + np.clip(fl + (q == N_PHASE), 0, last) * stride
+            i1 = line_start + np.clip(fl + (q > 0), 0, last) * stride
+        else:
+            i0 = start + (order - 1) * stride
+            i1 = i0 + (q > 0) * stride
+            i0 += (q == N_PHASE) * stride
         for mf in masks:
-            mask_outs.append(mf.take(i0) | mf.take(i1))
+            m = mf.take(i0)
+            m |= mf.take(i1)
+            if edge_exact is not None:
+                m[edge_exact] = mf[line_start[edge_exact] + edge_near * stride]
+            mask_outs.append(m)
     for mf in full_masks:
         acc = mf.take(start)
         idx = start.copy()
         for k in range(1, min(ntap, length)):
             idx += stride
             acc |= mf.take(idx)
+        if edge_exact is not None:
+            acc[edge_exact] = mf[line_start[edge_exact] + edge_near * stride]
         mask_outs.append(acc)
     return outs, mask_outs, valid

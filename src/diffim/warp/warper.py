@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 #: Destination columns processed per strip (bounds the temporaries to ~40 bytes × source height × width).
-WARP_STRIP_WIDTH = 256
+WARP_STRIP_WIDTH = 64
 
 Transform = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -268,24 +268,16 @@ def warp_masked_image(
         (h_img, h_var), h_masks, valid1 = resample_axis(
             [img_f, var_f], line, 1, nx_s, us, order, [False, True], [msk_f], [full_f] if use_full else None
         )
+        # Pixels whose pass-1 value is incomplete poison every pass-2 tap that reads them (NaN), which marks
+        # exactly the destination pixels that depend on them.
+        h_img[~valid1] = np.nan
         # Pass 2: down the intermediate columns (flat index row * w + column, stride w).
         vt = (vs - jlo).reshape(-1)
         line2 = np.tile(np.arange(w), ys.size)
         (o_img, o_var), o_masks, valid2 = resample_axis(
             [h_img, h_var], line2, w, nj, vt, order, [False, True], [h_masks[0]], h_masks[1:] or None
         )
-        # A pixel is good if its pass-2 taps exist and their pass-1 values were complete. valid1 is an interval
-        # in j for each column (the column crosses the source once), so the two end taps suffice.
-        fl = np.floor(vt).astype(np.intp)
-        t0 = np.clip(fl - order + 1, 0, nj - 1) * w + line2
-        t1 = np.clip(fl + order, 0, nj - 1) * w + line2
-        good = valid2 & valid1.take(t0) & valid1.take(t1)
-        exact = valid2 & ~(valid1.take(t0) & valid1.take(t1))
-        if exact.any():
-            # Exact-integer positions at the very edge need only their own tap.
-            tn = np.clip(np.rint(vt[exact]).astype(np.intp), 0, nj - 1) * w + line2[exact]
-            qv = np.abs(vt[exact] - np.rint(vt[exact])) * N_PHASE < 0.5
-            good[np.nonzero(exact)[0][qv]] = valid1.take(tn[qv])
+        good = valid2 & np.isfinite(o_img)
         m_out = o_masks[0]
         if len(o_masks) > 1:
             m_out = m_out | o_masks[1]
