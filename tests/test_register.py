@@ -170,6 +170,10 @@ def test_match_sky_and_dia_sources():
                                      pixel_scale=0.2)
     assert np.array_equal(m_pix, m_sky)
     np.testing.assert_allclose(d_pix[:30], 0.06, rtol=1e-6)
+    # Non-finite positions never match (and do not break the tree).
+    nan_ra = np.r_[np.nan, dia_ra[1:]]
+    m_nan, _ = match_dia_sources((nan_ra, dia_dec), (np.r_[ra[:5], np.nan, ra[6:]], dec), 0.5)
+    assert m_nan[0] == -1 and m_nan[5] == -1 and m_nan[1] == 1
     i1, i2, sep = match_sky(dia_ra, dia_dec, ra, dec, 0.5)
     assert np.array_equal(i1, np.arange(30)) and np.array_equal(i2, np.arange(30))
 

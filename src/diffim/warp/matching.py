@@ -151,17 +151,21 @@ def match_dia_sources(dia, other, radius_arcsec: float, pixel_scale: float | Non
     other_ids = np.asarray(other_ids).astype(np.int64)
     matched = np.full(len(a1), -1, dtype=np.int64)
     dist = np.full(len(a1), np.nan)
-    if len(a1) == 0 or len(a2) == 0:
+    # Rows without a finite position (failed centroids) never match.
+    f1 = np.isfinite(a1) & np.isfinite(b1)
+    f2 = np.isfinite(a2) & np.isfinite(b2)
+    if not f1.any() or not f2.any():
         return matched, dist
+    r1, r2 = np.nonzero(f1)[0], np.nonzero(f2)[0]
     if pixel_scale is None:
-        v1, v2 = radec_to_unit(a1, b1), radec_to_unit(a2, b2)
+        v1, v2 = radec_to_unit(a1[r1], b1[r1]), radec_to_unit(a2[r2], b2[r2])
         d, j = cKDTree(v2).query(v1, k=1, distance_upper_bound=_chord(radius_arcsec))
         ok = np.isfinite(d)
-        dist[ok] = _arcsec_from_chord(d[ok])
+        dist[r1[ok]] = _arcsec_from_chord(d[ok])
     else:
-        p1, p2 = np.column_stack([a1, b1]), np.column_stack([a2, b2])
+        p1, p2 = np.column_stack([a1[r1], b1[r1]]), np.column_stack([a2[r2], b2[r2]])
         d, j = cKDTree(p2).query(p1, k=1, distance_upper_bound=radius_arcsec / pixel_scale)
         ok = np.isfinite(d)
-        dist[ok] = d[ok] * pixel_scale
-    matched[ok] = other_ids[j[ok]]
+        dist[r1[ok]] = d[ok] * pixel_scale
+    matched[r1[ok]] = other_ids[r2[j[ok]]]
     return matched, dist
