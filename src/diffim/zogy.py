@@ -48,11 +48,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.fft as sfft
 
+from ._threads import fft_workers
 from .errors import BadInputError, PsfError, ShapeMismatchError
 from .model.box import Box
 from .model.psf import Psf, kernel_moments, register_psf_type
@@ -69,13 +71,14 @@ __all__ = [
     "zogy_border_size",
     "generate_grid",
     "psf_centroid_offset",
+    "grow_mask_bits",
 ]
 
 #: Smallest allowed share of either image in the combined noise ``σ_n² F_r² + σ_r² F_n²`` (noiseless inputs).
 NOISE_FLOOR = 1e-3
 
-#: FFT worker threads (the target machine has 2 cores).
-FFT_WORKERS = 2
+#: FFT (and strip-loop) worker threads: ``DIFFIM_FFT_WORKERS`` or 2 (the target machine has 2 cores).
+FFT_WORKERS = fft_workers()
 
 #: Rows of the half-plane spectrum processed at once when forming the filters (bounds float64 temporaries).
 _STRIP_ROWS = 256
@@ -368,6 +371,7 @@ def zogy_subtract(
     stats_ignore_science: np.ndarray | None = None,
     stats_ignore_template: np.ndarray | None = None,
     subtract_background: bool = False,
+    difference_background_bin: int | None = None,
     xy0: tuple[int, int] = (0, 0),
 ) -> ZogyResult:
     """ZOGY subtraction of a registered science/template pair (eq. 12–15 and 25–33 of the paper).
@@ -393,6 +397,11 @@ def zogy_subtract(
         Boolean arrays of pixels left out of the σ and background statistics (e.g. DETECTED, SAT).
     subtract_background
         Subtract each image's clipped mean first (LSST ``correctBackground``).
+    difference_background_bin
+        If given, fit a smooth differential background to D (mesh of this super-pixel size, clipped means,
+        Akima interpolation; pixels flagged bad or in ``stats_ignore_*`` left out) and remove it from D and,
+        matched-filtered (``F_D × D_bg``, exact for a background smooth on the PSF scale), from S. Sky levels
+        and gradients that differ between the inputs otherwise offset S_corr by many σ.
     xy0
         Parent coordinates of pixel ``[0, 0]`` (for the PSF callables).
 
@@ -451,15 +460,21 @@ def zogy_subtract(
     border = zogy_border_size(psf_n_c, psf_r_c)
     inner = None if grid_inner_size is None else max(1, int(round(grid_inner_size * border)))
     cells = generate_grid(shape, inner)
-    fft_shapes = []
-    for sy, sx in cells:
-        oy, ox = sy.stop - sy.start + 2 * border, sx.stop - sx.start + 2 * border
-        fft_shapes.append((sfft.next_fast_len(oy, real=True), sfft.next_fast_len(ox, real=True)))
+    # Cells are nodes of a bilinear interpolation: node (i, j) is computed with the PSFs at its cell centre over
+    # the span between the neighbouring nodes' centres, and the results are blended with hat weights. The
+    # blend is exact for a constant PSF (no seams), and where the PSF varies linearly across the field the
+    # first-order PSF errors of the nodes cancel (piecewise-constant tiles leave residuals of bright stars).
+    ys = sorted({(c[0].start, c[0].stop) for c in cells})
+    xs = sorted({(c[1].start, c[1].stop) for c in cells})
+    ycen = np.array([(a0 + a1 - 1) / 2.0 for a0, a1 in ys])
+    xcen = np.array([(a0 + a1 - 1) / 2.0 for a0, a1 in xs])
+    wy, spans_y = _hat_weights(ycen, ny)
+    wx, spans_x = _hat_weights(xcen, nx)
 
-    D = np.empty(shape, dtype=np.float32)
-    VD = np.empty(shape, dtype=np.float32)
-    S = np.empty(shape, dtype=np.float32)
-    VS = np.empty(shape, dtype=np.float32)
+    D = np.zeros(shape, dtype=np.float32)
+    VD = np.zeros(shape, dtype=np.float32)
+    S = np.zeros(shape, dtype=np.float32)
+    VS = np.zeros(shape, dtype=np.float32)
     taper = max(1, border // 3)
     fill = {
         "n": (img_n, bad_n, bg_n, off_n, taper),
@@ -469,30 +484,48 @@ def zogy_subtract(
     }
     out_cells: list[ZogyCell] = []
     F_D = None
-    for (sy, sx), fshape in zip(cells, fft_shapes):
-        # Cell centre in parent coordinates; PSFs are evaluated there (LSST: centre of the inner box).
-        xc = x0 + (sx.start + sx.stop - 1) / 2.0
-        yc = y0 + (sy.start + sy.stop - 1) / 2.0
-        psf_n = _psf_at(science_psf_image, xc, yc) if callable(science_psf_image) else psf_n_c
-        psf_r = _psf_at(template_psf_image, xc, yc) if callable(template_psf_image) else psf_r_c
-        window = (sy.start - border, sx.start - border, fshape)
+    single = len(ys) == 1 and len(xs) == 1
+    for j, (ya, yb) in enumerate(spans_y):
+        for i, (xa, xb) in enumerate(spans_x):
+            # Node position in parent coordinates; the PSFs are evaluated there (LSST: centre of the inner box).
+            xc, yc = x0 + xcen[i], y0 + ycen[j]
+            psf_n = _psf_at(science_psf_image, xc, yc) if callable(science_psf_image) else psf_n_c
+            psf_r = _psf_at(template_psf_image, xc, yc) if callable(template_psf_image) else psf_r_c
+            fshape = (sfft.next_fast_len(yb - ya + 2 * border, real=True),
+                      sfft.next_fast_len(xb - xa + 2 * border, real=True))
+            window = (ya - border, xa - border, fshape)
 
-        def cell_array(key: str, window=window) -> np.ndarray:
-            return _cell_window(*fill[key], *window)
+            def cell_array(key: str, window=window) -> np.ndarray:
+                return _cell_window(*fill[key], *window)
 
-        res = _zogy_cell(
-            cell_array, psf_n, psf_r, sig_n_eff, sig_r_eff, flux_science, flux_template, sigma_x, sigma_y, border,
-        )
-        keep = (slice(border, border + sy.stop - sy.start), slice(border, border + sx.stop - sx.start))
-        D[sy, sx] = res["D"][keep]
-        VD[sy, sx] = res["VD"][keep]
-        S[sy, sx] = res["S"][keep]
-        VS[sy, sx] = res["VS"][keep]
-        F_D = res["F_D"]
-        out_cells.append(ZogyCell(Box(sx.start, sy.start, sx.stop - sx.start, sy.stop - sy.start), res["P_D"], res["P_S"]))
-        del res
+            res = _zogy_cell(
+                cell_array, psf_n, psf_r, sig_n_eff, sig_r_eff, flux_science, flux_template, sigma_x, sigma_y,
+                border,
+            )
+            keep = (slice(border, border + yb - ya), slice(border, border + xb - xa))
+            out = (slice(ya, yb), slice(xa, xb))
+            if single:
+                D[out], VD[out], S[out], VS[out] = (res[k][keep] for k in ("D", "VD", "S", "VS"))
+            else:
+                w = wy[j][ya:yb, None] * wx[i][None, xa:xb]
+                for acc, key in ((D, "D"), (VD, "VD"), (S, "S"), (VS, "VS")):
+                    acc[out] += w * res[key][keep]
+            F_D = res["F_D"]
+            cy0, cy1 = ys[j]
+            cx0, cx1 = xs[i]
+            out_cells.append(ZogyCell(Box(cx0, cy0, cx1 - cx0, cy1 - cy0), res["P_D"], res["P_S"]))
+            del res
 
-    if not subtract_background and (bg_n or bg_r):
+    if difference_background_bin:
+        from .background import estimate_background
+
+        exclude = bad_n | bad_r | ign_n | ign_r
+        d_bg = estimate_background(D, exclude, bin_size=int(difference_background_bin))
+        D -= d_bg
+        d_bg *= np.float32(F_D)
+        S -= d_bg
+        del d_bg
+    elif not subtract_background and (bg_n or bg_r):
         # Exact response of D and S to the constant levels removed above: the filters' values at k = 0.
         u0, v0 = _noise_terms(sig_n_eff, sig_r_eff, flux_science, flux_template)
         fd = math.sqrt(u0 + v0)
@@ -509,6 +542,71 @@ def zogy_subtract(
         P_S=centre.P_S, bad=bad, cells=out_cells, sigma_science=sig_n_eff, sigma_template=sig_r_eff,
         border=border,
     )
+
+
+def _hat_weights(centres: np.ndarray, n: int) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """Linear-interpolation weights of nodes at ``centres`` along an axis of ``n`` pixels.
+
+    One float32 weight array of length ``n`` per node and each node's support ``[start, stop)``. The weights
+    sum to 1 everywhere and reproduce linear functions exactly — also beyond the outer nodes, where the two
+    outermost nodes are extrapolated linearly — so PSF errors that are linear in position cancel.
+    """
+    pos = np.arange(n, dtype=np.float64)
+    k = len(centres)
+    ws = [np.zeros(n) for _ in range(k)]
+    if k == 1:
+        ws[0][:] = 1.0
+    else:
+        seg = np.clip(np.searchsorted(centres, pos) - 1, 0, k - 2)  # interval [c_seg, c_seg+1] (extended)
+        t = (pos - centres[seg]) / (centres[seg + 1] - centres[seg])
+        for i in range(k):
+            ws[i][seg == i] += (1.0 - t)[seg == i]
+            ws[i][seg == i - 1] += t[seg == i - 1]
+    weights, spans = [], []
+    for w in ws:
+        nz = np.nonzero(w != 0)[0]
+        weights.append(w.astype(np.float32))
+        spans.append((int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0))
+    return weights, spans
+
+
+def grow_mask_bits(mask: np.ndarray, bits: int, radius: int) -> np.ndarray:
+    """OR-dilate the ``bits`` of an integer mask by a square of half-width ``radius`` (other bits unchanged).
+
+    Pixels of D and S within the filters' reach of a flagged input pixel inherit its flag, as afw convolution
+    does for AL (each output pixel ORs the masks of the input pixels under the kernel). Running ORs by
+    doubling shifts: about 2·log₂(2·radius + 1) array operations per axis.
+    """
+    m = np.asarray(mask)
+    sel = m & np.int32(bits)
+    if radius <= 0 or not sel.any():
+        return m.copy()
+    for axis in (0, 1):
+        n = m.shape[axis]
+        width = 2 * radius + 1
+        acc = sel.copy()  # acc[i] = OR of sel[i : i + span]
+        span = 1
+        while span < width:
+            step = min(span, width - span)
+            shifted = np.zeros_like(acc)
+            if step < n:
+                if axis == 0:
+                    shifted[: n - step] = acc[step:]
+                else:
+                    shifted[:, : n - step] = acc[:, step:]
+            acc |= shifted
+            span += step
+        out = np.zeros_like(acc)  # centre the window: out[i] = OR of sel[i - radius : i + radius + 1]
+        if axis == 0:
+            out[radius:] = acc[: n - radius] if radius < n else 0
+            for k in range(min(radius, n)):
+                out[k] = np.bitwise_or.reduce(sel[: k + radius + 1], axis=0)
+        else:
+            out[:, radius:] = acc[:, : n - radius] if radius < n else 0
+            for k in range(min(radius, n)):
+                out[:, k] = np.bitwise_or.reduce(sel[:, : k + radius + 1], axis=1)
+        sel = out
+    return m | sel
 
 
 def _taper(n: int, width: int) -> np.ndarray:
@@ -582,7 +680,7 @@ def _zogy_cell(
     P_D = _psf_from_spectrum(gz.P_D, gshape, stamp_shape)
     ps_shape = tuple(2 * s - 1 for s in stamp_shape)
     P_S = _psf_from_spectrum(gz.P_D.real**2 + gz.P_D.imag**2, gshape, ps_shape)
-    sq_kernels = [_compact(_real_kernel(c, gshape) ** 2, 1e-7) for c in (gz.c_n, gz.c_r, gz.k_n, gz.k_r)]
+    sq_kernels = [_compact(_real_kernel(c, gshape) ** 2, 1e-6) for c in (gz.c_n, gz.c_r, gz.k_n, gz.k_r)]
     del gz
 
     # -- images: D̂ = c_n N̂ − c_r R̂ and Ŝ = k_n N̂ − k_r R̂ --------------------------------------------------
@@ -609,13 +707,17 @@ def _zogy_cell(
     sq = [_StampSpectrum(k, shape, 1e-6) for k in sq_kernels]
     vn = sfft.rfft2(cell_array("vn"), workers=FFT_WORKERS)
     vr = sfft.rfft2(cell_array("vr"), workers=FFT_WORKERS)
-    for r0 in range(0, vn.shape[0], _STRIP_ROWS):
-        r1 = min(vn.shape[0], r0 + _STRIP_ROWS)
+
+    def variance_strip(r0: int, r1: int) -> None:
         a_n, a_r = vn[r0:r1], vr[r0:r1]
-        vd = sq[0].rows(r0, r1) * a_n + sq[1].rows(r0, r1) * a_r
-        vs = sq[2].rows(r0, r1) * a_n + sq[3].rows(r0, r1) * a_r
+        vd = sq[0].rows(r0, r1) * a_n
+        vd += sq[1].rows(r0, r1) * a_r
+        vs = sq[2].rows(r0, r1) * a_n
+        vs += sq[3].rows(r0, r1) * a_r
         vn[r0:r1] = vd
         vr[r0:r1] = vs
+
+    _for_strips(vn.shape[0], variance_strip)
     VD = sfft.irfft2(vn, s=shape, workers=FFT_WORKERS, overwrite_x=True)
     del vn
     VS = sfft.irfft2(vr, s=shape, workers=FFT_WORKERS, overwrite_x=True)
@@ -642,6 +744,34 @@ def _compact(kernel: np.ndarray, rtol: float) -> np.ndarray:
     return kernel[cy - r : cy + r + 1, cx - r : cx + r + 1]
 
 
+def _single_threaded_blas():
+    try:
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(limits=1, user_api="blas")
+    except Exception:  # threadpoolctl is optional
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _for_strips(nrows: int, fn: Callable[[int, int], None]) -> None:
+    """Run ``fn(r0, r1)`` over row strips on ``FFT_WORKERS`` threads (numpy releases the GIL on the arrays)."""
+    global _POOL
+    spans = [(r0, min(nrows, r0 + _STRIP_ROWS)) for r0 in range(0, nrows, _STRIP_ROWS)]
+    if FFT_WORKERS <= 1 or len(spans) < 2:
+        for r0, r1 in spans:
+            fn(r0, r1)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=FFT_WORKERS, thread_name_prefix="zogy")
+    for fut in [_POOL.submit(fn, r0, r1) for r0, r1 in spans]:
+        fut.result()
+
+
 class _StampSpectrum:
     """Exact 2-D DFT of a centred stamp embedded (wrapped) in a large grid, delivered by row strips.
 
@@ -655,7 +785,8 @@ class _StampSpectrum:
         stamp = _odd_crop(np.asarray(stamp, dtype=np.float64), ny, nx)
         sh, sw = stamp.shape
         cy, cx = sh // 2, sw // 2
-        u, sv, vt = np.linalg.svd(stamp)
+        with _single_threaded_blas():  # a tiny SVD: BLAS threads only add start-up and contention cost
+            u, sv, vt = np.linalg.svd(stamp)
         r = max(1, int(np.sum(sv > rtol * sv[0]))) if sv[0] > 0 else 1
         cols = np.zeros((ny, r))
         cols[np.arange(-cy, sh - cy) % ny] = u[:, :r] * sv[:r]
@@ -692,8 +823,8 @@ def _apply_filters(N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r) -
     un, vn = np.float32(u / fd**2), np.float32(v / fd**2)
     fr, fn = np.float32(flux_r / fd), np.float32(flux_n / fd)
     fnr = np.float32(flux_n * flux_r / fd)
-    for r0 in range(0, N_hat.shape[0], _STRIP_ROWS):
-        r1 = min(N_hat.shape[0], r0 + _STRIP_ROWS)
+
+    def strip(r0: int, r1: int) -> None:
         pn, pr = spec_n.rows(r0, r1), spec_r.rows(r0, r1)
         den = pr.real * pr.real
         den += pr.imag * pr.imag
@@ -718,6 +849,8 @@ def _apply_filters(N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r) -
         s *= d
         N_hat[r0:r1] = d
         R_hat[r0:r1] = s
+
+    _for_strips(N_hat.shape[0], strip)
 
 
 def _astrometric_variance(

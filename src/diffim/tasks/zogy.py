@@ -24,7 +24,7 @@ from ..errors import MissingPsfError, NoOverlapError, PsfError, WcsError
 from ..model.calib import PhotoCalib
 from ..model.exposure import Exposure
 from ..model.psf import ImagePsf
-from ..zogy import CellPsf, psf_centroid_offset, zogy_subtract
+from ..zogy import CellPsf, grow_mask_bits, psf_centroid_offset, zogy_subtract
 from .base import Struct, Task, timeMethod
 
 __all__ = ["ZogyConfig", "ZogyImagePsfMatchConfig", "ZogyImagePsfMatchTask", "ZogyTask"]
@@ -62,6 +62,19 @@ class ZogyConfig(pexConfig.Config):
     )
     gridInnerSize = pexConfig.Field(
         dtype=float, default=8.0, doc="Inner cell size in units of the border size (only with doSpatialGrid).",
+    )
+    growMaskPlanes = pexConfig.ListField(
+        dtype=str, default=("SAT", "BAD", "CR", "NO_DATA", "EDGE", "INTRP", "SUSPECT"),
+        doc="Input mask planes grown by the PSF-stamp radius when OR-ed into D and S (the filters spread a "
+            "defect over that reach, as afw convolution does for AL). LSST's ZOGY did not grow masks.",
+    )
+    doSubtractBackground = pexConfig.Field(
+        dtype=bool, default=True,
+        doc="Fit and remove a smooth differential background from D (and, matched-filtered, from S); the "
+            "counterpart of AL's fitted background. LSST had no such step (its inputs were sky-subtracted).",
+    )
+    backgroundBinSize = pexConfig.Field(
+        dtype=int, default=128, doc="Super-pixel size (pixels) of the differential background mesh.",
     )
     astrometricNoiseX = pexConfig.Field(
         dtype=float, default=0.0,
@@ -201,7 +214,9 @@ class ZogyImagePsfMatchTask(Task):
             grid_inner_size=cfg.gridInnerSize if grid else None,
             replace_science=nodata_n, replace_template=nodata_r,
             stats_ignore_science=ignore_n, stats_ignore_template=ignore_r,
-            subtract_background=cfg.correctBackground, xy0=science.xy0,
+            subtract_background=cfg.correctBackground,
+            difference_background_bin=cfg.backgroundBinSize if cfg.doSubtractBackground else None,
+            xy0=science.xy0,
         )
 
         # D on the science flux scale: a transient of f science counts has flux f with the PSF P_D.
@@ -209,7 +224,12 @@ class ZogyImagePsfMatchTask(Task):
         diff = science.copy(deep=True)
         diff.image = res.D * scale
         diff.variance = res.D_variance * (scale * scale)
-        diff.mask.array |= diff.mask.conform(template.mask)
+        radius = max(res.P_D.shape) // 2
+        grow_n = diff.mask.bitmask(list(cfg.growMaskPlanes), ignore_missing=True)
+        diff.mask.array[...] = grow_mask_bits(diff.mask.array, grow_n, radius)
+        tmask = diff.mask.conform(template.mask)
+        diff.mask.array |= grow_mask_bits(tmask, diff.mask.bitmask(list(cfg.growMaskPlanes), ignore_missing=True),
+                                          radius)
         if res.bad.any():
             diff.mask.set("NO_DATA", res.bad)
         diff.psf = self._cell_psf(res, science, "P_D")
