@@ -200,11 +200,18 @@ def warp_masked_image(
     out_mask = Mask.zeros(bbox_out.shape, planes)
     no_data = np.int32(1 << out_mask.add_plane("NO_DATA"))
     full_bits = np.int32(out_mask.bitmask(["NO_DATA", "EDGE"], ignore_missing=True))
-    out_img = np.full(bbox_out.shape, np.nan, dtype=np.float32)
-    out_var = np.full(bbox_out.shape, np.inf, dtype=np.float32)
-    if bbox_out.is_empty() or src.bbox.is_empty():
+    # Every pixel is written by exactly one strip below; the early exits fill the planes themselves.
+    out_img = np.empty(bbox_out.shape, dtype=np.float32)
+    out_var = np.empty(bbox_out.shape, dtype=np.float32)
+
+    def nothing() -> MaskedImage:
+        out_img[...] = np.nan
+        out_var[...] = np.inf
         out_mask.array[...] = no_data
         return MaskedImage(out_img, out_mask, out_var, bbox_out.xy0)
+
+    if bbox_out.is_empty() or src.bbox.is_empty():
+        return nothing()
 
     # Enough grid margin that the column inversion covers every source row a pass-2 tap can reach.
     grid = TransformGrid(transform, bbox_out, interp_length, margin=2 * order + 2)
@@ -238,8 +245,7 @@ def warp_masked_image(
     j_all_lo = max(0, int(math.floor(vmin)) - order)
     j_all_hi = min(ny_s - 1, int(math.floor(vmax)) + order + 1)
     if j_all_lo > j_all_hi or max(0, math.floor(u_nodes.min())) > min(nx_s - 1, math.ceil(u_nodes.max())):
-        out_mask.array[...] = no_data
-        return MaskedImage(out_img, out_mask, out_var, bbox_out.xy0)
+        return nothing()
     j_all = np.arange(j_all_lo, j_all_hi + 1, dtype=float)
     uj_nodes = _invert_columns(v_nodes, u_nodes, j_all)  # (nj_all, n_node_cols)
 
@@ -256,6 +262,8 @@ def warp_masked_image(
         jlo = max(j_all_lo, int(math.floor(vs.min())) - order + 1)
         jhi = min(j_all_hi, int(math.floor(vs.max())) + order)
         if jlo > jhi:
+            out_img[:, cs] = np.nan
+            out_var[:, cs] = np.inf
             out_mask.array[:, cs] = no_data
             return
         j = np.arange(jlo, jhi + 1)
