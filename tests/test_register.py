@@ -59,6 +59,7 @@ def test_register_corrects_offset_and_rotation():
     assert md["SIP_GOOD"] + md["SIP_REJECTED"] == md["MATCH_NUM"]
     assert 0.01 < md["SIP_RMS"] < 0.05
     assert res.sipRms == pytest.approx(md["SIP_RMS"])
+    assert res.nMatches == md["MATCH_NUM"] and res.debug is None
 
 
 def test_register_rejects_outliers():
@@ -215,4 +216,5 @@ def test_reference_loader_errors(tmp_path):
     with pytest.raises(BadInputError, match="no column 'ra'"):
         load_reference_catalog(cfg, exp)
     cfg.raColumn, cfg.decColumn = "RAJ2000", "DEJ2000"
-    assert len(load_reference_catalog(cfg, exp)) == 1
+    cat = load_reference_catalog(cfg, exp)
+    assert len(cat) == 1 and cat["RAJ2000"][0] == cat["ra"][0] == 150.0

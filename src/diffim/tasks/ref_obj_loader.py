@@ -86,7 +86,8 @@ def load_reference_catalog(config: LoadReferenceObjectsConfig, exposure=None, *,
                            band: str | None = None):
     """Objects of the configured catalogue inside the exposure's bbox grown by ``pixelMargin``.
 
-    Returns an astropy Table with ``id``, ``ra``, ``dec``, ``x``, ``y`` (exposure parent pixels), the flux
+    Returns an astropy Table with ``id``, ``ra``, ``dec`` (also under the configured ``raColumn``/``decColumn``
+    names), ``x``, ``y`` (exposure parent pixels), the flux
     columns, and meta ``fluxField`` (the column of the exposure's band per ``filterMap``/``anyFilterMapsToThis``,
     or None). Returns None when ``config.filename`` is empty.
 
@@ -118,6 +119,11 @@ def load_reference_catalog(config: LoadReferenceObjectsConfig, exposure=None, *,
     dec = np.asarray(t[config.decColumn], float)
     ids = np.asarray(t[config.idColumn]) if config.idColumn in t.colnames else np.arange(len(t))
     out = Table({"id": ids, "ra": ra, "dec": dec})
+    # Keep the configured names too, so callers may index with raColumn/decColumn either way.
+    if config.raColumn not in out.colnames:
+        out[config.raColumn] = ra
+    if config.decColumn not in out.colnames:
+        out[config.decColumn] = dec
     if wcs is not None or bbox is not None:
         if wcs is None:
             raise WcsError("Loading reference objects for an exposure needs its WCS; the exposure has none.")

@@ -171,7 +171,7 @@ class RegisterTask(Task):
         Struct
             ``matches`` (dict of arrays: ``x``, ``y``, ``ra``, ``dec``, ``sep_in``, ``sep_fit``, ``good``),
             ``wcs`` (the fitted astropy WCS), ``sipRms`` (pixels), ``offset`` (pre-alignment, arcsec),
-            ``nGood``, ``nRejected``.
+            ``nMatches``, ``nGood``, ``nRejected``, ``debug`` (the diagnostics path written, or None).
 
         Raises
         ------
@@ -224,8 +224,8 @@ class RegisterTask(Task):
                       good.sum(), (~good).sum(), sip_rms, off[0], off[1])
         if debugPath:
             write_match_diagnostics(debugPath, matches)
-        return Struct(matches=matches, wcs=wcs, sipRms=float(sip_rms), offset=off,
-                      nGood=int(good.sum()), nRejected=int((~good).sum()))
+        return Struct(matches=matches, wcs=wcs, sipRms=float(sip_rms), offset=off, nMatches=int(i1.size),
+                      nGood=int(good.sum()), nRejected=int((~good).sum()), debug=debugPath or None)
 
     @timeMethod
     def warpExposure(self, inputExp, newWcs, templateWcs, templateBBox):
