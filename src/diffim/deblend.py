@@ -41,6 +41,7 @@ def split_footprints(
     min_separation: float = 2.0,
     min_dip: float = 1.0,
     max_dipole_separation: float | None = None,
+    max_peaks: int = 20,
 ) -> tuple[list[Footprint], np.ndarray]:
     """One footprint per DIA source.
 
@@ -60,6 +61,8 @@ def split_footprints(
         A footprint with peaks of both signs is a dipole candidate only if its most positive and most negative
         peaks are at most this far apart (pixels); farther apart (a fast mover's two epochs, two unrelated
         changes joined by footprint growth) it is split into its positive and its negative part. None: never.
+    max_peaks
+        At most this many peaks (the most significant) of one footprint are considered.
 
     Returns
     -------
@@ -90,7 +93,8 @@ def split_footprints(
         sign = -1.0 if fp.peaks[0].is_negative else 1.0
         order = sorted(fp.peaks, key=lambda p: -sign * p.value)
         kept: list[Peak] = []
-        for p in order:
+        # A footprint with hundreds of peaks (a saturated star's residual) is capped for speed.
+        for p in order[:max_peaks]:
             if all(
                 np.hypot(p.x - k.x, p.y - k.y) >= min_separation
                 and _dip_significance(snr_image, xy0, k, p, sign) >= min_dip

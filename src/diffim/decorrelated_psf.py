@@ -45,7 +45,7 @@ class DecorrelatedPsf(Psf):
 
     def __init__(self, base: Psf, kernel_image: np.ndarray, svar: float, tvar: float, *,
                  template_matched: bool = True, preconv_kernel: np.ndarray | None = None,
-                 cache_step: float = 16.0) -> None:
+                 cache_step: float = 32.0) -> None:
         super().__init__(base._average_position)
         self.base = base
         self.kernel = np.asarray(kernel_image, dtype=float)
@@ -103,7 +103,7 @@ class DecorrelatedPsf(Psf):
             raise PsfError(f"unknown base PSFTYPE {ptype!r} in a DECORRELATED PSF")
         base = registry[ptype].from_fits_hdus(base_hdus)
         return cls(base, np.asarray(hdus[0].data, float), h["SVAR"], h["TVAR"], template_matched=bool(h["TMATCHED"]),
-                    preconv_kernel=pre, cache_step=float(h.get("CACHESTP", 16.0)))
+                    preconv_kernel=pre, cache_step=float(h.get("CACHESTP", 32.0)))
 
     def __repr__(self) -> str:
         return f"DecorrelatedPsf(base={self.base!r})"

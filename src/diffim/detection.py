@@ -408,14 +408,18 @@ def _touching_groups(fps: list[Footprint]) -> list[list[int]]:
     ok = (y0[a] < y1[b]) & (y0[b] < y1[a]) & (x0[b] < x1[a]) & (x0[a] < x1[b])
     a, b = a[ok], b[ok]
     keep_a, keep_b = [], []
+    grown: dict[int, np.ndarray] = {}  # a large footprint (bleed trail, border) meets many boxes: grow it once
     for i, j in zip(a.tolist(), b.tolist()):
         fa, fb = fps[i], fps[j]
         # Grow A by one pixel (3×3) and test for common pixels with B on their joint box.
-        h, w = fa.spans.shape
-        ga = np.zeros((h + 2, w + 2), dtype=bool)
-        for dy in range(3):
-            for dx in range(3):
-                ga[dy : dy + h, dx : dx + w] |= fa.spans
+        ga = grown.get(i)
+        if ga is None:
+            h, w = fa.spans.shape
+            ga = np.zeros((h + 2, w + 2), dtype=bool)
+            for dy in range(3):
+                for dx in range(3):
+                    ga[dy : dy + h, dx : dx + w] |= fa.spans
+            grown[i] = ga
         box_a = fa.bbox.grown(1)
         common = box_a.intersection(fb.bbox)
         if common.is_empty():
