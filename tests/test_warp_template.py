@@ -145,3 +145,22 @@ def test_stitch_weighting():
 def test_config_defaults():
     c = GetCoaddAsTemplateConfig()
     assert (c.templateBorderSize, c.coaddName, c.warpType) == (20, "deep", "direct")
+
+
+def test_patch_holes_filled_by_overlapping_patch():
+    """A patch with a NaN/NO_DATA hole (as real coadd edges have): where another patch covers the hole the
+    stitched template equals the single-image warp there; the hole never leaks NaN or NO_DATA into it."""
+    rng = np.random.default_rng(25)
+    tract = _tract(rng)
+    patches = _patches(tract)
+    hole = Box(170, 170, 60, 60)  # inside the overlap of all four quadrants (160..240)
+    p0 = patches[0]
+    sub = p0[hole.intersection(p0.bbox)]
+    sub.image[...] = np.nan
+    sub.mask.set("NO_DATA")
+    sci = _science()
+    res = GetCoaddAsTemplateTask().run(sci, coaddExposures=patches)
+    single = warp_exposure(tract, sci.wcs, sci.bbox.grown(20))
+    nd = res.exposure.mask.get("NO_DATA")
+    np.testing.assert_array_equal(nd, single.mask.get("NO_DATA"))
+    np.testing.assert_allclose(res.exposure.image[~nd], single.image[~nd], atol=1e-5)
