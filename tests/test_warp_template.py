@@ -164,3 +164,17 @@ def test_patch_holes_filled_by_overlapping_patch():
     nd = res.exposure.mask.get("NO_DATA")
     np.testing.assert_array_equal(nd, single.mask.get("NO_DATA"))
     np.testing.assert_allclose(res.exposure.image[~nd], single.image[~nd], atol=1e-5)
+
+
+def test_small_patch_inside_large_science_is_found():
+    """A patch much smaller than the science footprint (no sample of the science grid need land in it) still
+    counts as overlapping and fills its part of the template."""
+    from diffim.warp.warper import check_overlap
+
+    rng = np.random.default_rng(26)
+    tract = _tract(rng, n=400)
+    small = tract[Box(195, 195, 12, 12)].copy()
+    sci = _science(n=240)
+    assert check_overlap(small, sci.wcs, sci.bbox.grown(20)) > 0
+    res = GetCoaddAsTemplateTask().run(sci, coaddExposures=[small])
+    assert 0 < res.coverage < 0.01

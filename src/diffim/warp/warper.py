@@ -377,16 +377,29 @@ def warp_exposure(
     return out
 
 
+def _sample_box(box: Box, n: int = 21) -> tuple[np.ndarray, np.ndarray]:
+    xx, yy = np.meshgrid(np.linspace(box.x0, box.x1 - 1, n), np.linspace(box.y0, box.y1 - 1, n))
+    return xx.ravel(), yy.ravel()
+
+
+def _inside(u: np.ndarray, v: np.ndarray, box: Box) -> np.ndarray:
+    return (u >= box.x0 - 0.5) & (u <= box.x1 - 0.5) & (v >= box.y0 - 0.5) & (v <= box.y1 - 0.5)
+
+
 def check_overlap(exposure: Exposure, wcs_out, bbox_out: Box) -> float:
-    """Rough fraction of ``bbox_out`` whose pixels map inside ``exposure``'s bbox (21×21 sample grid)."""
-    transform = pixel_transform(exposure.wcs, wcs_out)
-    xs = np.linspace(bbox_out.x0, bbox_out.x1 - 1, 21)
-    ys = np.linspace(bbox_out.y0, bbox_out.y1 - 1, 21)
-    xx, yy = np.meshgrid(xs, ys)
-    u, v = transform(xx, yy)
-    b = exposure.bbox
-    inside = (u >= b.x0 - 0.5) & (u <= b.x1 - 0.5) & (v >= b.y0 - 0.5) & (v <= b.y1 - 0.5)
-    return float(inside.mean())
+    """Rough fraction of ``bbox_out`` covered by ``exposure`` (21×21 samples of ``bbox_out`` mapped into the
+    exposure). A source smaller than the sample spacing is still detected: if no sample lands in it but one
+    of its own samples lands in ``bbox_out``, a small positive fraction (1e-6) is returned."""
+    if exposure.bbox.is_empty() or bbox_out.is_empty():
+        return 0.0
+    u, v = pixel_transform(exposure.wcs, wcs_out)(*_sample_box(bbox_out))
+    frac = float(_inside(u, v, exposure.bbox).mean())
+    if frac == 0.0:
+        ra, dec = exposure.wcs.all_pix2world(*_sample_box(exposure.bbox), 0)
+        x, y = wcs_out.all_world2pix(ra, dec, 0, quiet=True)
+        if _inside(x, y, bbox_out).any():
+            frac = 1e-6
+    return frac
 
 
 def require_overlap(exposure: Exposure, wcs_out, bbox_out: Box) -> None:
