@@ -25,14 +25,17 @@ IQR_TO_SIGMA = 0.741301109
 
 
 def _good_values(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """1-D array of the finite, unmasked values (no copy when nothing has to be dropped)."""
     v = np.asarray(values)
+    good = np.isfinite(v)
     if mask is not None:
         m = np.asarray(mask, dtype=bool)
         if m.shape != v.shape:
             raise ValueError(f"Mask shape {m.shape} does not match the values' shape {v.shape}.")
-        v = v[~m]
-    v = v.ravel()
-    return v[np.isfinite(v)]
+        good &= ~m
+    if good.all():
+        return v.ravel()
+    return v[good]
 
 
 def clipped_mean_std(
