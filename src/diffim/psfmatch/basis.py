@@ -48,7 +48,7 @@ class KernelBasis:
     fx, fy
         ``(R, size)`` 1-D factors of the raw separable terms (``R_j[v, u] = fy[j, v] · fx[j, u]``), or None.
     mix
-        ``(N, R)`` matrix with ``B_i = Σ_j mix[i, j] R_j``, or None.
+        ``(N, R)`` matrix with ``B_i = Σ_j mix[i, j] R_j``; None means the identity (bases = raw terms).
     kind
         ``"alard-lupton"``, ``"delta-function"`` or ``"custom"``.
     sigmas, degrees
@@ -92,7 +92,7 @@ class KernelBasis:
         order = np.asarray(order, dtype=int)
         s = np.ones(len(order)) if scaling is None else np.asarray(scaling, dtype=float)
         images = self.images[order] / s[:, None, None]
-        mix = None if self.mix is None else self.mix[order] / s[:, None]
+        mix = (np.eye(len(self.images)) if self.mix is None else self.mix)[order] / s[:, None]
         return KernelBasis(images, self.fx, self.fy, mix, self.kind, self.sigmas, self.degrees)
 
     def correlate_stamps(self, stamps: np.ndarray, *, basis_first: bool = False) -> np.ndarray:
@@ -138,7 +138,8 @@ class KernelBasis:
                 A = np.ascontiguousarray(X[:, :, p, :].transpose(1, 0, 2)).reshape(H, nc * wv)
                 R = (ty.reshape(len(js) * hv, H) @ A).reshape(len(js), hv, nc, wv)
                 raw[js] = R.transpose(0, 2, 1, 3)
-            out = (self.mix @ raw.reshape(len(self.fx), -1)).reshape(len(self), nc, hv * wv)
+            raw = raw.reshape(len(self.fx), nc, hv * wv)
+            out = raw if self.mix is None else (self.mix @ raw.reshape(len(self.fx), -1)).reshape(len(self), nc, hv * wv)
             return out if basis_first else np.ascontiguousarray(out.transpose(1, 2, 0))
         win = sliding_window_view(stamps, (w, w), axis=(1, 2))  # (nc, hv, wv, w, w)
         out = np.einsum("chwyx,nyx->chwn", win, self.images, optimize=True).reshape(nc, hv * wv, len(self))
@@ -202,8 +203,7 @@ def delta_function_basis(size: int) -> KernelBasis:
     e = np.eye(size)
     fx = np.tile(e, (size, 1))
     fy = np.repeat(e, size, axis=0)
-    mix = np.eye(size * size)
-    return KernelBasis(images, fx, fy, mix, "delta-function")
+    return KernelBasis(images, fx, fy, None, "delta-function")
 
 
 def basis_sigmas(sigma_k: float, n_gauss: int, beta: float, min_sig: float) -> list[float]:

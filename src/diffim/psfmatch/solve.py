@@ -30,6 +30,7 @@ __all__ = [
     "solve_normal_equations",
     "solve_single",
     "residual_statistics",
+    "SpatialDesign",
     "spatial_design",
     "fit_spatial",
     "solve_psf_matching",
@@ -222,34 +223,101 @@ def residual_statistics(system: StampSystem, coeffs: np.ndarray, basis: KernelBa
     return mean, rms, var_z
 
 
-def spatial_design(
-    xs: np.ndarray,
-    ys: np.ndarray,
-    n_basis: int,
-    kernel_spatial: SpatialFunction,
-    bg_spatial: SpatialFunction | None,
-    constant_first_term: bool = True,
-) -> np.ndarray:
-    """``P (nc, n_basis [+1], nt)``: maps spatial parameters θ to each candidate's local coefficients.
+class SpatialDesign:
+    """The map from spatial parameters θ to each candidate's local coefficients, kept in factored form.
 
-    θ layout: with ``constant_first_term`` ``[a_0, a_{1,1..nkt}, …, a_{N−1,1..nkt}, β_{1..nbt}]``, otherwise
-    ``[a_{0,1..nkt}, …, β]``.
+    Local coefficient ``i`` of candidate ``c`` is ``Σ_k θ[index[i, k]] · features[group[i]][c, k]`` where the
+    groups are the constant first basis (one feature, 1), the spatially varying bases (the kernel spatial
+    functions) and the background (its spatial functions). θ layout: with ``constant_first_term``
+    ``[a_0, a_{1,1..nkt}, …, a_{N−1,1..nkt}, β_{1..nbt}]``, otherwise ``[a_{0,1..nkt}, …, β]``. Never forming the
+    dense ``(nc, n, nt)`` matrix keeps delta-function bases (441 × nkt parameters) affordable.
     """
-    fk = kernel_spatial(np.asarray(xs, float), np.asarray(ys, float))  # (nc, nkt)
-    nc, nkt = fk.shape
-    nbt = 0 if bg_spatial is None else bg_spatial.n_terms
-    nloc = n_basis + (1 if bg_spatial is not None else 0)
-    first = 1 if constant_first_term else 0
-    nt = first + (n_basis - first) * nkt + nbt
-    P = np.zeros((nc, nloc, nt))
-    if constant_first_term:
-        P[:, 0, 0] = 1.0
-    for m in range(first, n_basis):
-        off = first + (m - first) * nkt
-        P[:, m, off : off + nkt] = fk
-    if bg_spatial is not None:
-        P[:, n_basis, nt - nbt :] = bg_spatial(np.asarray(xs, float), np.asarray(ys, float))
-    return P
+
+    def __init__(self, xs, ys, n_basis, kernel_spatial, bg_spatial, constant_first_term=True):
+        xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+        fk = kernel_spatial(xs, ys)
+        nc, nkt = fk.shape
+        nbt = 0 if bg_spatial is None else bg_spatial.n_terms
+        first = 1 if constant_first_term else 0
+        self.n_local = n_basis + (1 if bg_spatial is not None else 0)
+        self.n_theta = first + (n_basis - first) * nkt + nbt
+        L = max(nkt, nbt, 1)
+        feats = [np.zeros((nc, L)), np.zeros((nc, L)), np.zeros((nc, L))]
+        feats[0][:, 0] = 1.0
+        feats[1][:, :nkt] = fk
+        if nbt:
+            feats[2][:, :nbt] = bg_spatial(xs, ys)
+        self.features = feats
+        self.group = np.ones(self.n_local, dtype=int)
+        self.index = np.full((self.n_local, L), -1, dtype=int)
+        if constant_first_term:
+            self.group[0] = 0
+            self.index[0, 0] = 0
+        for m in range(first, n_basis):
+            off = first + (m - first) * nkt
+            self.index[m, :nkt] = np.arange(off, off + nkt)
+        if bg_spatial is not None:
+            self.group[n_basis] = 2
+            self.index[n_basis, :nbt] = np.arange(self.n_theta - nbt, self.n_theta)
+        self.n_candidates = nc
+
+    def local(self, theta: np.ndarray) -> np.ndarray:
+        """``(nc, n_local)`` local coefficients for parameters θ."""
+        th = np.where(self.index >= 0, np.asarray(theta)[np.maximum(self.index, 0)], 0.0)  # (n_local, L)
+        out = np.empty((self.n_candidates, self.n_local))
+        for g in range(3):
+            sel = self.group == g
+            if sel.any():
+                out[:, sel] = self.features[g] @ th[sel].T
+        return out
+
+    def dense(self) -> np.ndarray:
+        """The dense ``(nc, n_local, n_theta)`` matrix (for small problems and tests)."""
+        P = np.zeros((self.n_candidates, self.n_local, self.n_theta))
+        for i in range(self.n_local):
+            for k, t in enumerate(self.index[i]):
+                if t >= 0:
+                    P[:, i, t] = self.features[self.group[i]][:, k]
+        return P
+
+    def normal_equations(self, M: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``Q = Σ_c P_cᵀ M_c P_c`` and ``w = Σ_c P_cᵀ b_c`` by group-pair GEMMs over candidates."""
+        nc, n, _ = M.shape
+        L = self.index.shape[1]
+        Q = np.zeros((self.n_theta, self.n_theta))
+        groups = [np.nonzero(self.group == g)[0] for g in range(3)]
+        for ga in range(3):
+            ia = groups[ga]
+            if not len(ia):
+                continue
+            for gb in range(3):
+                ib = groups[gb]
+                if not len(ib):
+                    continue
+                F2 = (self.features[ga][:, :, None] * self.features[gb][:, None, :]).reshape(nc, L * L)
+                Msub = M[:, ia][:, :, ib].reshape(nc, len(ia) * len(ib))
+                T = (Msub.T @ F2).reshape(len(ia), len(ib), L, L)  # [i, j, k, l]
+                rows = self.index[ia]  # (na, L)
+                cols = self.index[ib]
+                T = T.transpose(0, 2, 1, 3).reshape(len(ia) * L, len(ib) * L)
+                r, c = rows.reshape(-1), cols.reshape(-1)
+                okr, okc = r >= 0, c >= 0
+                Q[np.ix_(r[okr], c[okc])] += T[np.ix_(okr, okc)]
+        w = np.zeros(self.n_theta)
+        for g in range(3):
+            ia = groups[g]
+            if not len(ia):
+                continue
+            contrib = (b[:, ia].T @ self.features[g]).reshape(-1)  # (na·L)
+            r = self.index[ia].reshape(-1)
+            np.add.at(w, r[r >= 0], contrib[r >= 0])
+        return Q, w
+
+
+def spatial_design(xs, ys, n_basis, kernel_spatial, bg_spatial, constant_first_term=True) -> np.ndarray:
+    """Dense ``P (nc, n_basis [+1], nt)`` mapping spatial parameters θ to local coefficients (see
+    :class:`SpatialDesign` for the layout)."""
+    return SpatialDesign(xs, ys, n_basis, kernel_spatial, bg_spatial, constant_first_term).dense()
 
 
 def fit_spatial(
@@ -261,18 +329,15 @@ def fit_spatial(
     kernel_spatial: SpatialFunction,
     bg_spatial: SpatialFunction | None,
     constant_first_term: bool = True,
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Solve ``Σ_c P_cᵀ M_c P_c θ = Σ_c P_cᵀ b_c``. Returns θ, P and the eigenvalue condition number."""
-    P = spatial_design(xs, ys, n_basis, kernel_spatial, bg_spatial, constant_first_term)
-    nc, n, nt = P.shape
-    MP = np.stack([Mc @ Pc for Mc, Pc in zip(M, P)]).reshape(nc * n, nt)
-    Pf = P.reshape(nc * n, nt)
-    Q = Pf.T @ MP  # Σ_c P_cᵀ M_c P_c as one GEMM
-    w = Pf.T @ b.reshape(nc * n)
+) -> tuple[np.ndarray, SpatialDesign, float]:
+    """Solve ``Σ_c P_cᵀ M_c P_c θ = Σ_c P_cᵀ b_c``. Returns θ, the :class:`SpatialDesign` and the eigenvalue
+    condition number of the normal matrix."""
+    design = SpatialDesign(xs, ys, n_basis, kernel_spatial, bg_spatial, constant_first_term)
+    Q, w = design.normal_equations(np.asarray(M, float), np.asarray(b, float))
     theta = solve_normal_equations(Q, w)
     if not np.all(np.isfinite(theta)):
         raise NoKernelCandidatesError("The spatial kernel solution has NaN coefficients; too few usable stars.")
-    return theta, P, condition_number(Q)
+    return theta, design, condition_number(Q)
 
 
 def _theta_to_kernel(theta, n_basis, kernel_spatial, bg_spatial, constant_first_term, basis):
@@ -399,15 +464,14 @@ def solve_psf_matching(
                 n_rejected["ksum"] += int(bad.sum())
                 continue
         idx = np.array([index[id(c)] for c in visited])
-        theta, P, cond = fit_spatial(
+        theta, design, cond = fit_spatial(
             system.M[idx], system.b[idx], xs_all[idx], ys_all[idx], n_basis, kspatial, bspatial, constant_first_term
         )
         solution = (theta, idx, cond)
         if it >= max_spatial_iterations:
             break
         # Assess every visited candidate with the spatial kernel at its centre.
-        loc = P.reshape(-1, P.shape[-1]) @ theta
-        loc = loc.reshape(P.shape[0], P.shape[1])
+        loc = design.local(theta)
         sub = _subsystem(system, idx)
         mean, rms, chi2 = residual_statistics(sub, loc, basis)
         n_bad = 0
