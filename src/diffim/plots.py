@@ -23,6 +23,22 @@ def _zscale(img: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _matched_filter(diff):
+    """The difference smoothed with a Gaussian of the PSF's σ, over its noise: what detection thresholds."""
+    from scipy.ndimage import gaussian_filter
+
+    sigma = diff.psf.sigma(*diff.psf_position())
+    img = np.nan_to_num(diff.image.astype(float))
+    var = np.nan_to_num(diff.variance.astype(float), posinf=0.0)
+    sm = gaussian_filter(img, sigma)
+    # Σ g² ⊗ V for a unit-sum Gaussian g of width σ is a Gaussian of width σ/√2 scaled by 1/(4πσ²).
+    noise = np.sqrt(np.maximum(gaussian_filter(var, sigma / np.sqrt(2.0)) / (4 * np.pi * sigma * sigma), 1e-30))
+    out = diff.copy(deep=True)
+    out.image[...] = sm
+    out.variance[...] = noise**2
+    return out
+
+
 def _cutout_box(exposure, size: int = 600):
     from .model import Box
 
@@ -55,6 +71,8 @@ def write_diagnostics(path, *, science, template, result, task=None, cutout: int
         if snr:
             with np.errstate(divide="ignore", invalid="ignore"):
                 img = img / np.sqrt(sub.variance)
+            # Masked pixels (bad columns, saturated cores, no data) carry no S/N: leave them blank.
+            img[sub.mask.get(["BAD", "SAT", "NO_DATA"], ignore_missing=True)] = np.nan
             vmin, vmax = -5, 5
             cmap = "RdBu_r"
         else:
@@ -80,7 +98,11 @@ def write_diagnostics(path, *, science, template, result, task=None, cutout: int
     show(fig.add_subplot(gs[0, 1]), template, "template (warped)")
     show(fig.add_subplot(gs[0, 2]), diff, "difference / σ", snr=True)
     axs = fig.add_subplot(gs[0, 3])
-    show(axs, score, "score / σ" if score is not None else "score", snr=True)
+    if score is None and diff.psf is not None:
+        score = _matched_filter(diff)
+        show(axs, score, "PSF-matched-filter S/N of the difference", snr=True)
+    else:
+        show(axs, score, "score / σ", snr=True)
     handles, labels = fig.axes[2].get_legend_handles_labels()
     if handles:
         fig.axes[2].legend(handles, labels, loc="upper right", fontsize=7, framealpha=0.6)

@@ -615,7 +615,7 @@ def _ap_corr_map(hdul: fits.HDUList) -> dict | None:
         from ..model.box import Box
 
         n = order + 1
-        coeffs = np.asarray(tab["COEFFS"][i], dtype=float)[: n * n].reshape(n, n)
+        coeffs = np.atleast_1d(np.asarray(tab["COEFFS"][i], dtype=float))[: n * n].reshape(n, n)
         bbox = Box(int(tab["BBOX"][i][0]), int(tab["BBOX"][i][1]), int(tab["BBOX"][i][2]), int(tab["BBOX"][i][3]))
         out[name] = ApCorrModel(coeffs, bbox)
     return out
