@@ -129,6 +129,9 @@ def test_filter_limits():
     p = gaussian_kernel(2.0, 17)
     phi_p = decorrelation_kernel_fourier(k, 1.0, 3.0, (128, 128), preconv_kernel=p)
     assert phi_p[0, 0] == pytest.approx(1.0, abs=1e-12)
+    # a noiseless science image: φ̂ would be 1/|K̂| (a deconvolution); it stays finite, capped at 10⁵
+    phi0 = decorrelation_kernel_fourier(k, 0.0, 3.0, (128, 128))
+    assert np.all(np.isfinite(phi0)) and phi0.max() <= 1e5 * 1.0001 and phi0[0, 0] == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -197,6 +197,9 @@ def decorrelation_kernel_fourier(
     if preconv_kernel is None:
         den = k2 * ft(sc)
         den += ft(su)
+        # σ²_u = 0 (noiseless un-convolved image) would make φ̂ a deconvolution, infinite where K̂ vanishes:
+        # cap the gain at 10⁵.
+        np.maximum(den, ft(1e-10 * num), out=den)
         np.divide(num, den, out=den)
         return np.sqrt(den, out=den)
     # |K̂|²/|P̂|² divides two spectra that both fall to round-off level at high frequency, and a truncated
