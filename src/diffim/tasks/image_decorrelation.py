@@ -182,7 +182,14 @@ class DecorrelateALKernelSpatialConfig(pexConfig.Config):
 
 
 class DecorrelateALKernelSpatialTask(Task):
-    """Decorrelate a difference image, optionally with a filter that varies across the image."""
+    """Decorrelate a difference image, optionally with a filter that varies across the image.
+
+    ``spatiallyVarying=False`` runs :class:`DecorrelateALKernelTask` on the whole image. ``True`` evaluates the
+    filter on a grid of nodes (local kernel, local clipped-mean variances) and blends bilinearly in between
+    (:func:`diffim.decorrelation.decorrelate_spatial`); the variance plane then always uses the Parseval
+    factors (``completeVarPlanePropagation`` applies to the whole-image mode only) and the PSF is the
+    decorrelated PSF at the image centre.
+    """
 
     ConfigClass = DecorrelateALKernelSpatialConfig
     _DefaultName = "ip_diffim_decorrelateALKernelSpatial"
