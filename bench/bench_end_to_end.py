@@ -1,0 +1,63 @@
+"""End-to-end ImageDifferenceTask benchmark: a simulated pair at 2048² and 4096², default config.
+
+Prints and records the total wall time of ``task.run`` (inputs already in memory, as after reading), the
+per-stage breakdown from the task metadata and the peak resident memory of the process. Each size runs in its
+own subprocess so peak memory is per size. Usage: ``python bench/bench_end_to_end.py [SIZE ...]``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from _helpers import peak_rss_gib, save
+
+
+def one(size: int, seed: int = 7) -> dict:
+    from diffim.sim import simulate_pair
+    from diffim.tasks.image_difference import ImageDifferenceTask
+
+    pair = simulate_pair(size=size, seed=seed)
+    sci, tmpl = pair.science, pair.template
+    del pair
+    rss_inputs = peak_rss_gib()
+    task = ImageDifferenceTask()
+    t0 = time.perf_counter()
+    res = task.run(exposure=sci, templateExposure=tmpl)
+    wall = time.perf_counter() - t0
+    md = task.metadata
+    return {
+        "size": size,
+        "wall_s": wall,
+        "stages_s": dict(md["stageWallTime"]),
+        "n_dia_sources": len(res.diaSources),
+        "noise_ratio": md.get("quality", {}).get("noiseRatio"),
+        "peak_rss_gib": peak_rss_gib(),
+        "peak_rss_after_inputs_gib": rss_inputs,
+    }
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--one":
+        print(json.dumps(one(int(sys.argv[2]))))
+        return
+    sizes = [int(s) for s in sys.argv[1:]] or [2048, 4096]
+    results = []
+    for size in sizes:
+        out = subprocess.run([sys.executable, __file__, "--one", str(size)], capture_output=True, text=True)
+        if out.returncode:
+            print(out.stderr[-2000:])
+            raise SystemExit(f"benchmark at {size}² failed")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append(r)
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items())
+        print(f"{size}²: run {r['wall_s']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB "
+              f"(inputs {r['peak_rss_after_inputs_gib']:.2f}), {r['n_dia_sources']} DIA sources, "
+              f"noise ratio {r['noise_ratio']:.3f}\n   stages: {stages}")
+    print("saved", save("end_to_end", {"results": results}))
+
+
+if __name__ == "__main__":
+    main()
