@@ -178,3 +178,16 @@ def test_small_patch_inside_large_science_is_found():
     assert check_overlap(small, sci.wcs, sci.bbox.grown(20)) > 0
     res = GetCoaddAsTemplateTask().run(sci, coaddExposures=[small])
     assert 0 < res.coverage < 0.01
+
+
+def test_big_source_small_destination_uses_a_cutout():
+    """Warping a large image onto a small box gives the same pixels as warping onto the large box and cutting
+    (the warper only touches the reachable part of the source)."""
+    rng = np.random.default_rng(27)
+    tract = _tract(rng, n=400)
+    ws = make_tan_wcs((200.0, 200.0))
+    big = warp_exposure(tract, ws, Box(0, 0, 400, 400))
+    small_box = Box(150, 170, 40, 30)
+    small = warp_exposure(tract, ws, small_box)
+    np.testing.assert_allclose(small.image, big[small_box].image, atol=1e-4)
+    np.testing.assert_array_equal(small.mask.array, big[small_box].mask.array)

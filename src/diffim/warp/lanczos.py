@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["lanczos_kernel", "lanczos_table", "kernel_order", "resample_rows", "resample_axis", "N_PHASE"]
+__all__ = ["lanczos_kernel", "lanczos_table", "kernel_order", "resample_axis", "N_PHASE"]
 
 #: Number of tabulated fractional offsets per pixel.
 N_PHASE = 8192
@@ -71,57 +71,6 @@ def lanczos_table(order: int = 3, n_phase: int = N_PHASE) -> np.ndarray:
     return out
 
 
-def resample_rows(
-    planes: list[np.ndarray],
-    rows: np.ndarray,
-    cols: np.ndarray,
-    order: int = 3,
-    squared: list[bool] | None = None,
-    masks: list[np.ndarray] | None = None,
-    full_masks: list[np.ndarray] | None = None,
-) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """Resample 2-D arrays along their rows (axis 1) at integer ``rows`` and continuous ``cols``.
-
-    Parameters
-    ----------
-    planes
-        2-D float32 arrays of one shape ``(ny, nx)``.
-    rows, cols
-        Arrays of one shape: output sample ``m`` is ``Σ_k w_k(cols[m]) · plane[rows[m], floor(cols[m]) − a + 1 + k]``.
-        ``rows`` must lie in ``[0, ny)``.
-    order
-        Kernel order ``a`` (``2a`` taps).
-    squared
-        Per plane: use the squared weights (variance propagation, ``Σ w² V``).
-    masks
-        Integer 2-D arrays (same shape) OR-ed over the bilinear footprint (the nearest two samples; only one
-        when the position is an exact integer), afw's ``maskWarpingKernelName="bilinear"``.
-    full_masks
-        Integer 2-D arrays OR-ed over the full ``2a``-tap footprint (afw's ``growFullMask``); appended to
-        ``mask_values`` after the bilinear ones.
-
-    Returns
-    -------
-    values
-        One float32 array per plane, shaped like ``rows``.
-    mask_values
-        One integer array per mask, then one per full mask.
-    valid
-        Boolean array: True where every tap of non-zero weight fell inside ``[0, nx)``. Elsewhere the value
-        must not be used.
-    """
-    shape = np.shape(rows)
-    nx = (planes[0] if planes else masks[0]).shape[1]
-    rows = np.asarray(rows).reshape(-1).astype(np.intp)
-    cols = np.asarray(cols, dtype=np.float64).reshape(-1)
-    vals, mvals, valid = resample_axis(
-        [np.ascontiguousarray(p).reshape(-1) for p in planes], rows * nx, 1, nx, cols, order, squared,
-        [np.ascontiguousarray(m).reshape(-1) for m in masks or []],
-        [np.ascontiguousarray(m).reshape(-1) for m in full_masks or []],
-    )
-    return [v.reshape(shape) for v in vals], [m.reshape(shape) for m in mvals], valid.reshape(shape)
-
-
 def resample_axis(
     flats: list[np.ndarray],
     line_start: np.ndarray,
@@ -137,7 +86,28 @@ def resample_axis(
 
     Output sample ``m`` reads the line of ``length`` samples starting at flat index ``line_start[m]`` with
     ``stride`` (1: along a row; the row length: down a column) at the continuous position ``pos[m]``
-    (0-based along the line). Arguments and results otherwise as :func:`resample_rows` (1-D).
+    (0-based along the line); the value is ``Σ_k w_k · line[floor(pos) − a + 1 + k]``.
+
+    Parameters
+    ----------
+    flats
+        Flattened float32 planes.
+    squared
+        Per plane: use the squared weights (variance propagation, ``Σ w² V``).
+    masks
+        Flattened integer planes OR-ed over the bilinear footprint (the nearest two samples; only one when
+        the position is an exact integer), afw's ``maskWarpingKernelName="bilinear"``.
+    full_masks
+        Flattened integer planes OR-ed over the full ``2a``-tap footprint (afw's ``growFullMask``).
+
+    Returns
+    -------
+    values
+        One float32 array per plane.
+    mask_values
+        One integer array per mask, then one per full mask.
+    valid
+        True where every tap of non-zero weight lies inside the line; elsewhere the values are meaningless.
     """
     squared = squared or [False] * len(flats)
     masks = masks or []

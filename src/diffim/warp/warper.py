@@ -215,12 +215,25 @@ def warp_masked_image(
 
     # Enough grid margin that the column inversion covers every source row a pass-2 tap can reach.
     grid = TransformGrid(transform, bbox_out, interp_length, margin=2 * order + 2)
+    # Work on the part of the source the destination can reach (a big coadd patch under a small science
+    # exposure): a view, so nothing is copied unless non-finite pixels must be cleaned.
+    pad = order + 2
+    reach = Box.from_corners(
+        int(math.floor(grid.u.min())) - pad, int(math.floor(grid.v.min())) - pad,
+        int(math.ceil(grid.u.max())) + pad + 1, int(math.ceil(grid.v.max())) + pad + 1,
+    ).intersection(src.bbox)
+    if reach.is_empty():
+        return nothing()
+    if reach != src.bbox:
+        src = src[reach]
+        sx0, sy0 = src.xy0
+        ny_s, nx_s = src.shape
     u_nodes = grid.u - sx0
     v_nodes = grid.v - sy0
 
     img = src.image
     var = src.variance
-    msk = mask_in.array
+    msk = src.mask.array
     bad = ~(np.isfinite(img) & np.isfinite(var))
     if bad.any():
         img = np.where(bad, np.float32(0), img)
