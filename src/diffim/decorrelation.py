@@ -243,7 +243,8 @@ def _filter(work: np.ndarray, phi: np.ndarray, shape: tuple[int, int], workers: 
     """Filter ``work`` (finite, level-subtracted float32 on the FFT grid) with φ̂; the ``size`` corner."""
     spec = sfft.rfft2(work, s=shape, workers=workers, overwrite_x=True)
     spec *= phi.astype(np.float32, copy=False)
-    return sfft.irfft2(spec, s=shape, workers=workers, overwrite_x=True)[: size[0], : size[1]]
+    # contiguous copy: a view would keep the whole padded grid alive
+    return np.ascontiguousarray(sfft.irfft2(spec, s=shape, workers=workers, overwrite_x=True)[: size[0], : size[1]])
 
 
 def _prepare(image: np.ndarray, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
