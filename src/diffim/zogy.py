@@ -470,6 +470,8 @@ def zogy_subtract(
     xcen = np.array([(a0 + a1 - 1) / 2.0 for a0, a1 in xs])
     wy, spans_y = _hat_weights(ycen, ny)
     wx, spans_x = _hat_weights(xcen, nx)
+    vwy, _ = _hat_weights(ycen, ny, extrapolate=False)
+    vwx, _ = _hat_weights(xcen, nx, extrapolate=False)
 
     D = np.zeros(shape, dtype=np.float32)
     VD = np.zeros(shape, dtype=np.float32)
@@ -508,8 +510,11 @@ def zogy_subtract(
                 D[out], VD[out], S[out], VS[out] = (res[k][keep] for k in ("D", "VD", "S", "VS"))
             else:
                 w = wy[j][ya:yb, None] * wx[i][None, xa:xb]
-                for acc, key in ((D, "D"), (VD, "VD"), (S, "S"), (VS, "VS")):
-                    acc[out] += w * res[key][keep]
+                D[out] += w * res["D"][keep]
+                S[out] += w * res["S"][keep]
+                w = vwy[j][ya:yb, None] * vwx[i][None, xa:xb]
+                VD[out] += w * res["VD"][keep]
+                VS[out] += w * res["VS"][keep]
             F_D = res["F_D"]
             cy0, cy1 = ys[j]
             cx0, cx1 = xs[i]
@@ -544,12 +549,16 @@ def zogy_subtract(
     )
 
 
-def _hat_weights(centres: np.ndarray, n: int) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+def _hat_weights(
+    centres: np.ndarray, n: int, extrapolate: bool = True
+) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
     """Linear-interpolation weights of nodes at ``centres`` along an axis of ``n`` pixels.
 
     One float32 weight array of length ``n`` per node and each node's support ``[start, stop)``. The weights
-    sum to 1 everywhere and reproduce linear functions exactly — also beyond the outer nodes, where the two
-    outermost nodes are extrapolated linearly — so PSF errors that are linear in position cancel.
+    sum to 1 everywhere and reproduce linear functions exactly — with ``extrapolate`` also beyond the outer
+    nodes, where the two outermost nodes are extrapolated linearly (weights outside [0, 1]) — so PSF errors
+    that are linear in position cancel. Without it the outer nodes' weights are constant there (non-negative
+    weights: used for the variance planes, which must stay positive).
     """
     pos = np.arange(n, dtype=np.float64)
     k = len(centres)
@@ -559,6 +568,8 @@ def _hat_weights(centres: np.ndarray, n: int) -> tuple[list[np.ndarray], list[tu
     else:
         seg = np.clip(np.searchsorted(centres, pos) - 1, 0, k - 2)  # interval [c_seg, c_seg+1] (extended)
         t = (pos - centres[seg]) / (centres[seg + 1] - centres[seg])
+        if not extrapolate:
+            t = np.clip(t, 0.0, 1.0)
         for i in range(k):
             ws[i][seg == i] += (1.0 - t)[seg == i]
             ws[i][seg == i - 1] += t[seg == i - 1]
