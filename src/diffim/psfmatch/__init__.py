@@ -1,15 +1,22 @@
 """Alard–Lupton PSF matching: kernel bases, candidates, the least-squares solve and spatial kernels."""
 
-from .basis import KernelBasis, alard_lupton_basis, delta_function_basis, make_kernel_basis_list
+from .basis import (
+    KernelBasis,
+    alard_lupton_basis,
+    delta_function_basis,
+    make_kernel_basis_list,
+    regularization_matrix,
+)
 from .candidates import KernelCandidate, SpatialCellSet, detect_kernel_sources, make_kernel_candidates
 from .kernel import KernelSolution, SpatialBackground, SpatialFunction, SpatialKernel
-from .solve import build_stamp_system, clipped_mean_std, fit_spatial, solve_psf_matching
+from .solve import SpatialDesign, build_stamp_system, clipped_mean_std, fit_spatial, solve_psf_matching
 
 __all__ = [
     "KernelBasis",
     "alard_lupton_basis",
     "delta_function_basis",
     "make_kernel_basis_list",
+    "regularization_matrix",
     "KernelCandidate",
     "SpatialCellSet",
     "detect_kernel_sources",
@@ -18,6 +25,7 @@ __all__ = [
     "SpatialBackground",
     "SpatialFunction",
     "SpatialKernel",
+    "SpatialDesign",
     "build_stamp_system",
     "clipped_mean_std",
     "fit_spatial",
