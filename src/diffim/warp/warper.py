@@ -121,14 +121,22 @@ class TransformGrid:
         ux0, vx0 = transform(gxx - 0.5, gyy)
         uy1, vy1 = transform(gxx, gyy + 0.5)
         uy0, vy0 = transform(gxx, gyy - 0.5)
-        self.u, self.v = u, v
-        self.jac = np.stack([ux1 - ux0, uy1 - uy0, vx1 - vx0, vy1 - vy0])  # du/dx, du/dy, dv/dx, dv/dy
-        self.area = np.abs(self.jac[0] * self.jac[3] - self.jac[1] * self.jac[2])
-        if not (np.all(np.isfinite(u)) and np.all(np.isfinite(v))):
+        jac = np.stack([ux1 - ux0, uy1 - uy0, vx1 - vx0, vy1 - vy0])  # du/dx, du/dy, dv/dx, dv/dy
+        ok = np.isfinite(u) & np.isfinite(v) & np.all(np.isfinite(jac), axis=0)
+        if not ok.any():
             raise WcsError(
-                "The WCS transform between the two exposures is not finite over the destination box; "
-                "check that both WCSs are valid there (SIP terms diverging far outside the image?)."
+                "The WCS transform between the two exposures is not finite anywhere over the destination box; "
+                "check that both WCSs are valid there."
             )
+        if not ok.all():
+            # Nodes where a WCS cannot be inverted (far outside a SIP/TPV solution's domain) are sent far
+            # outside every source image, so the pixels around them come out NO_DATA instead of failing.
+            u = np.where(ok, u, -1e7)
+            v = np.where(ok, v, -1e7)
+            jac = np.where(ok, jac, np.median(jac[:, ok], axis=1)[:, None, None])
+        self.u, self.v = u, v
+        self.jac = jac
+        self.area = np.abs(jac[0] * jac[3] - jac[1] * jac[2])
 
     def _weights(self, nodes: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = (np.asarray(pos, float) - nodes[0]) / self.step
