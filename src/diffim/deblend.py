@@ -41,7 +41,9 @@ def split_footprints(
     min_separation: float = 2.0,
     min_dip: float = 1.0,
     max_dipole_separation: float | None = None,
-    max_peaks: int = 20,
+    max_peaks: int = 1000,
+    min_significance: float = 0.0,
+    dip_radius: float | None = None,
 ) -> tuple[list[Footprint], np.ndarray]:
     """One footprint per DIA source.
 
@@ -63,6 +65,12 @@ def split_footprints(
         changes joined by footprint growth) it is split into its positive and its negative part. None: never.
     max_peaks
         At most this many peaks (the most significant) of one footprint are considered.
+    min_significance
+        A peak below this detection significance (σ) never becomes a source of its own (peaks in the grown
+        part of a footprint lie below the detection threshold).
+    dip_radius
+        Peaks farther than this from every brighter kept peak are separate without a saddle test (the PSF
+        cannot join them); default ``3 × min_separation``.
 
     Returns
     -------
@@ -82,7 +90,9 @@ def split_footprints(
             if np.hypot(top.x - bottom.x, top.y - bottom.y) > max_dipole_separation:
                 parts = [replace(fp, peaks=pos_peaks, is_negative=False, from_negative=False),
                          replace(fp, peaks=neg_peaks, is_negative=True, from_positive=False)]
-                sub, _ = split_footprints(parts, snr_image, xy0=xy0, min_separation=min_separation, min_dip=min_dip)
+                sub, _ = split_footprints(parts, snr_image, xy0=xy0, min_separation=min_separation, min_dip=min_dip,
+                                          max_peaks=max_peaks, min_significance=min_significance,
+                                          dip_radius=dip_radius)
                 children.extend(sub)
                 parents.extend([i] * len(sub))
                 continue
@@ -92,15 +102,20 @@ def split_footprints(
             continue
         sign = -1.0 if fp.peaks[0].is_negative else 1.0
         order = sorted(fp.peaks, key=lambda p: -sign * p.value)
-        kept: list[Peak] = []
-        # A footprint with hundreds of peaks (a saturated star's residual) is capped for speed.
-        for p in order[:max_peaks]:
-            if all(
-                np.hypot(p.x - k.x, p.y - k.y) >= min_separation
-                and _dip_significance(snr_image, xy0, k, p, sign) >= min_dip
-                for k in kept
-            ):
+        kept: list[Peak] = [order[0]]
+        kx, ky = [float(order[0].x)], [float(order[0].y)]
+        radius = 3.0 * min_separation if dip_radius is None else dip_radius
+        for p in order[1:max_peaks]:
+            if not (p.significance >= min_significance):
+                continue
+            d = np.hypot(np.asarray(kx) - p.x, np.asarray(ky) - p.y)
+            if np.any(d < min_separation):
+                continue
+            close = np.nonzero(d < radius)[0]
+            if all(_dip_significance(snr_image, xy0, kept[j], p, sign) >= min_dip for j in close):
                 kept.append(p)
+                kx.append(float(p.x))
+                ky.append(float(p.y))
         if len(kept) == 1:
             children.append(replace(fp, peaks=[kept[0]] + [p for p in fp.peaks if p is not kept[0]]))
             parents.append(i)

@@ -584,7 +584,8 @@ class ImageDifferenceTask(Task):
             max_sep = self.measurement.config.dipoleFit.maxSeparation * diffExp.psf.sigma(*psf_pos)
             footprints, parents = split_footprints(footprints, snr, xy0=detExp.xy0,
                                                    min_separation=max(2.0, diffExp.psf.fwhm(*psf_pos)),
-                                                   max_dipole_separation=max_sep if cfg.doMerge else None)
+                                                   max_dipole_separation=max_sep if cfg.doMerge else None,
+                                                   min_significance=self.detection.config.thresholdValue)
             n_real = len(footprints)
             self.metadata["nMergedFootprints"] = int(len(set(parents.tolist())))
             if cfg.doSkySources:
