@@ -356,3 +356,41 @@ def test_sub_box_equals_part_of_full_warp():
     part = full[sub_box]
     np.testing.assert_allclose(sub.image, part.image, atol=1e-5)
     np.testing.assert_array_equal(sub.mask.array, part.mask.array)
+
+
+def _refined_centroids(img, xs, ys, sigma=1.5, half=6, n_iter=20):
+    """Iterative Gaussian-weighted centroids (background: median of a 31×31 box)."""
+    out = []
+    for x, y in zip(xs, ys):
+        ix, iy = int(round(x)), int(round(y))
+        stamp = img[iy - half : iy + half + 1, ix - half : ix + half + 1]
+        stamp = stamp - np.median(img[iy - 15 : iy + 16, ix - 15 : ix + 16])
+        yy, xx = np.mgrid[iy - half : iy + half + 1, ix - half : ix + half + 1]
+        cx, cy = float(x), float(y)
+        for _ in range(n_iter):
+            w = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2)) * stamp
+            cx, cy = (w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()
+        out.append((cx - x, cy - y))
+    return np.array(out)
+
+
+def test_simulated_rotated_template_lands_on_truth():
+    """diffim.sim's template on its own rotated (0.35°) and shifted grid, warped onto the science WCS: bright
+    isolated stars sit at their true science positions (median offset < 0.02 px, measured the same way on
+    the science image for reference), so the sim's WCS convention and the warper agree."""
+    from diffim.sim import simulate_pair
+
+    p = simulate_pair(512, seed=1, template_rotation=0.35, template_offset=(7.3, -4.6))
+    assert p.template.bbox != p.science.bbox
+    w = warp_exposure(p.template, p.science.wcs, p.science.bbox)
+    assert template_coverage(p.science, w) > 0.99
+    t = p.truth
+    sel = (
+        (t["kind"] == "star") & (t["flux_template"] > 3000) & np.asarray(t["isolated"], bool)
+        & (t["x"] > 30) & (t["x"] < 480) & (t["y"] > 30) & (t["y"] < 480)
+    )
+    assert sel.sum() >= 8
+    warped = _refined_centroids(np.nan_to_num(w.image), t["x"][sel], t["y"][sel])
+    science = _refined_centroids(p.science.image, t["x"][sel], t["y"][sel])
+    assert np.all(np.abs(np.median(warped, axis=0)) < 0.02)
+    assert np.all(np.abs(np.median(warped - science, axis=0)) < 0.03)
