@@ -332,7 +332,36 @@ def _psf_from_image(data: np.ndarray, source: str) -> ImagePsf:
         k = shift_image(k, dx, dy)
     if k.sum() == 0:
         raise PsfError(f"{source}: the PSF image sums to zero.")
+    k = _crop_psf_image(k, source)
     return ImagePsf(k)
+
+
+def _crop_psf_image(k: np.ndarray, source: str) -> np.ndarray:
+    """Crop a PSF image much larger than its core (e.g. WebbPSF's 205×205 models of a 2.5-px PSF).
+
+    An image whose half-width exceeds ``ceil(10 FWHM)`` is cropped about its centre pixel to the half-width
+    ``h`` where the encircled energy in the ``(2h+1)²`` box reaches 99.5 % of the image total, clipped to
+    ``[ceil(3 FWHM), ceil(10 FWHM)]``. Smaller images are returned unchanged. The FWHM is measured from the
+    half-maximum area, ``2√(A/π)``. Huge kernels only slow every PSF-sized stamp (photometry, dipole fits,
+    decorrelation) while the far wings carry a few per cent of the light that no diffim step can use.
+    """
+    peak = float(k.max())
+    if not peak > 0:
+        return k
+    fwhm = 2.0 * math.sqrt(float((k >= 0.5 * peak).sum()) / math.pi)
+    hmax = int(math.ceil(10.0 * fwhm))
+    cy, cx = k.shape[0] // 2, k.shape[1] // 2
+    if min(cy, cx) <= hmax:
+        return k
+    total = float(k.sum())
+    yy, xx = np.indices(k.shape)
+    cheb = np.maximum(np.abs(yy - cy), np.abs(xx - cx)).ravel()
+    ee = np.cumsum(np.bincount(cheb, weights=k.ravel())) / total
+    h_ee = int(np.argmax(ee >= 0.995)) if np.any(ee >= 0.995) else min(cy, cx)
+    h = int(np.clip(h_ee, math.ceil(3.0 * fwhm), hmax))
+    log.info("%s: PSF image %dx%d cropped to %dx%d (FWHM %.2f px; %.1f %% of its light kept).",
+             source, k.shape[1], k.shape[0], 2 * h + 1, 2 * h + 1, fwhm, 100.0 * ee[min(h, ee.size - 1)])
+    return k[cy - h : cy + h + 1, cx - h : cx + h + 1]
 
 
 def _psf_from_hdus(hdul: fits.HDUList, start: int, path: str) -> Psf:
