@@ -42,6 +42,44 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-config", action="store_true", help="print the full config that would be used and exit")
 
 
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    """Per-image companions of plain FITS inputs (passed to ``read_exposure`` for that image)."""
+    g = p.add_argument_group("per-image inputs (plain FITS images from any telescope)")
+    for who in ("science", "template"):
+        g.add_argument(f"--{who}-variance", dest=f"{who}_variance", type=Path, default=None, metavar="FILE",
+                       help=f"{who} variance, weight (1/σ²) or 1σ noise image; the kind is guessed from the file "
+                            "name/header unless --variance-kind is given")
+        g.add_argument(f"--{who}-mask", dest=f"{who}_mask", type=Path, default=None, metavar="FILE",
+                       help=f"{who} mask image (afw MP_ planes if present, else nonzero → BAD)")
+        g.add_argument(f"--{who}-psf", dest=f"{who}_psf", type=Path, default=None, metavar="FILE",
+                       help=f"{who} PSF: a PSFEx .psf file or a PSF image (large images are cropped to ±10 FWHM)")
+    g.add_argument("--variance-kind", dest="variance_kind", choices=("variance", "weight", "noise"), default=None,
+                   help="what the --*-variance files hold (default: guessed; noise = 1σ map)")
+    g.add_argument("--gain", type=float, default=None, metavar="E_PER_ADU",
+                   help="gain for the variance model of both images when no variance file is given "
+                        "(default: the GAIN card, else the robust sky noise)")
+    g.add_argument("--read-noise", dest="read_noise", type=float, default=None, metavar="E",
+                   help="read noise in electrons for the variance model (default: RDNOISE card, else 0)")
+
+
+def _read_kwargs(args, who: str) -> dict:
+    """``read_exposure`` keyword arguments for ``who`` ('science' or 'template') from the parsed options."""
+    kw: dict = {}
+    if getattr(args, f"{who}_variance", None) is not None:
+        kw["variance"] = str(getattr(args, f"{who}_variance"))
+        if args.variance_kind is not None:
+            kw["variance_kind"] = "sigma" if args.variance_kind == "noise" else args.variance_kind
+    if getattr(args, f"{who}_mask", None) is not None:
+        kw["mask"] = str(getattr(args, f"{who}_mask"))
+    if getattr(args, f"{who}_psf", None) is not None:
+        kw["psf"] = str(getattr(args, f"{who}_psf"))
+    if getattr(args, "gain", None) is not None:
+        kw["gain"] = args.gain
+    if getattr(args, "read_noise", None) is not None:
+        kw["read_noise"] = args.read_noise
+    return kw
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffim",
@@ -70,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("template", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True, help="output difference FITS file (LSST MEF)")
     _add_config_args(p)
+    _add_input_args(p)
 
     p = sub.add_parser("run", help="the whole job: subtract, detect, measure; write images and the DIA catalogue")
     p.add_argument("science", type=Path)
@@ -79,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write diagnostics.png")
     _add_config_args(p)
+    _add_input_args(p)
 
     p = sub.add_parser("demo", help="simulate a pair, run the whole job on it and print a summary")
     p.add_argument("outdir", type=Path, nargs="?", default=Path("demo_output"))
@@ -119,7 +159,8 @@ def _cmd_subtract(args) -> int:
     if args.show_config:
         config.saveToStream(sys.stdout)
         return EXIT_OK
-    res = subtract_files(args.science, args.template, args.output, config=config)
+    res = subtract_files(args.science, args.template, args.output, config=config,
+                         science_kwargs=_read_kwargs(args, "science"), template_kwargs=_read_kwargs(args, "template"))
     if not args.quiet:
         print(f"wrote {args.output}  (noise ratio {res.metadata.get('noiseRatio', float('nan')):.3f})")
     return EXIT_OK
@@ -138,7 +179,8 @@ def _cmd_run(args) -> int:
         raise BadInputError("Give a TEMPLATE exposure or --coadd-dir DIR to build one from coadd patches.")
     t0 = time.perf_counter()
     res = run_files(args.science, args.template, args.output, config=config, coadd_dir=args.coadd_dir,
-                    overwrite=args.overwrite, plot=args.plot, progress=not args.quiet)
+                    overwrite=args.overwrite, plot=args.plot, progress=not args.quiet,
+                    science_kwargs=_read_kwargs(args, "science"), template_kwargs=_read_kwargs(args, "template"))
     if not args.quiet:
         print(res.summary(time.perf_counter() - t0))
     return EXIT_OK

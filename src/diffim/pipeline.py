@@ -118,23 +118,32 @@ def _commit_outdir(tmp: Path, outdir: Path) -> None:
         os.replace(tmp, outdir)
 
 
-def _read_pair(science_path, template_path):
+def _read_pair(science_path, template_path, science_kwargs=None, template_kwargs=None):
+    """Read (and prepare) both exposures; ``*_kwargs`` are passed to :func:`diffim.io.read_exposure`
+    (``variance=``, ``variance_kind=``, ``mask=``, ``psf=``, ``gain=``, ``read_noise=``, ``hdu=``)."""
     from .io import read_exposure
 
-    science = prepare_exposure(read_exposure(science_path), label=f"science {science_path}")
+    science = prepare_exposure(read_exposure(science_path, **dict(science_kwargs or {})),
+                               label=f"science {science_path}")
     template = None
     if template_path is not None:
-        template = prepare_exposure(read_exposure(template_path), label=f"template {template_path}")
+        template = prepare_exposure(read_exposure(template_path, **dict(template_kwargs or {})),
+                                    label=f"template {template_path}")
     return science, template
 
 
-def subtract_files(science_path, template_path, output, *, config=None) -> RunResult:
-    """PSF-match and subtract two exposure files; write the difference exposure to ``output`` (atomic)."""
+def subtract_files(science_path, template_path, output, *, config=None, science_kwargs=None,
+                   template_kwargs=None) -> RunResult:
+    """PSF-match and subtract two exposure files; write the difference exposure to ``output`` (atomic).
+
+    ``science_kwargs``/``template_kwargs`` are keyword arguments of :func:`diffim.io.read_exposure` for each
+    file (per-image companions: ``variance=``, ``variance_kind=``, ``mask=``, ``psf=``, ``gain=``, ...).
+    """
     from .io import write_exposure
     from .tasks.image_difference import ImageDifferenceTask
 
     config = config if config is not None else make_config(subtract_only=True)
-    science, template = _read_pair(science_path, template_path)
+    science, template = _read_pair(science_path, template_path, science_kwargs, template_kwargs)
     task = ImageDifferenceTask(config=config)
     res = task.run(exposure=science, templateExposure=template)
     write_exposure(res.subtractedExposure, output)
@@ -162,12 +171,16 @@ def _jsonable(obj):
 
 
 def run_files(science_path, template_path, outdir, *, config=None, coadd_dir=None, overwrite=False,
-              plot=True, progress=True, truth=None) -> RunResult:
+              plot=True, progress=True, truth=None, science_kwargs=None, template_kwargs=None) -> RunResult:
     """Run the whole ImageDifferenceTask on two files and write all outputs into ``outdir``.
 
     Outputs (per the ``doWrite*`` switches): ``difference.fits``, ``diaSources.parquet`` and ``.fits``,
     ``score.fits``, ``matched.fits``, ``warped.fits``, ``config.py``, ``metadata.json`` and
     ``diagnostics.png``. Nothing is left behind if the run fails.
+
+    ``science_kwargs``/``template_kwargs`` are keyword arguments of :func:`diffim.io.read_exposure` for each
+    file: per-image companions such as ``variance=`` (a variance, weight or 1σ noise image; ``variance_kind=``),
+    ``mask=``, ``psf=`` (PSFEx ``.psf`` file or PSF image), ``gain=`` and ``read_noise=``.
     """
     from .io import write_exposure
     from .tasks.image_difference import ImageDifferenceTask
@@ -175,7 +188,7 @@ def run_files(science_path, template_path, outdir, *, config=None, coadd_dir=Non
     config = config if config is not None else make_config()
     outdir = Path(outdir)
     t_start = time.perf_counter()
-    science, template = _read_pair(science_path, template_path)
+    science, template = _read_pair(science_path, template_path, science_kwargs, template_kwargs)
     if template is None and coadd_dir is None:
         raise BadInputError("No template: give a template exposure or a coadd directory.")
     tmp = _atomic_outdir(outdir, overwrite)
@@ -205,7 +218,9 @@ def run_files(science_path, template_path, outdir, *, config=None, coadd_dir=Non
         files["config"] = outdir / "config.py"
         md = task.metadata.to_plain()
         md["inputs"] = {"science": str(science_path), "template": str(template_path) if template_path else None,
-                        "coaddDir": str(coadd_dir) if coadd_dir else None}
+                        "coaddDir": str(coadd_dir) if coadd_dir else None,
+                        "scienceOptions": {k: str(v) for k, v in dict(science_kwargs or {}).items()},
+                        "templateOptions": {k: str(v) for k, v in dict(template_kwargs or {}).items()}}
         if truth is not None:
             md["truth"] = _truth_figures(res, truth)
         md["wallTimeTotal"] = time.perf_counter() - t_start
