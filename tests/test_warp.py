@@ -394,3 +394,74 @@ def test_simulated_rotated_template_lands_on_truth():
     science = _refined_centroids(p.science.image, t["x"][sel], t["y"][sel])
     assert np.all(np.abs(np.median(warped, axis=0)) < 0.02)
     assert np.all(np.abs(np.median(warped - science, axis=0)) < 0.03)
+
+
+def test_transform_grid_interpolation_is_accurate_for_tan_sip():
+    """The WCS pair is exact only every interp_length = 10 px; bilinear interpolation in between stays within
+    1e-4 px of the exact per-pixel mapping for a TAN-SIP WCS (quadratic SIP of a size that gives ≈ 10 px of
+    distortion 2000 px from the centre, like a wide-field camera). Bilinear error bound: h²/8·|∂²u| =
+    12.5 · 4e-6 = 5e-5 px."""
+    from astropy.wcs import Sip
+
+    from diffim.warp.warper import TransformGrid, pixel_transform
+
+    n = 300
+    wt = make_tan_wcs((150.2, 149.7), rotation_deg=0.35)
+    a = np.zeros((3, 3))
+    b = np.zeros((3, 3))
+    a[2, 0], b[0, 2], a[1, 1] = 2e-6, -2e-6, 1e-6
+    wt.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+    wt.sip = Sip(a, b, None, None, wt.wcs.crpix)
+    wt.wcs.set()
+    ws = make_tan_wcs((150.0, 150.0))
+    tr = pixel_transform(wt, ws)
+    box = Box(0, 0, n, n)
+    grid = TransformGrid(tr, box, 10)
+    xs = np.arange(0, n, 7.0) + 0.5
+    ys = np.arange(0, n, 5.0) + 0.25
+    u, v = grid(xs, ys)
+    xx, yy = np.meshgrid(xs, ys)
+    ue, ve = tr(xx, yy)
+    tan = pixel_transform(make_tan_wcs((150.2, 149.7), rotation_deg=0.35), ws)(xx, yy)[0]
+    assert np.abs(ue - tan).max() > 0.02  # the SIP terms matter
+    assert np.abs(u - ue).max() < 1e-4 and np.abs(v - ve).max() < 1e-4
+
+
+def test_lanczos5_is_more_accurate_than_lanczos3():
+    """kernel='lanczos5' interpolates σ = 1.5 px stars at least 1.5× more accurately than 'lanczos3' (1-D
+    bounds: 0.18 % vs 0.53 % of the peak; measured in 2-D: 0.4 % vs 1.1 %), both against the directly rendered
+    science-grid scene."""
+    n = 128
+    rng = np.random.default_rng(12)
+    wt = make_tan_wcs((64.3, 63.6), rotation_deg=0.35)
+    ws = make_tan_wcs((63.9, 64.2))
+    box = Box(0, 0, n, n)
+    ra, dec = random_sky_positions(ws, box, 30, rng, border=12)
+    psf = GaussianPsf(1.5, size=21)
+    tmpl, _, _ = render_stars(box, wt, ra, dec, 1000.0, psf)
+    direct, _, _ = render_stars(box, ws, ra, dec, 1000.0, psf)
+    e = Exposure(image=tmpl, variance=np.ones((n, n)), wcs=wt)
+    err = {}
+    for k in ("lanczos3", "lanczos5"):
+        out = warp_exposure(e, ws, box, kernel=k)
+        good = ~out.mask.get("NO_DATA")
+        err[k] = np.abs(out.image - direct)[good].max()
+    peak = 1000.0 / (2 * np.pi * 1.5**2)
+    assert err["lanczos3"] < 0.015 * peak
+    assert err["lanczos5"] < err["lanczos3"] / 1.5
+
+
+def test_warp_cpu_time_is_vectorised():
+    """A 1024² warp (image, variance, mask) costs well under 2 CPU-seconds (≈ 0.3 s here; a per-pixel Python
+    loop would take minutes). CPU time, not wall time, so a loaded machine does not make it flaky."""
+    import time
+
+    n = 1024
+    rng = np.random.default_rng(13)
+    e = Exposure(image=rng.normal(0, 1, (n, n)), variance=np.ones((n, n)),
+                 wcs=make_tan_wcs((512.3, 511.2), rotation_deg=0.35))
+    ws = make_tan_wcs((511.5, 511.5))
+    warp_exposure(e, ws, Box(0, 0, 64, 64))  # warm-up (tables)
+    c0 = time.process_time()
+    warp_exposure(e, ws, e.bbox)
+    assert time.process_time() - c0 < 2.0
