@@ -76,6 +76,24 @@ def test_mask_growth_limited_to_kernel_footprint():
     assert d.sum() == 16 and d[3:7, 3:7].all()
 
 
+@pytest.mark.parametrize("lo, hi", [(1, 2), (0, 4), (4, 0), (3, 3), (0, 0)])
+def test_dilate_mask_matches_brute_force(lo, hi):
+    """OR over the window u ∈ [−lo, hi]² for every plane (incl. bit 31), other planes untouched when restricted."""
+    rng = np.random.default_rng(lo * 10 + hi)
+    m = np.zeros((40, 50), np.int32)
+    m[rng.integers(0, 40, 6), rng.integers(0, 50, 6)] = rng.integers(1, 16, 6)
+    m[0, 0] |= 1 << 20
+    m[39, 49] |= np.int32(-(1 << 31))
+    ref = np.zeros_like(m)
+    for u in range(-lo, hi + 1):
+        for v in range(-lo, hi + 1):
+            ys, xs = slice(max(0, -v), min(40, 40 - v)), slice(max(0, -u), min(50, 50 - u))
+            ys2, xs2 = slice(max(0, v), min(40, 40 + v)), slice(max(0, u), min(50, 50 + u))
+            ref[ys, xs] |= m[ys2, xs2]
+    assert np.array_equal(dilate_mask(m, lo, hi), ref)
+    assert np.array_equal(dilate_mask(m, lo, hi, bits=1), (m & ~1) | (ref & 1))
+
+
 def test_nan_and_masked_pixels_do_not_poison_neighbours():
     """A NaN/NO_DATA pixel is filled before the FFT: the output is finite everywhere, and NO_DATA only covers
     the kernel footprint of the bad pixel."""

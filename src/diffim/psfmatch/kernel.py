@@ -176,7 +176,7 @@ def _evaluate_on_grid(spatial: SpatialFunction, weights: np.ndarray, bbox: Box) 
     ys = np.arange(bbox.y0, bbox.y1, dtype=float)
     fx, _ = spatial.factors(xs, np.zeros_like(xs))
     _, fy = spatial.factors(np.zeros_like(ys), ys)
-    return ((fy * weights) @ fx.T).astype(np.float32)
+    return (fy * weights).astype(np.float32) @ fx.T.astype(np.float32)
 
 
 @dataclass
