@@ -27,9 +27,9 @@ Numerical choices (each documented where it is made):
 * the scalar ``σ_n, σ_r`` that build the filters are the clipped means of the variance planes over the whole
   image (one value for every cell, so the filters and ``F_D`` do not jump between cells);
 * a noiseless (or nearly noiseless) image would make ``den`` vanish wherever the *other* PSF has no power; the
-  smaller of the two noise terms ``σ_n² F_r²``, ``σ_r² F_n²`` is floored at ``NOISE_FLOOR`` (1e-4) times their
+  smaller of the two noise terms ``σ_n² F_r²``, ``σ_r² F_n²`` is floored at ``NOISE_FLOOR`` (2 %) times their
   sum. The static sky still cancels exactly (the numerator does not involve σ), the filters stay bounded
-  (``|k̂_{D,r}| ≤ 32/σ_n``) and the variance planes give the true variance of the result;
+  (``|k̂_{D,r}| ≤ 7/σ_n``) and the variance planes give the true variance of the result;
 * frequencies where ``√den`` underflows (both PSFs without power) get the plain difference
   ``(F_r N̂ − F_n R̂)/√(σ_n² F_r² + σ_r² F_n²)`` in ``D`` (it keeps ``D`` white) and zero in ``S`` and ``P_D``;
 * non-finite pixels (and pixels flagged for replacement) are replaced before the FFT by the image's clipped
@@ -75,7 +75,10 @@ __all__ = [
 ]
 
 #: Smallest allowed share of either image in the combined noise ``σ_n² F_r² + σ_r² F_n²`` (noiseless inputs).
-NOISE_FLOOR = 1e-3
+#: With a noiseless template whose PSF is the broader one, ZOGY deconvolves the template; the floor bounds that
+#: gain (≤ 1/√NOISE_FLOOR ≈ 7) so PSF-model errors and saturated cores of bright stars are not amplified over
+#: large areas, at a cost below 1 % in S/N (the suppressed frequencies carry almost no science PSF power).
+NOISE_FLOOR = 2e-2
 
 #: FFT (and strip-loop) worker threads: ``DIFFIM_FFT_WORKERS`` or 2 (the target machine has 2 cores).
 FFT_WORKERS = fft_workers()
