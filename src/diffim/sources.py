@@ -21,7 +21,8 @@ __all__ = ["detect_and_measure_sources", "background_subtracted", "mark_detectio
 _STATS_PLANES = ("BAD", "SAT", "EDGE", "NO_DATA")
 
 
-def detect_and_measure_sources(exposure: Exposure, *, threshold: float = 10.0, max_sources: int = 5000) -> Table:
+def detect_and_measure_sources(exposure: Exposure, *, threshold: float = 10.0, max_sources: int = 5000,
+                               min_significance: float = 0.0, work: Exposure | None = None) -> Table:
     """Detect and measure the sources of ``exposure``.
 
     Parameters
@@ -33,6 +34,11 @@ def detect_and_measure_sources(exposure: Exposure, *, threshold: float = 10.0, m
         Detection threshold in units of the per-pixel noise of the smoothed image.
     max_sources
         Keep at most this many, brightest first.
+    min_significance
+        Measure only sources whose peak significance reaches this (the positions of all detections are kept
+        in ``table.meta["all_x"]``, ``["all_y"]`` for isolation tests).
+    work
+        The background-subtracted exposure (:func:`background_subtracted`), if already computed.
 
     Returns
     -------
@@ -42,11 +48,15 @@ def detect_and_measure_sources(exposure: Exposure, *, threshold: float = 10.0, m
     """
     psf = exposure.require_psf()
     sigma = psf.sigma(*exposure.psf_position())
-    work = background_subtracted(exposure)
+    if work is None:
+        work = background_subtracted(exposure)
     pos, _, _, _ = detect_footprints(work.image, work.variance, work.mask.array, sigma, threshold, "positive",
                                      stats_bits=work.mask.bitmask(list(_STATS_PLANES), ignore_missing=True),
                                      xy0=work.xy0)
     pos = [fp for fp in pos if fp.peaks]
+    all_x = np.array([fp.peaks[0].x for fp in pos], float)
+    all_y = np.array([fp.peaks[0].y for fp in pos], float)
+    pos = [fp for fp in pos if not (fp.peaks[0].significance < min_significance)]
     pos.sort(key=lambda fp: -fp.peaks[0].value)
     pos = pos[:max_sources]
     cols = measure_dia_sources(work, pos)
@@ -71,6 +81,7 @@ def detect_and_measure_sources(exposure: Exposure, *, threshold: float = 10.0, m
         ra, dec = exposure.pixel_to_sky(t["x"], t["y"])
         t["coord_ra"], t["coord_dec"] = ra, dec
     t.meta["threshold"] = threshold
+    t.meta["all_x"], t.meta["all_y"] = all_x, all_y
     return t
 
 
@@ -92,7 +103,8 @@ def background_subtracted(exposure: Exposure, *, bin_size: int = 128) -> Exposur
                     photo_calib=exposure.photo_calib, band=exposure.band)
 
 
-def mark_detections(exposure: Exposure, *, threshold: float = 5.0, n_sigma_to_grow: float = 2.4) -> int:
+def mark_detections(exposure: Exposure, *, threshold: float = 5.0, n_sigma_to_grow: float = 2.4,
+                    work: Exposure | None = None) -> int:
     """Set DETECTED on the pixels of sources detected above ``threshold`` σ (in place); return their number.
 
     A calibrated LSST exposure arrives with DETECTED set by its own source detection, and variance scaling of
@@ -100,7 +112,8 @@ def mark_detections(exposure: Exposure, *, threshold: float = 5.0, n_sigma_to_gr
     """
     psf = exposure.require_psf()
     sigma = psf.sigma(*exposure.psf_position())
-    work = background_subtracted(exposure)
+    if work is None:
+        work = background_subtracted(exposure)
     pos, _, _, _ = detect_footprints(work.image, work.variance, work.mask.array, sigma, threshold, "positive",
                                      n_sigma_to_grow=n_sigma_to_grow,
                                      stats_bits=work.mask.bitmask(list(_STATS_PLANES), ignore_missing=True),

@@ -382,7 +382,7 @@ class ImageDifferenceTask(Task):
                 with self._stage("scienceDetection"):
                     from ..sources import mark_detections
 
-                    self.metadata["nScienceDetections"] = mark_detections(science)
+                    self.metadata["nScienceDetections"] = mark_detections(science, work=self._sky_subtracted(science))
             if cfg.doScaleTemplateVariance:
                 with self._stage("scaleTemplateVariance"):
                     self.metadata["scaleTemplateVarianceFactor"] = self.scaleVariance.run(warpedExposure.masked_image)
@@ -425,6 +425,7 @@ class ImageDifferenceTask(Task):
             diaSources = self._detect_and_measure(science, subtractedExposure, detExp, matchedExposure,
                                                   warpedExposure, idFactory, selectSources)
         self._quality_metadata(subtractedExposure)
+        self._sky_cache = None
         return Struct(
             subtractedExposure=subtractedExposure,
             scoreExposure=scoreExposure,
@@ -455,11 +456,19 @@ class ImageDifferenceTask(Task):
             sci_src = selectSources if selectSources is not None else detect_sources_for_registration(science)
             tmpl_src = templateSources if templateSources is not None else detect_sources_for_registration(template)
             reg = self.register.run(tmpl_src, template.wcs, template.bbox, sci_src, sipOrder=cfg.templateSipOrder)
-            self.metadata["registerMatches"] = int(getattr(reg, "nMatches", len(getattr(reg, "matches", []))))
+            # reg.matches is a dict of per-match arrays: count its rows, not its keys.
+            self.metadata["registerMatches"] = int(reg.nGood + reg.nRejected)
             template = template.copy(deep=False)
             template.wcs = reg.wcs
             if cfg.doDebugRegister:
-                self.metadata["registerDebug"] = getattr(reg, "debug", None)
+                m = reg.matches
+                self.metadata["registerDebug"] = {
+                    "sipRms": float(reg.sipRms), "offsetArcsec": [float(v) for v in reg.offset],
+                    "nGood": int(reg.nGood), "nRejected": int(reg.nRejected),
+                    "x": np.asarray(m["x"], float).tolist(), "y": np.asarray(m["y"], float).tolist(),
+                    "dxFit": np.asarray(m["dx_fit"], float).tolist(), "dyFit": np.asarray(m["dy_fit"], float).tolist(),
+                    "good": np.asarray(m["good"], bool).tolist(),
+                }
         if same_pixel_grid(science, template):
             return template
         if science.wcs is None or template.wcs is None:
@@ -473,6 +482,16 @@ class ImageDifferenceTask(Task):
 
         border = 0
         return warp_exposure(template, science.wcs, science.bbox.grown(border))
+
+    def _sky_subtracted(self, science):
+        """The science with a mesh background removed, computed once per run (forced photometry, ap corr)."""
+        cache = getattr(self, "_sky_cache", None)
+        if cache is None or cache[0] is not science:
+            from ..sources import background_subtracted
+
+            cache = (science, background_subtracted(science))
+            self._sky_cache = cache
+        return cache[1]
 
     def _decorrelated_psf(self, base_psf, diff, kernel, template_matched, preconv_kernel=None):
         """PSF of the decorrelated difference, φ ⊗ (the un-convolved image's PSF), valid across the field."""
@@ -634,10 +653,8 @@ class ImageDifferenceTask(Task):
                 self.applyApCorr.run(table, apcorr)
         if cfg.doForcedMeasurement:
             with self._stage("forcedMeasurement"):
-                from ..sources import background_subtracted
-
                 # Forced PSF fluxes need the science without its sky (a calexp is background-subtracted).
-                self.forcedMeasurement.run(table, background_subtracted(science))
+                self.forcedMeasurement.run(table, self._sky_subtracted(science))
         if cfg.doMatchSources:
             with self._stage("matchSources"):
                 self._match_sources(table, science, selectSources)
@@ -647,18 +664,19 @@ class ImageDifferenceTask(Task):
     def _measure_ap_corr(self, science):
         """Aperture corrections of PSF fluxes measured on the science stars (when none are supplied)."""
         from ..measure.apcorr import measure_ap_corr
-        from ..sources import background_subtracted, detect_and_measure_sources
+        from ..sources import detect_and_measure_sources
 
         try:
-            work = background_subtracted(science)
-            sources = detect_and_measure_sources(science)
+            work = self._sky_subtracted(science)
+            # Only stars with S/N ≥ 50 enter the fit, so only bright detections are measured.
+            sources = detect_and_measure_sources(science, work=work, min_significance=30.0)
             stars = self.sourceSelector.run(sources, exposure=science).sourceCat
             # Isolation from every detected source, not only from other stars: a faint neighbour inside the
             # 12-px aperture biases the ratio high.
-            if len(stars) and len(sources) > 1:
+            if len(stars) and len(sources.meta["all_x"]) > 1:
                 from scipy.spatial import cKDTree
 
-                tree = cKDTree(np.column_stack([sources["x"], sources["y"]]))
+                tree = cKDTree(np.column_stack([sources.meta["all_x"], sources.meta["all_y"]]))
                 counts = np.array([len(n) for n in tree.query_ball_point(
                     np.column_stack([stars["x"], stars["y"]]), 24.0)])
                 stars = stars[counts <= 1]
