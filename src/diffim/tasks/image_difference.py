@@ -12,6 +12,7 @@ Deliberate deviations from the 2023 LSST task (its documented quirks) are listed
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 
@@ -366,7 +367,14 @@ class ImageDifferenceTask(Task):
         if cfg.doSubtract:
             if templateExposure is None:
                 with self._stage("getTemplate"):
-                    templateExposure = self.getTemplate.run(science, coaddDir=coaddDir).exposure
+                    coaddExposures = None
+                    if coaddDir is not None and os.path.isdir(str(coaddDir)):
+                        # The patch files are named after this task's coaddName (<coaddName>Coadd_*.fits).
+                        from .get_template import find_coadd_files
+
+                        coaddExposures = find_coadd_files(str(coaddDir), cfg.coaddName)
+                    templateExposure = self.getTemplate.run(science, coaddDir=coaddDir,
+                                                            coaddExposures=coaddExposures).exposure
             with self._stage("warp"):
                 warpedExposure = self._align_template(science, templateExposure, selectSources, templateSources)
             frac = template_coverage(science, warpedExposure)
