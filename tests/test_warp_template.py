@@ -191,3 +191,24 @@ def test_big_source_small_destination_uses_a_cutout():
     small = warp_exposure(tract, ws, small_box)
     np.testing.assert_allclose(small.image, big[small_box].image, atol=1e-4)
     np.testing.assert_array_equal(small.mask.array, big[small_box].mask.array)
+
+
+def test_stitched_psf_follows_the_patch_with_data():
+    """Patches with different PSFs (σ = 1.6 left, 2.4 right, no overlap): the template PSF at a position is
+    the warped PSF of the patch covering it; FITS persistence writes an ImagePsf snapshot."""
+    from diffim.model.psf import ImagePsf
+    from diffim.warp.psf import StitchedPsf
+
+    rng = np.random.default_rng(28)
+    tract = _tract(rng, n=400)
+    left = tract[Box(0, 0, 200, 400)].copy()
+    right = tract[Box(200, 0, 200, 400)].copy()
+    left.psf, right.psf = GaussianPsf(1.6), GaussianPsf(2.4)
+    sci = _science(n=240)  # science x ≈ 80..320 in tract pixels: straddles the boundary at 200
+    res = GetCoaddAsTemplateTask().run(sci, coaddExposures=[left, right])
+    psf = res.exposure.psf
+    assert isinstance(psf, StitchedPsf)
+    assert psf.sigma(20.0, 120.0) == pytest.approx(1.6, rel=0.02)
+    assert psf.sigma(220.0, 120.0) == pytest.approx(2.4, rel=0.02)
+    back = ImagePsf.from_fits_hdus(psf.to_fits_hdus())
+    np.testing.assert_allclose(back.compute_kernel_image(), psf.compute_kernel_image(), atol=1e-12)

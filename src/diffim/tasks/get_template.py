@@ -6,7 +6,8 @@ pattern, every ``*.fits`` there. Each patch must carry a WCS. The patches overla
 (grown by ``templateBorderSize``) are warped onto the science WCS and pixel grid and stitched with LSST's
 modern weighting (:mod:`diffim.warp.stitch`), so the template is returned **on the science grid** (the old
 LSST task returned it in the coadd frame and warped later; the modern GetTemplateTask returns it warped, as
-here). Pixels no patch covers are NaN with mask NO_DATA.
+here). Pixels no patch covers are NaN with mask NO_DATA. The template PSF is a
+:class:`~diffim.warp.psf.StitchedPsf`: at each position, the warped PSF of a patch that has data there.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from ..errors import BadInputError, InputFileNotFoundError, NoOverlapError, WcsError
 from ..model.exposure import Exposure
 from ..warp.coverage import template_coverage
+from ..warp.psf import StitchedPsf
 from ..warp.stitch import stitch_masked_images
 from ..warp.warper import check_overlap, warp_exposure
 from .base import Struct, Task, timeMethod
@@ -143,11 +145,19 @@ class GetCoaddAsTemplateTask(Task):
             warped.append(warp_exposure(patch, exposure.wcs, bbox, kernel=w.warpingKernelName,
                                         interp_length=w.interpLength))
         mi = stitch_masked_images([e.masked_image for e in warped])
-        # PSF/calibration from the patch that covers most of the science exposure (LSST: CoaddPsf of all).
-        cover = [np.count_nonzero(~e.mask.get("NO_DATA")) for e in warped]
-        best = int(np.argmax(cover))
+        # Calibration and metadata from the patch covering most of the science exposure; the PSF at each
+        # position from the patch that has data there (LSST: a CoaddPsf of all patches).
+        covered = [~e.mask.get("NO_DATA") for e in warped]
+        best = int(np.argmax([np.count_nonzero(c) for c in covered]))
         ref = warped[best]
-        template = Exposure(mi, psf=ref.psf, wcs=exposure.wcs, photo_calib=ref.photo_calib,
+        with_psf = [(e.psf, c) for e, c in zip(warped, covered) if e.psf is not None]
+        psf = None
+        if len(with_psf) == 1:
+            psf = with_psf[0][0]
+        elif with_psf:
+            psf = StitchedPsf([p for p, _ in with_psf], [c for _, c in with_psf], bbox.xy0,
+                              average_position=exposure.bbox.center)
+        template = Exposure(mi, psf=psf, wcs=exposure.wcs, photo_calib=ref.photo_calib,
                             band=ref.band if ref.band is not None else exposure.band,
                             visit_info=used[best].visit_info, metadata=dict(used[best].metadata)
                             if isinstance(used[best].metadata, dict) else used[best].metadata.copy())

@@ -22,7 +22,7 @@ from scipy.ndimage import map_coordinates
 from ..errors import PsfError
 from ..model.psf import ImagePsf, Psf
 
-__all__ = ["WarpedPsf", "resample_kernel"]
+__all__ = ["WarpedPsf", "StitchedPsf", "resample_kernel"]
 
 
 def resample_kernel(kernel: np.ndarray, jac: np.ndarray, size: int | None = None) -> np.ndarray:
@@ -97,3 +97,66 @@ class WarpedPsf(Psf):
 
     def __repr__(self) -> str:
         return f"WarpedPsf({self.psf!r})"
+
+
+class StitchedPsf(Psf):
+    """PSF of a template stitched from several warped patches: at each position, the PSF of the first patch
+    that has data there (LSST's modern template uses a CoaddPsf over all patches; for patches of one coadd the
+    PSF at a position is the same in every patch covering it, so picking one is equivalent).
+
+    Parameters
+    ----------
+    psfs
+        One PSF per patch (already on the template grid, e.g. :class:`WarpedPsf`).
+    coverage
+        One boolean array per patch on the template's pixel grid: True where that patch has data.
+    xy0
+        Parent coordinates of ``coverage[i][0, 0]``.
+    average_position
+        Where the model is best defined (default: the centre of the covered region).
+    """
+
+    psf_type = "STITCHED"
+
+    def __init__(self, psfs: list[Psf], coverage: list[np.ndarray], xy0: tuple[int, int],
+                 average_position: tuple[float, float] | None = None) -> None:
+        if not psfs or len(psfs) != len(coverage):
+            raise PsfError("StitchedPsf needs one coverage array per PSF (and at least one PSF).")
+        # Patch index per pixel (-1: none), so a lookup is one array read.
+        owner = np.full(coverage[0].shape, -1, dtype=np.int16)
+        for i in range(len(coverage) - 1, -1, -1):
+            owner[np.asarray(coverage[i], bool)] = i
+        if average_position is None:
+            yy, xx = np.nonzero(owner >= 0)
+            if xx.size:
+                average_position = (float(xx.mean() + xy0[0]), float(yy.mean() + xy0[1]))
+        super().__init__(average_position)
+        self.psfs = list(psfs)
+        self.owner = owner
+        self.xy0 = (int(xy0[0]), int(xy0[1]))
+
+    def _which(self, x: float, y: float) -> Psf:
+        j = int(round(x)) - self.xy0[0]
+        i = int(round(y)) - self.xy0[1]
+        ny, nx = self.owner.shape
+        k = -1
+        if 0 <= i < ny and 0 <= j < nx:
+            k = int(self.owner[i, j])
+        if k < 0:
+            # Outside every patch: the patch owning the nearest covered pixel.
+            yy, xx = np.nonzero(self.owner >= 0)
+            if xx.size == 0:
+                return self.psfs[0]
+            m = int(np.argmin((xx - j) ** 2 + (yy - i) ** 2))
+            k = int(self.owner[yy[m], xx[m]])
+        return self.psfs[k]
+
+    def _kernel_image(self, x: float, y: float) -> np.ndarray:
+        return self._which(x, y).compute_kernel_image(x, y)
+
+    def to_fits_hdus(self) -> list:
+        """An ``IMAGE`` PSF snapshot at the average position."""
+        return ImagePsf(self.compute_kernel_image(), average_position=self.average_position).to_fits_hdus()
+
+    def __repr__(self) -> str:
+        return f"StitchedPsf({len(self.psfs)} patches)"
