@@ -210,5 +210,8 @@ def test_stitched_psf_follows_the_patch_with_data():
     assert isinstance(psf, StitchedPsf)
     assert psf.sigma(20.0, 120.0) == pytest.approx(1.6, rel=0.02)
     assert psf.sigma(220.0, 120.0) == pytest.approx(2.4, rel=0.02)
+    # Inside the NO_DATA seam between the patches (and beyond the template): the nearest patch's PSF.
+    assert psf.sigma(-50.0, 120.0) == pytest.approx(1.6, rel=0.02)
+    assert psf.sigma(400.0, 120.0) == pytest.approx(2.4, rel=0.02)
     back = ImagePsf.from_fits_hdus(psf.to_fits_hdus())
     np.testing.assert_allclose(back.compute_kernel_image(), psf.compute_kernel_image(), atol=1e-12)

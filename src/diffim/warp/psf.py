@@ -134,6 +134,7 @@ class StitchedPsf(Psf):
         self.psfs = list(psfs)
         self.owner = owner
         self.xy0 = (int(xy0[0]), int(xy0[1]))
+        self._nearest: np.ndarray | None = None
 
     def _which(self, x: float, y: float) -> Psf:
         j = int(round(x)) - self.xy0[0]
@@ -143,12 +144,15 @@ class StitchedPsf(Psf):
         if 0 <= i < ny and 0 <= j < nx:
             k = int(self.owner[i, j])
         if k < 0:
-            # Outside every patch: the patch owning the nearest covered pixel.
-            yy, xx = np.nonzero(self.owner >= 0)
-            if xx.size == 0:
-                return self.psfs[0]
-            m = int(np.argmin((xx - j) ** 2 + (yy - i) ** 2))
-            k = int(self.owner[yy[m], xx[m]])
+            # Outside every patch: the patch owning the nearest covered pixel (map computed once).
+            if self._nearest is None:
+                from scipy.ndimage import distance_transform_edt
+
+                if not (self.owner >= 0).any():
+                    return self.psfs[0]
+                _, (ii, jj) = distance_transform_edt(self.owner < 0, return_indices=True)
+                self._nearest = self.owner[ii, jj]
+            k = int(self._nearest[min(max(i, 0), ny - 1), min(max(j, 0), nx - 1)])
         return self.psfs[k]
 
     def _kernel_image(self, x: float, y: float) -> np.ndarray:
