@@ -106,3 +106,23 @@ def test_2048_scenes_done_when_figures():
     assert n_false / area * 1e6 <= 1.0, (n_false, area)
     assert all(abs(b) < 0.01 for b in biases), biases
     assert all(abs(p - 1.0) < 0.1 for p in pulls), pulls
+
+
+def test_sky_sources_are_measured_like_the_rest():
+    """doSkySources: the sky sources' PSF fluxes are pure noise, so flux/error has mean 0 ± 0.1 and std 1 ± 0.1
+    (over 400 of them: the standard error of the std is ~0.035); they are flagged and not counted as DIA sources."""
+    pair = simulate_pair(size=1024, seed=8)
+    cfg = ImageDifferenceConfig()
+    cfg.doSkySources = True
+    cfg.skySources.nSources = 400
+    task = ImageDifferenceTask(config=cfg)
+    res = task.run(exposure=pair.science.copy(), templateExposure=pair.template.copy())
+    cat = res.diaSources
+    sky = np.asarray(cat["sky_source"], bool)
+    assert sky.sum() >= 300
+    pull = np.asarray(cat["psfFlux"], float)[sky] / np.asarray(cat["psfFluxErr"], float)[sky]
+    pull = pull[np.isfinite(pull)]
+    assert abs(pull.mean()) < 0.1, pull.mean()
+    assert abs(pull.std() - 1.0) < 0.1, pull.std()
+    assert task.metadata["counts"]["nSkySources"] == sky.sum()
+    assert task.metadata["counts"]["nDiaSources"] == (~sky).sum()

@@ -19,7 +19,8 @@ from contextlib import contextmanager
 import lsst.pex.config as pexConfig
 import numpy as np
 
-from ..errors import ConfigError, InsufficientTemplateCoverageError, MissingPsfError, NoOverlapError
+from ..errors import (BadInputError, ConfigError, InsufficientTemplateCoverageError, MissingPsfError,
+                      NoOverlapError)
 from .apply_ap_corr import ApplyApCorrTask
 from .astrometry import AstrometryTask
 from .base import Struct, Task, timeMethod
@@ -38,6 +39,12 @@ from .star_selector import ObjectSizeStarSelectorTask
 from . import zogy as _zogy  # noqa: F401  (registers "zogy" in subtractAlgorithmRegistry)
 
 __all__ = ["ImageDifferenceConfig", "ImageDifferenceTask"]
+
+#: g−r limits of LSST's ``DiaCatalogSourceSelector`` (grMin, grMax): reference stars outside are "extreme colour"
+#: (doSelectDcrCatalog adds them to the control sample).
+DCR_GR_LIMITS = (-0.1, 1.2)
+#: Radius (arcsec) for matching science sources to reference objects (LSST matched kernel sources within 1″).
+KERNEL_REF_MATCH_RADIUS = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -517,7 +524,13 @@ class ImageDifferenceTask(Task):
                                template_matched=template_matched, preconv_kernel=preconv_kernel)
 
     def _select_kernel_sources(self, science, selectSources):
-        """Kernel sources (and a control sample) from ``selectSources`` via ``sourceSelector`` (doSelectSources)."""
+        """Kernel sources (and a control sample) from ``selectSources`` via ``sourceSelector`` (doSelectSources).
+
+        With ``kernelSourcesFromRef`` only stars matched to a reference object are kernel candidates; with
+        ``doSelectDcrCatalog`` / ``doSelectVariableCatalog`` the matched sources whose reference g−r colour is
+        outside :data:`DCR_GR_LIMITS` / whose reference ``variable`` flag is set join the control sample (and
+        are kept out of the kernel fit).
+        """
         import random
 
         from ..sources import detect_and_measure_sources as detect_stars
@@ -525,16 +538,56 @@ class ImageDifferenceTask(Task):
         cfg = self.config
         if selectSources is None:
             selectSources = detect_stars(science)
-        selected = self.sourceSelector.run(selectSources, exposure=science).sourceCat
-        rows = list(range(len(selected)))
+        sel_rows = np.flatnonzero(self.sourceSelector.run(selectSources, exposure=science).selected)
+        extra_control: set = set()
+        if cfg.kernelSourcesFromRef or cfg.doSelectDcrCatalog or cfg.doSelectVariableCatalog:
+            ref, ref_idx = self._match_reference(science, selectSources)
+            if cfg.kernelSourcesFromRef:
+                sel_rows = sel_rows[ref_idx[sel_rows] >= 0]
+                self.metadata["nKernelSourcesFromRef"] = int(sel_rows.size)
+            matched = np.flatnonzero(ref_idx >= 0)
+            if cfg.doSelectDcrCatalog:
+                gr = _reference_colour(ref, cfg.refObjLoader.filename)[ref_idx[matched]]
+                dcr = matched[(gr < DCR_GR_LIMITS[0]) | (gr > DCR_GR_LIMITS[1])]
+                self.metadata["nDcrControlSources"] = int(dcr.size)
+                extra_control.update(dcr.tolist())
+            if cfg.doSelectVariableCatalog:
+                if "variable" not in ref.colnames:
+                    raise BadInputError(f"doSelectVariableCatalog needs a 'variable' column in the reference "
+                                        f"catalogue {cfg.refObjLoader.filename!r}.")
+                var = matched[np.asarray(ref["variable"], bool)[ref_idx[matched]]]
+                self.metadata["nVariableControlSources"] = int(var.size)
+                extra_control.update(var.tolist())
+        sel_rows = np.array([r for r in sel_rows if r not in extra_control], dtype=int)
+        rows = list(range(len(sel_rows)))
         rng = random.Random(cfg.controlRandomSeed)
         rng.shuffle(rows)
         step = max(int(cfg.controlStepSize), 1)
         control_rows = rows[::step]
         kernel_rows = [r for i, r in enumerate(rows) if i % step != 0]
-        self.metadata["nKernelSources"] = len(kernel_rows)
-        self.metadata["nControlSources"] = len(control_rows)
-        return selected[sorted(kernel_rows)], selected[sorted(control_rows)], selectSources
+        kernel = sel_rows[sorted(kernel_rows)]
+        control = np.array(sorted(set(sel_rows[control_rows].tolist()) | extra_control), dtype=int)
+        self.metadata["nKernelSources"] = len(kernel)
+        self.metadata["nControlSources"] = len(control)
+        return selectSources[kernel], selectSources[control], selectSources
+
+    def _match_reference(self, science, sources):
+        """Reference catalogue (refObjLoader) and, per row of ``sources``, its matched reference row (or -1)."""
+        from ..warp.matching import match_dia_sources
+        from .ref_obj_loader import load_reference_catalog
+
+        cfg = self.config
+        if not cfg.refObjLoader.filename:
+            raise ConfigError("kernelSourcesFromRef, doSelectDcrCatalog and doSelectVariableCatalog need a reference "
+                              "catalogue: set refObjLoader.filename.")
+        if science.wcs is None:
+            raise BadInputError("Matching kernel sources to the reference catalogue needs a science WCS.")
+        ref = load_reference_catalog(cfg.refObjLoader, science)
+        idx, _ = match_dia_sources(
+            np.column_stack([np.asarray(sources["x"], float), np.asarray(sources["y"], float)]),
+            np.column_stack([np.asarray(ref["x"], float), np.asarray(ref["y"], float)]),
+            KERNEL_REF_MATCH_RADIUS, pixel_scale=science.pixel_scale() or 1.0)
+        return ref, np.asarray(idx, int)
 
     def _al_score_image(self, science, template, kernelSources):
         """Pre-convolved AL likelihood (score) image: (science ⊗ PSF) − matched template, decorrelated."""
@@ -646,6 +699,8 @@ class ImageDifferenceTask(Task):
                         src = f"ip_diffim_DipoleFit_{key}"
                         if src in d:
                             columns[key] = np.where(isdip, np.asarray(d[src], float), columns[key])
+        if cfg.doMeasurement and is_sky.any():
+            self._force_sky_positions(columns, diffExp, footprints, is_sky)
         columns["sky_source"] = is_sky
         table = build_dia_source_table(
             columns, exposure=diffExp, science_photo_calib=science.photo_calib,
@@ -668,6 +723,30 @@ class ImageDifferenceTask(Task):
                 self._match_sources(table, science, selectSources)
         self._count_metadata(table)
         return table
+
+    @staticmethod
+    def _force_sky_positions(columns, diffExp, footprints, is_sky):
+        """Sky sources are measured at their chosen positions: a centroid would wander to the nearest positive
+        noise fluctuation and bias their fluxes high (their purpose is an unbiased noise sample)."""
+        from ..measure.aperture import aperture_flux
+        from ..measure.psf_flux import psf_flux
+
+        idx = np.nonzero(is_sky)[0]
+        x = np.array([footprints[i].peaks[0].x for i in idx], float)
+        y = np.array([footprints[i].peaks[0].y for i in idx], float)
+        mi = diffExp.masked_image
+        pf = psf_flux(mi.image, mi.variance, mi.mask.array, diffExp.require_psf(), x, y, 0, xy0=mi.xy0)
+        ap = aperture_flux(mi.image, mi.variance, x, y, 12.0, xy0=mi.xy0)
+        updates = {"x": x, "y": y, "xErr": np.zeros_like(x), "yErr": np.zeros_like(x),
+                   "psfFlux": pf.flux, "psfFluxErr": pf.flux_err, "psfChi2": pf.chi2, "psfNdata": pf.npix,
+                   "psfFlux_flag": pf.flag, "psfFlux_flag_edge": pf.flag_edge,
+                   "psfFlux_flag_noGoodPixels": pf.flag_noGoodPixels,
+                   "apFlux": ap.flux, "apFluxErr": ap.flux_err, "apFlux_flag": ap.flag}
+        for key, val in updates.items():
+            if key in columns:
+                col = np.array(columns[key], copy=True)
+                col[idx] = val
+                columns[key] = col
 
     def _measure_ap_corr(self, science):
         """Aperture corrections of PSF fluxes measured on the science stars (when none are supplied)."""
@@ -747,6 +826,18 @@ class ImageDifferenceTask(Task):
             med = float(np.median(z))
             self.metadata["quality"] = {"noiseRatio": float(1.4826 * np.median(np.abs(z - med))), "medianSnr": med,
                                         "nPixels": int(z.size)}
+
+
+def _reference_colour(ref, name):
+    """g−r colour of reference objects from ``g_mag``/``r_mag`` (or ``g``/``r``) magnitudes or ``g_flux``/``r_flux``."""
+    for g, r in (("g_mag", "r_mag"), ("gmag", "rmag"), ("g", "r")):
+        if g in ref.colnames and r in ref.colnames:
+            return np.asarray(ref[g], float) - np.asarray(ref[r], float)
+    if "g_flux" in ref.colnames and "r_flux" in ref.colnames:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return -2.5 * np.log10(np.asarray(ref["g_flux"], float) / np.asarray(ref["r_flux"], float))
+    raise BadInputError(f"doSelectDcrCatalog needs g and r magnitudes (g_mag, r_mag) or fluxes (g_flux, r_flux) in "
+                        f"the reference catalogue {name!r}.")
 
 
 def _preconvolved_psf(psf, pre_kernel, pos):
