@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.table import Table
-from astropy.wcs import WCS, Sip
+from astropy.wcs import Sip
 
 from diffim.errors import BadInputError, InputFileNotFoundError, WcsError
 from diffim.model import Box, Exposure, GaussianPsf
