@@ -325,7 +325,8 @@ class ImageDifferenceTask(Task):
     # ------------------------------------------------------------------------------------------------------
     @timeMethod
     def run(self, exposure=None, selectSources=None, templateExposure=None, templateSources=None, idFactory=None,
-            calexpBackgroundExposure=None, subtractedExposure=None, *, coaddDir=None):
+            calexpBackgroundExposure=None, subtractedExposure=None, *, coaddDir=None, finalizedPsf=None,
+            finalizedApCorrMap=None):
         """PSF matches, subtract two images and perform detection on the difference image.
 
         Parameters
@@ -348,6 +349,9 @@ class ImageDifferenceTask(Task):
             A precomputed difference image, used when ``doSubtract=False``.
         coaddDir
             Directory (or list of files) of coadd patches for ``getTemplate`` when no template is given.
+        finalizedPsf, finalizedApCorrMap
+            Final PSF model and aperture-correction map of the science visit (LSST's visit summary), put on the
+            science exposure when ``doApplyFinalizedPsf`` (the PSF is then required).
 
         Returns
         -------
@@ -366,6 +370,13 @@ class ImageDifferenceTask(Task):
             bg = calexpBackgroundExposure
             bg_image = bg.image if hasattr(bg, "image") else np.asarray(bg)
             science.image += bg_image.astype(np.float32)
+        if cfg.doApplyFinalizedPsf:
+            if finalizedPsf is None:
+                raise BadInputError("doApplyFinalizedPsf=True needs finalizedPsf (the visit's final PSF model); "
+                                    "pass it to run() or set doApplyFinalizedPsf=False.")
+            science.psf = finalizedPsf
+            if finalizedApCorrMap is not None:
+                science.ap_corr_map = finalizedApCorrMap
         if science.psf is None:
             raise MissingPsfError("The science exposure has no PSF; estimate one (diffim.psf.estimate_psf) first.")
 
