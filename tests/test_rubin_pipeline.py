@@ -116,3 +116,29 @@ def test_pipetask_run_matches_run_files(ingested, tmp_path):
     # Provenance the middleware keeps: the config and the task metadata with diffim's own figures.
     md = butler.get("imageDifference_metadata", data_id)
     assert "diffim" in md["imageDifference"]
+
+
+@pytest.mark.slow
+def test_bps_parsl_submit(ingested, tmp_path):
+    """`bps submit pipelines/bps_parsl.yaml` (Parsl, local HighThroughputExecutor) produces the same difference
+    image as `run_files`. Slow: BPS builds the graph, starts Parsl and runs one `pipetask` per job (≈ 1 min)."""
+    pytest.importorskip("lsst.ctrl.bps.parsl")
+    from lsst.daf.butler import Butler
+
+    from diffim.io import read_exposure
+    from diffim.pipeline import make_config, run_files
+
+    root, repo, data_id = ingested
+    env = dict(os.environ, DIFFIM_DIR=str(REPO_ROOT), DIFFIM_REPO=str(repo),
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([_tool("bps"), "submit", str(REPO_ROOT / "pipelines" / "bps_parsl.yaml")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    butler = Butler.from_config(str(repo))
+    outs = [c for c in butler.registry.queryCollections("u/*/diffim")]
+    assert outs, "bps wrote no u/<operator>/diffim collection"
+    diff_b = butler.get("deepDiff_differenceExp", data_id, collections=outs[0])
+    res = run_files(root / "in" / "science.fits", root / "in" / "template.fits", tmp_path / "direct",
+                    config=make_config(), plot=False, progress=False)
+    diff_f = read_exposure(res.files["difference"])
+    assert _same_array(diff_b.image, diff_f.image) and _same_array(diff_b.mask.array, diff_f.mask.array)
