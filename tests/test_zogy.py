@@ -447,3 +447,20 @@ def test_cell_psf_fits_round_trip():
 def test_fourier_convention():
     """scipy.fft's forward transform is unnormalised: the DC term of arange(16) is 120 (LSST convention test)."""
     assert sfft.fft2(np.arange(16.0).reshape(4, 4)).real[0, 0] == 120
+
+
+def test_grow_mask_bits_matches_binary_dilation():
+    """The doubling-shift OR dilation equals scipy's binary dilation with a square, bit by bit; other bits kept."""
+    from scipy.ndimage import binary_dilation
+
+    from diffim.zogy import grow_mask_bits
+
+    rng = np.random.default_rng(14)
+    m = ((rng.random((50, 61)) < 0.01) * 2 | (rng.random((50, 61)) < 0.01) * 8 | (rng.random((50, 61)) < 0.5) * 1)
+    m = m.astype(np.int32)
+    for r in (1, 4, 9):
+        g = grow_mask_bits(m, 2 | 8, r)
+        for bit in (2, 8):
+            ref = binary_dilation(m & bit > 0, np.ones((2 * r + 1, 2 * r + 1), bool))
+            assert np.array_equal(g & bit > 0, ref)
+        assert np.array_equal(g & 1, m & 1)

@@ -1,47 +1,7 @@
-"""ZOGY proper image subtraction (Zackay, Ofek & Gal-Yam 2016, ApJ 830, 27), as pure numpy/scipy functions.
+"""ZOGY proper image subtraction as pure numpy/scipy functions: D, P_D, F_D, S, S_corr with variance planes.
 
-Notation follows the paper with ``n`` = science ("new", LSST's image 1) and ``r`` = template ("reference",
-image 2). For PSFs ``P_n, P_r`` (unit sum), flux zero points ``F_n, F_r`` and background noise ``σ_n, σ_r``,
-with hats for Fourier transforms and ``den = σ_n² F_r² |P̂_r|² + σ_r² F_n² |P̂_n|²``:
-
-* proper difference (eq. 13)   ``D̂ = (F_r P̂_r N̂ − F_n P̂_n R̂) / √den``
-* its PSF (eq. 14)             ``P̂_D = F_r F_n P̂_r P̂_n / (F_D √den)``
-* its zero point (eq. 15)      ``F_D = F_r F_n / √(σ_n² F_r² + σ_r² F_n²)``
-* proper score (eq. 12)        ``Ŝ = F_D conj(P̂_D) D̂ = k̂_n N̂ − k̂_r R̂`` with
-  ``k̂_n = F_n F_r² conj(P̂_n) |P̂_r|² / den`` and ``k̂_r = F_r F_n² conj(P̂_r) |P̂_n|² / den``.
-
-Variance planes are propagated exactly for independent pixels: a real-space kernel ``k`` applied to an image of
-variance ``V`` gives variance ``k² ⊗ V``, i.e. ``sq(ĉ) · V̂`` with ``sq(ĉ) = FFT(IFFT(ĉ).real²)``. Hence
-
-* ``V_D = k_{D,n}² ⊗ V_n + k_{D,r}² ⊗ V_r``;
-* the score variance of the paper's eq. 25–29, ``V_S = V_{S_N} + V_{S_R}`` with ``V_{S_N} = k_n² ⊗ V_n`` and
-  ``V_{S_R} = k_r² ⊗ V_r``. Because ``V_n, V_r`` are the *variance planes*, they carry the source (Poisson)
-  noise of both images as well as the sky and read noise (the paper's "source noise" term);
-* the astrometric-noise term of eq. 30–33, ``V_ast = σ_x² [(∂_x S_N)² + (∂_x S_R)²] + σ_y² [(∂_y S_N)² +
-  (∂_y S_R)²]`` with ``S_N = k_n ⊗ N`` and ``S_R = k_r ⊗ R``, added when ``sigma_x`` or ``sigma_y`` (the
-  registration noise in pixels, default 0) is non-zero;
-* ``S_corr = S / √(V_S + V_ast)`` (eq. 25), the detection statistic.
-
-Numerical choices (each documented where it is made):
-
-* the scalar ``σ_n, σ_r`` that build the filters are the clipped means of the variance planes over the whole
-  image (one value for every cell, so the filters and ``F_D`` do not jump between cells);
-* a noiseless (or nearly noiseless) image would make ``den`` vanish wherever the *other* PSF has no power; the
-  smaller of the two noise terms ``σ_n² F_r²``, ``σ_r² F_n²`` is floored at ``NOISE_FLOOR`` (2 %) times their
-  sum. The static sky still cancels exactly (the numerator does not involve σ), the filters stay bounded
-  (``|k̂_{D,r}| ≤ 7/σ_n``) and the variance planes give the true variance of the result;
-* frequencies where ``√den`` underflows (both PSFs without power) get the plain difference
-  ``(F_r N̂ − F_n R̂)/√(σ_n² F_r² + σ_r² F_n²)`` in ``D`` (it keeps ``D`` white) and zero in ``S`` and ``P_D``;
-* non-finite pixels (and pixels flagged for replacement) are replaced before the FFT by the image's clipped
-  mean (variance: the clipped-mean variance) and reported in ``ZogyResult.bad``; ``S`` is 0 and ``V_S`` 1 there;
-* the image border is padded by mirror reflection (no artificial step at the edge), and every cell is computed
-  on a grid with a border of ``b = 1.5 max(10 σ_psf, PSF stamp size)`` pixels of real (or mirrored) data around its
-  inner box, so FFT wrap-around never reaches the pixels that are kept. The clipped-mean background is
-  removed and the outer ``b/2`` pixels of each cell are tapered to zero (raised cosine) before the FFT, so
-  sources cut by the cell edge do not ring into the cell; the exact response of D and S to the removed
-  constant is added back unless ``subtract_background``;
-* FFTs are real (``rfft2``) in float32/complex64 with ``workers=2``; the filters are applied in row strips, so
-  no full-size complex128 array and few full-size temporaries are ever allocated.
+Zackay, Ofek & Gal-Yam 2016, ApJ 830, 27 (eq. 12-15 and 25-33); LSST's historical ``ZogyTask`` (ip_diffim,
+removed 2023). :func:`zogy_subtract` is the entry point; the formulas and numerical choices are in its Notes.
 """
 
 from __future__ import annotations
@@ -411,6 +371,55 @@ def zogy_subtract(
     Returns
     -------
     ZogyResult
+
+    Notes
+    -----
+    Notation follows the paper with ``n`` = science ("new", LSST's image 1) and ``r`` = template ("reference",
+    image 2). For PSFs ``P_n, P_r`` (unit sum), flux zero points ``F_n, F_r`` and background noise ``σ_n, σ_r``,
+    with hats for Fourier transforms and ``den = σ_n² F_r² |P̂_r|² + σ_r² F_n² |P̂_n|²``:
+
+    * proper difference (eq. 13)   ``D̂ = (F_r P̂_r N̂ − F_n P̂_n R̂) / √den``
+    * its PSF (eq. 14)             ``P̂_D = F_r F_n P̂_r P̂_n / (F_D √den)``
+    * its zero point (eq. 15)      ``F_D = F_r F_n / √(σ_n² F_r² + σ_r² F_n²)``
+    * proper score (eq. 12)        ``Ŝ = F_D conj(P̂_D) D̂ = k̂_n N̂ − k̂_r R̂`` with
+      ``k̂_n = F_n F_r² conj(P̂_n) |P̂_r|² / den`` and ``k̂_r = F_r F_n² conj(P̂_r) |P̂_n|² / den``.
+
+    Variance planes are propagated exactly for independent pixels: a real-space kernel ``k`` applied to an image of
+    variance ``V`` gives variance ``k² ⊗ V``, i.e. ``sq(ĉ) · V̂`` with ``sq(ĉ) = FFT(IFFT(ĉ).real²)``. Hence
+
+    * ``V_D = k_{D,n}² ⊗ V_n + k_{D,r}² ⊗ V_r``;
+    * the score variance of the paper's eq. 25–29, ``V_S = V_{S_N} + V_{S_R}`` with ``V_{S_N} = k_n² ⊗ V_n`` and
+      ``V_{S_R} = k_r² ⊗ V_r``. Because ``V_n, V_r`` are the *variance planes*, they carry the source (Poisson)
+      noise of both images as well as the sky and read noise (the paper's "source noise" term);
+    * the astrometric-noise term of eq. 30–33, ``V_ast = σ_x² [(∂_x S_N)² + (∂_x S_R)²] + σ_y² [(∂_y S_N)² +
+      (∂_y S_R)²]`` with ``S_N = k_n ⊗ N`` and ``S_R = k_r ⊗ R``, added when ``sigma_x`` or ``sigma_y`` (the
+      registration noise in pixels, default 0) is non-zero;
+    * ``S_corr = S / √(V_S + V_ast)`` (eq. 25), the detection statistic.
+
+    Numerical choices (each documented where it is made):
+
+    * the scalar ``σ_n, σ_r`` that build the filters are the clipped means of the variance planes over the whole
+      image (one value for every cell, so the filters and ``F_D`` do not jump between cells);
+    * a noiseless (or nearly noiseless) image would make ``den`` vanish wherever the *other* PSF has no power; the
+      smaller of the two noise terms ``σ_n² F_r²``, ``σ_r² F_n²`` is floored at ``NOISE_FLOOR`` (2 %) times their
+      sum. The static sky still cancels exactly (the numerator does not involve σ), the filters stay bounded
+      (``|k̂_{D,r}| ≤ 7/σ_n``) and the variance planes give the true variance of the result;
+    * frequencies where ``√den`` underflows (both PSFs without power) get the plain difference
+      ``(F_r N̂ − F_n R̂)/√(σ_n² F_r² + σ_r² F_n²)`` in ``D`` (it keeps ``D`` white) and zero in ``S`` and ``P_D``;
+    * non-finite pixels (and pixels flagged for replacement) are replaced before the FFT by the image's clipped
+      mean (variance: the clipped-mean variance) and reported in ``ZogyResult.bad``; ``S`` is 0 and ``V_S`` 1 there;
+    * the image border is padded by mirror reflection (no artificial step at the edge), and every cell is
+      computed with a border of ``b = 1.5 max(10 σ_psf, PSF stamp size)`` pixels of real (or mirrored) data, so
+      FFT wrap-around never reaches the pixels that are kept. The clipped-mean background is removed and the
+      outer ``b/3`` pixels of each cell are tapered to zero (raised cosine) before the FFT, so sources cut by the
+      cell edge do not ring into the cell; the exact response of D and S to the removed constant is added back
+      unless ``subtract_background`` (or ``difference_background_bin``) is used;
+    * with a grid, the cells are nodes of a bilinear interpolation: each node is computed with the PSFs at its
+      cell centre over the span between its neighbours' centres, and D and S are blended with hat weights
+      (variances with non-negative ones). A constant PSF gives the single-cell result (no seams); a PSF varying
+      linearly across the field leaves no first-order residuals of bright stars;
+    * FFTs are real (``rfft2``) in float32/complex64 with ``workers=2``; the filters are applied in row strips, so
+      no full-size complex128 array and few full-size temporaries are ever allocated.
     """
     img_n = np.asarray(science_image, dtype=np.float32)
     img_r = np.asarray(template_image, dtype=np.float32)
@@ -539,6 +548,9 @@ def zogy_subtract(
         fd = math.sqrt(u0 + v0)
         D += np.float32((flux_template * bg_n - flux_science * bg_r) / fd)
         S += np.float32(flux_science * flux_template * (flux_template * bg_n - flux_science * bg_r) / fd**2)
+    # Rounding in the FFTs can leave a variance ≤ 0 where a plane is (nearly) zero; such a pixel carries no
+    # usable noise estimate.
+    np.maximum(VD, np.float32(np.finfo(np.float32).tiny), out=VD)
     bad = bad_n | bad_r
     invalid = bad | ~(VS > 100 * np.finfo(np.float32).tiny) | ~np.isfinite(S)
     S[invalid] = 0.0

@@ -1,18 +1,7 @@
 """``ZogyImagePsfMatchTask``: ZOGY proper image subtraction of two exposures (LSST's historical ``ZogyTask``).
 
-The algorithm is :func:`diffim.zogy.zogy_subtract`; this module reads the exposures (pixels, variance, masks,
-PSFs at the cell centres, photometric calibrations), calls it, and packs the results as exposures:
-
-* ``subtractedExposure``: the proper difference ``D`` on the **science flux scale** (science counts, the
-  science photoCalib), i.e. ``F_science · D / F_D`` with variance scaled alike, so PSF fluxes measured on it
-  with its PSF ``P_D`` compare directly with AL differences and forced photometry on the science image.
-  (LSST instead returned ``D / F_D`` in nJy with photoCalib 1; the two are the same data in other units.)
-* ``scoreExposure``: image ``S``, variance ``V_S (+ V_ast)`` and PSF ``P_S``, so that detection with
-  ``thresholdType="pixel_stdev"`` and ``doSmooth=False`` thresholds ``S_corr = S / √V_S``.
-
-Deliberate differences from LSST: ``F_science`` scales the science image and ``F_template`` the template (LSST
-applied the template factor to the science, a quirk); the noise σ used to build the filters is the image-wide
-clipped mean of each variance plane for every cell (LSST: per cell), which keeps the grid seamless.
+Reads the exposures, calls :func:`diffim.zogy.zogy_subtract` and packs D (science flux scale, PSF P_D) and the
+score S (variance V_S, PSF P_S) as exposures; registered as ``"zogy"`` in ``subtractAlgorithmRegistry``.
 """
 
 from __future__ import annotations
@@ -103,7 +92,21 @@ def _same_pixel_grid(science: Exposure, template: Exposure, tol: float = 0.01) -
 
 
 class ZogyImagePsfMatchTask(Task):
-    """ZOGY subtraction ``D = science − template`` with LSST's ``ImagePsfMatchTask``-like interface."""
+    """ZOGY subtraction ``D = science − template`` with LSST's ``ImagePsfMatchTask``-like interface.
+
+    * ``subtractedExposure``: the proper difference ``D`` on the **science flux scale** (science counts, the
+      science photoCalib), i.e. ``F_science · D / F_D`` with the variance scaled alike, so PSF fluxes measured on
+      it with its PSF ``P_D`` compare directly with AL differences and forced photometry on the science image.
+      (LSST returned ``D / F_D`` in nJy with photoCalib 1: the same data in other units.)
+    * ``scoreExposure``: image ``S``, variance ``V_S (+ V_ast)`` and PSF ``P_S``, so that detection with
+      ``thresholdType="pixel_stdev"`` and ``doSmooth=False`` thresholds ``S_corr = S / √V_S``.
+
+    Deliberate differences from LSST: ``F_science`` scales the science image and ``F_template`` the template
+    (LSST applied the template factor to the science, a quirk); the filters' noise σ is the image-wide clipped
+    mean of each variance plane for every cell (LSST: per cell) and grid cells are blended bilinearly, which
+    keeps the grid seamless; defect mask planes are grown by the PSF-stamp radius (``growMaskPlanes``); a
+    smooth differential background is removed (``doSubtractBackground``, as AL fits one).
+    """
 
     ConfigClass = ZogyImagePsfMatchConfig
     _DefaultName = "zogy"
