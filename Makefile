@@ -11,7 +11,7 @@ PYTHON := $(if $(PYTHON),$(PYTHON),python3)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench venv clean
+.PHONY: demo test test-slow test-rubin bench venv clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,15 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m slow $(PYTEST_ARGS)
+
+# Rubin middleware adapter tests (pipetask, and bps in the slow test): need Python >= 3.12 in .venv.
+test-rubin: $(STAMP)
+	@if $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then \
+		$(PY) -m pip install -q -e '.[rubin]' && \
+		$(PY) -m pytest -q -p no:cacheprovider -m 'slow or not slow' tests/test_rubin*.py $(PYTEST_ARGS); \
+	else \
+		echo "test-rubin: SKIPPED: the Rubin middleware needs Python >= 3.12, but .venv has Python $$($(PY) -c 'import platform; print(platform.python_version())'). Install Python >= 3.12 (e.g. pyenv install 3.12), then: make clean test-rubin"; \
+	fi
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
