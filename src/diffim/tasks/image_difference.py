@@ -360,8 +360,6 @@ class ImageDifferenceTask(Task):
             ``diaSources``, ``selectSources``, ``kernelSources``, ``controlSources``.
         """
         if exposure is None:
-            from ..errors import BadInputError
-
             raise BadInputError("ImageDifferenceTask.run needs a science exposure.")
         cfg = self.config
         self.metadata["psfMatchingAlgorithm"] = cfg.subtract.name
@@ -441,8 +439,6 @@ class ImageDifferenceTask(Task):
                 with self._stage("kernelMetrics"):
                     self._kernel_metrics(science, warpedExposure, subtractRes, kernelSources, controlSources)
         elif subtractedExposure is None:
-            from ..errors import BadInputError
-
             raise BadInputError("doSubtract=False needs a precomputed subtractedExposure.")
 
         diaSources = None
