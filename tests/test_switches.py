@@ -688,13 +688,30 @@ def test_doWrite_switches_control_run_files_outputs(pair_files, score_run, switc
         np.testing.assert_array_equal(read_exposure(out / "warped.fits").image, cached.warpedExposure.image)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# switches that need what diffim does not (yet) have
-# ---------------------------------------------------------------------------------------------------------------
-def _fake_finalized_psf(pair):
+def test_doApplyFinalizedPsf(pair, default_run, detect_default):
+    """The visit's final PSF (and ap-corr map) replace the science's before processing: here a Gaussian 1.5x too
+    wide, so the forced PSF photometry of the science (a matched filter normalised to the model) of a point source
+    is biased by 2m²/(s²+m²) = 1.385 for model/true widths m/s = 1.5. Without the switch the given PSF is
+    ignored; with it and no PSF, BadInputError."""
     from diffim.model.psf import GaussianPsf
 
-    return GaussianPsf(2.5, size=31)
+    wide = GaussianPsf(1.5 * pair.science.psf.fwhm(*pair.science.psf_position()) / 2.35482, size=41)
+    apcorr = {"marker": 1.0}
+    results = {}
+    for flag in (True, False):
+        science = pair.science.copy()
+        task = ImageDifferenceTask(config=make_config(doSubtract=False, doApplyFinalizedPsf=flag))
+        res = task.run(exposure=science, subtractedExposure=default_run[1].subtractedExposure.copy(),
+                       finalizedPsf=wide, finalizedApCorrMap=apcorr)
+        assert (science.psf is wide) == flag and (science.ap_corr_map is apcorr) == flag
+        results[flag] = col(res.diaSources, "scienceFlux").astype(float)
+    base = col(detect_default[1].diaSources, "scienceFlux").astype(float)
+    bright = np.isfinite(base) & (base > np.nanpercentile(base, 75))
+    assert np.median(results[True][bright] / base[bright]) == pytest.approx(2 * 1.5**2 / (1 + 1.5**2), abs=0.1)
+    np.testing.assert_allclose(results[False][bright], base[bright], rtol=1e-6)
+    with pytest.raises(BadInputError, match="finalizedPsf"):
+        ImageDifferenceTask(config=make_config(doSubtract=False, doApplyFinalizedPsf=True)).run(
+            exposure=pair.science.copy(), subtractedExposure=default_run[1].subtractedExposure.copy())
 @pytest.fixture(scope="module")
 def reference_catalog(pair, tmp_path_factory):
     """A reference catalogue of the simulated stars and variables: every 3rd star of an extreme g−r colour
