@@ -464,3 +464,59 @@ def test_grow_mask_bits_matches_binary_dilation():
             ref = binary_dilation(m & bit > 0, np.ones((2 * r + 1, 2 * r + 1), bool))
             assert np.array_equal(g & bit > 0, ref)
         assert np.array_equal(g & 1, m & 1)
+
+
+def test_bad_inputs_raise_clear_errors():
+    """Shape mismatch, unusable images, two noiseless images and missing calibrations raise named errors."""
+    from diffim.errors import BadInputError, NoOverlapError, ShapeMismatchError
+    from diffim.tasks.zogy import ZogyImagePsfMatchTask
+
+    pn, pr = _stamp(SIG_N), _stamp(SIG_R)
+    a, v = np.zeros((64, 64)), np.ones((64, 64))
+    with pytest.raises(ShapeMismatchError, match="one shape"):
+        zogy_subtract(a, v, np.zeros((64, 63)), np.ones((64, 63)), pn, pr)
+    with pytest.raises(BadInputError, match="no usable pixel"):
+        zogy_subtract(np.full((64, 64), np.nan), v, a, v, pn, pr)
+    with pytest.raises(BadInputError, match="positive noise level"):
+        zogy_subtract(a, 0 * v, a, 0 * v, pn, pr)
+    with pytest.raises(PsfError, match="odd-sized"):
+        zogy_subtract(a, v, a, v, np.ones((4, 4)), pr)
+
+    science, template = _exposures()
+    template.photo_calib = None
+    with pytest.raises(ValueError, match="photoCalib"):
+        ZogyImagePsfMatchTask().run(science, template)
+    science, template = _exposures()
+    with pytest.raises(NoOverlapError, match="does not contain"):
+        ZogyImagePsfMatchTask().run(science, template[template.bbox.grown(-5)])
+
+
+def test_template_on_a_larger_grid_is_cropped_and_other_wcs_is_warped():
+    """A template covering more than the science bbox is cropped; with another WCS and doWarping it is warped."""
+    from astropy.wcs import WCS
+
+    from diffim.tasks.zogy import ZogyImagePsfMatchTask
+
+    science, template = _exposures(transient=(100, 110, 2e4))
+    big = Exposure(image=np.pad(template.image, 10), variance=np.pad(template.variance, 10, constant_values=36.0),
+                   psf=template.psf, photo_calib=template.photo_calib, xy0=(990, 1990))
+    a = ZogyImagePsfMatchTask().run(science, template).subtractedExposure
+    b = ZogyImagePsfMatchTask().run(science, big).subtractedExposure
+    np.testing.assert_allclose(a.image, b.image, atol=1e-3)
+
+    # The same template pixels shifted by +2 columns, with a WCS saying so: warping must undo the shift exactly.
+    w1, w2 = WCS(naxis=2), WCS(naxis=2)
+    for w, shift in ((w1, 0.0), (w2, 2.0)):
+        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+        w.wcs.crval = [10.0, 20.0]
+        w.wcs.crpix = [1000.0 + 101 + shift, 2000.0 + 101]
+        w.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
+    science.wcs = w1
+    shifted = Exposure(image=np.roll(big.image, 2, axis=1), variance=big.variance.copy(), psf=template.psf,
+                       photo_calib=template.photo_calib, xy0=big.xy0, wcs=w2)
+    with pytest.raises(WcsError):
+        ZogyImagePsfMatchTask().run(science, shifted, doWarping=False)
+    res = ZogyImagePsfMatchTask().run(science, shifted, doWarping=True)
+    assert res.warpedExposure.bbox == science.bbox
+    c = (slice(20, -20), slice(20, -20))
+    np.testing.assert_allclose(res.subtractedExposure.image[c], a.image[c], atol=0.05 * math.hypot(NOISE_N, 15))
