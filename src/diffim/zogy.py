@@ -7,6 +7,7 @@ removed 2023). :func:`zogy_subtract` is the entry point; the formulas and numeri
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -782,18 +783,21 @@ def _single_threaded_blas():
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_KEY: tuple[int, int] | None = None
 
 
 def _for_strips(nrows: int, fn: Callable[[int, int], None]) -> None:
     """Run ``fn(r0, r1)`` over row strips on ``FFT_WORKERS`` threads (numpy releases the GIL on the arrays)."""
-    global _POOL
+    global _POOL, _POOL_KEY
     spans = [(r0, min(nrows, r0 + _STRIP_ROWS)) for r0 in range(0, nrows, _STRIP_ROWS)]
     if FFT_WORKERS <= 1 or len(spans) < 2:
         for r0, r1 in spans:
             fn(r0, r1)
         return
-    if _POOL is None:
+    key = (os.getpid(), FFT_WORKERS)  # a forked child must not reuse its parent's (thread-less) pool
+    if _POOL is None or _POOL_KEY != key:
         _POOL = ThreadPoolExecutor(max_workers=FFT_WORKERS, thread_name_prefix="zogy")
+        _POOL_KEY = key
     for fut in [_POOL.submit(fn, r0, r1) for r0, r1 in spans]:
         fut.result()
 
