@@ -162,7 +162,8 @@ def _cmd_subtract(args) -> int:
     res = subtract_files(args.science, args.template, args.output, config=config,
                          science_kwargs=_read_kwargs(args, "science"), template_kwargs=_read_kwargs(args, "template"))
     if not args.quiet:
-        print(f"wrote {args.output}  (noise ratio {res.metadata.get('noiseRatio', float('nan')):.3f})")
+        ratio = res.metadata.get("quality", {}).get("noiseRatio", float("nan"))  # the task stores it under quality
+        print(f"wrote {args.output}  (noise ratio {ratio:.3f})")
     return EXIT_OK
 
 
