@@ -188,30 +188,24 @@ class ZogyImagePsfMatchTask(Task):
         nodata_r = mask_r.get("NO_DATA", ignore_missing=True)
 
         max_dist = cfg.maxPsfCentroidDist
-        checked: list[tuple[float, float]] = []
 
-        def psf_fn(psf):
-            def evaluate(x: float, y: float) -> np.ndarray:
-                return psf.compute_kernel_image(x, y)
-            return evaluate
-
-        def checked_pair(x: float, y: float) -> None:
+        def science_psf(x: float, y: float) -> np.ndarray:
             # LSST: the two PSF images at every cell centre must be centred alike (else D shows dipoles).
-            d = psf_centroid_offset(science.psf.compute_kernel_image(x, y), template.psf.compute_kernel_image(x, y))
+            stamp = science.psf.compute_kernel_image(x, y)
+            d = psf_centroid_offset(stamp, template.psf.compute_kernel_image(x, y))
             if d > max_dist:
                 raise PsfError(
                     f"The science and template PSF centroids differ by {d:.3f} px at ({x:.1f}, {y:.1f}) "
                     f"(maxPsfCentroidDist={max_dist}); recentre the PSF models."
                 )
-            checked.append((x, y))
+            return stamp
 
-        def science_psf(x: float, y: float) -> np.ndarray:
-            checked_pair(x, y)
-            return science.psf.compute_kernel_image(x, y)
+        def template_psf(x: float, y: float) -> np.ndarray:
+            return template.psf.compute_kernel_image(x, y)
 
         res = zogy_subtract(
             science.image, science.variance, template.image, template.variance,
-            science_psf, psf_fn(template.psf),
+            science_psf, template_psf,
             flux_science=f_n, flux_template=f_r,
             sigma_x=cfg.astrometricNoiseX, sigma_y=cfg.astrometricNoiseY,
             grid_inner_size=cfg.gridInnerSize if grid else None,
