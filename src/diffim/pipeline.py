@@ -233,9 +233,10 @@ def run_files(science_path, template_path, outdir, *, config=None, coadd_dir=Non
                 files["diagnostics"] = outdir / "diagnostics.png"
             except ImportError as exc:
                 log.warning("diagnostics.png skipped: %s (install diffim[plot])", exc)
-        with open(tmp / "metadata.json", "w") as fh:
-            json.dump(_jsonable(md), fh, indent=2, sort_keys=True)
-        files["metadata"] = outdir / "metadata.json"
+        if config.saveMetadata:  # LSST persists the task metadata only when saveMetadata is set
+            with open(tmp / "metadata.json", "w") as fh:
+                json.dump(_jsonable(md), fh, indent=2, sort_keys=True)
+            files["metadata"] = outdir / "metadata.json"
         _commit_outdir(tmp, outdir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
