@@ -655,18 +655,24 @@ def pair_files(pair, tmp_path_factory):
     return d / "science.fits", d / "template.fits"
 
 
+_ALWAYS = {"config.py", "metadata.json"}
+_SOURCES = {"diaSources.parquet", "diaSources.fits"}
+
+
 @pytest.mark.parametrize(
     "switches, expected",
     [
-        (dict(), {"difference.fits", "diaSources.parquet", "diaSources.fits"}),
-        (dict(doWriteSubtractedExp=False, doWriteSources=False), set()),
+        (dict(), {"difference.fits"} | _SOURCES | _ALWAYS),
+        (dict(doWriteSubtractedExp=False, doWriteSources=False), _ALWAYS),
         (dict(doWriteMatchedExp=True, doWriteWarpedExp=True, doWriteScoreExp=True, useScoreImageDetection=True),
-         {"difference.fits", "diaSources.parquet", "diaSources.fits", "matched.fits", "warped.fits", "score.fits"}),
+         {"difference.fits", "matched.fits", "warped.fits", "score.fits"} | _SOURCES | _ALWAYS),
+        (dict(saveMetadata=False), {"difference.fits", "config.py"} | _SOURCES),
     ],
-    ids=["defaults", "no-difference-no-sources", "matched-warped-score"],
+    ids=["defaults", "no-difference-no-sources", "matched-warped-score", "no-metadata"],
 )
 def test_doWrite_switches_control_run_files_outputs(pair_files, score_run, switches, expected, tmp_path, monkeypatch):
-    """run_files writes exactly the images/catalogues its doWrite* switches ask for (plus config and metadata).
+    """run_files writes exactly the images/catalogues its doWrite* switches ask for, config.py always and
+    metadata.json when saveMetadata (diagnostics.png is off here: plot=False).
 
     The task's run() is replaced by the cached score-mode result (which has every image) so that only the
     writing logic is exercised here; tests/test_cli.py runs the real thing end to end.
@@ -680,8 +686,8 @@ def test_doWrite_switches_control_run_files_outputs(pair_files, score_run, switc
     out = tmp_path / "out"
     result = run_files(*pair_files, out, config=config, plot=False, progress=False)
     written = {p.name for p in out.iterdir()}
-    assert written == expected | {"config.py", "metadata.json"}
-    assert set(result.files) >= {"config", "metadata"}
+    assert written == expected
+    assert {p.name for p in result.files.values()} == expected
     if "score.fits" in expected:
         np.testing.assert_array_equal(read_exposure(out / "score.fits").image, cached.scoreExposure.image)
         np.testing.assert_array_equal(read_exposure(out / "matched.fits").image, cached.matchedExposure.image)
