@@ -814,8 +814,17 @@ def read_exposure(
             mask_obj.set("NO_DATA", bad)
         if layout is None:
             sat = _header_float(img_hdu.header, ("SATURATE", "SATLEVEL"), path, "saturation")
+            if sat is None and np.issubdtype(raw.dtype, np.integer):
+                # No SATURATE card: an integer image at its type's ceiling (65535 for uint16) has clipped.
+                sat = float(np.iinfo(raw.dtype).max)
             if sat is not None and math.isfinite(sat):
                 mask_obj.set("SAT", (image >= sat) & ~bad)
+            fill_border = _constant_border(np.where(bad, np.nan, image) if bad.any() else image) & ~bad
+            if fill_border.any():
+                # Registration/cutout fill: a border row or column holding one value throughout has no data.
+                log.info("%s: %d constant border pixels (registration fill) marked NO_DATA.", path,
+                         int(fill_border.sum()))
+                mask_obj.set("NO_DATA", fill_border)
 
         xy0 = _read_xy0(img_hdu.header)
         wcs = _read_wcs(img_hdu.header, xy0, path)
@@ -861,6 +870,41 @@ def read_exposure(
         ap_corr_map=ap_corr,
         id=int(exp_id) if exp_id is not None else None,
     )
+
+
+def _constant_border(image: np.ndarray, max_depth: int = 64) -> np.ndarray:
+    """Pixels of border rows/columns that hold a single value throughout (fill from registration or padding),
+    peeled from each side inwards while the next row/column is constant too (at most ``max_depth`` deep).
+    Nothing is flagged when what remains inside is constant as well (a flat image is data, not fill)."""
+    out = np.zeros(image.shape, dtype=bool)
+    ny, nx = image.shape
+    if ny < 3 or nx < 3:
+        return out
+    y0, y1, x0, x1 = 0, ny, 0, nx
+    changed = True
+    while changed:
+        changed = False
+        if y1 - y0 > 2 and y0 < max_depth and np.all(image[y0, x0:x1] == image[y0, x0]):
+            out[y0, :] = True
+            y0 += 1
+            changed = True
+        if y1 - y0 > 2 and ny - y1 < max_depth and np.all(image[y1 - 1, x0:x1] == image[y1 - 1, x0]):
+            out[y1 - 1, :] = True
+            y1 -= 1
+            changed = True
+        if x1 - x0 > 2 and x0 < max_depth and np.all(image[y0:y1, x0] == image[y0, x0]):
+            out[:, x0] = True
+            x0 += 1
+            changed = True
+        if x1 - x0 > 2 and nx - x1 < max_depth and np.all(image[y0:y1, x1 - 1] == image[y0, x1 - 1]):
+            out[:, x1 - 1] = True
+            x1 -= 1
+            changed = True
+    interior = image[y0:y1, x0:x1]
+    finite = interior[np.isfinite(interior)]
+    if finite.size == 0 or np.all(finite == finite[0]):
+        return np.zeros(image.shape, dtype=bool)  # a constant image (a test pattern) is data, not fill
+    return out
 
 
 def _is_wcs_key(key: str) -> bool:
