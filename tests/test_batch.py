@@ -113,6 +113,9 @@ def test_read_pairs_csv_and_yaml(tmp_path):
     (sub / "badid.csv").write_text("science,template,id\ns1.fits,t1.fits,../x\n")
     with pytest.raises(BadInputError, match="directory"):
         read_pairs(sub / "badid.csv")
+    (sub / "reserved.csv").write_text("science,template,id\ns1.fits,t1.fits,logs\n")
+    with pytest.raises(BadInputError, match="reserved"):
+        read_pairs(sub / "reserved.csv")
 
 
 def test_fft_workers_env(monkeypatch):
@@ -284,6 +287,22 @@ def test_unrecorded_output_is_trusted_only_with_same_config(tmp_path):
     assert run_batch(plist, "config.a=3\n", out, **kw).n_done == 2
 
 
+def test_interrupt_stops_batch_with_consistent_manifest(tmp_path):
+    """Ctrl-C (KeyboardInterrupt) during a pair stops the batch instead of counting as a pair failure; the
+    manifest shows the finished pairs as done and the rest as pending."""
+    plist = _tiny_inputs(tmp_path, 3)
+    d = tmp_path / "in" / "int"
+    d.mkdir()
+    fits.writeto(d / "interrupt.fits", np.zeros((4, 4), np.float32))
+    lines = plist.read_text().splitlines()
+    lines.insert(2, "in/int/interrupt.fits,in/q0/template.fits,stop")
+    plist.write_text("\n".join(lines) + "\n")
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(plist, "config.a=1\n", tmp_path / "out", executor="serial", worker=fake_worker, progress=False)
+    rows = _rows(tmp_path / "out")
+    assert [rows[k]["status"] for k in ("q0", "stop", "q1", "q2")] == ["done", "pending", "pending", "pending"]
+
+
 def test_worker_crash_is_isolated(tmp_path):
     """A pair that kills its worker process (os._exit) is failed after a solo retry; the pairs that shared
     the broken pool are re-run and complete."""
@@ -345,4 +364,21 @@ def test_dask_executor(tmp_path):
     rows = _rows(tmp_path / "out")
     assert [rows[f"q{i}"]["status"] for i in range(3)] == ["done"] * 3
     assert rows["bad"]["status"] == "failed" and res.n_failed == 1
-    assert len({rows[f"q{i}"]["pid"] for i in range(3)} - {os.getpid()}) >= 1
+    assert os.getpid() not in {rows[f"q{i}"]["pid"] for i in range(3)}
+
+
+@pytest.mark.slow
+def test_dask_scheduler_address_and_client(tmp_path):
+    """An existing cluster is used through --scheduler ADDRESS and through a Client passed as executor; the
+    batch does not shut down a client it did not create."""
+    distributed = pytest.importorskip("distributed")
+    plist = _tiny_inputs(tmp_path, 2)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cl:
+        res = run_batch(plist, "config.a=1\n", tmp_path / "out", scheduler=cl.scheduler_address,
+                        worker=fake_worker, progress=False)
+        assert res.n_done == 2
+        with distributed.Client(cl) as client:
+            res = run_batch(plist, "config.a=1\n", tmp_path / "out", executor=client, redo=True,
+                            worker=fake_worker, progress=False)
+            assert res.n_done == 2
+            assert client.status == "running"

@@ -29,6 +29,8 @@ def fake_worker(science: str, template: str | None, outdir: str, *, config_text:
             raise InputFileNotFoundError(f"Input file {p} does not exist.")
     if "crash" in Path(science).name:  # lets tests kill a worker process the hard way
         os._exit(9)
+    if "interrupt" in Path(science).name:  # ... or press Ctrl-C
+        raise KeyboardInterrupt
     out = Path(outdir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -85,11 +85,17 @@ class Pair:
     template: str | None
 
 
+# Names in OUTROOT that belong to the batch itself.
+_RESERVED = frozenset({"logs", "manifest.json", "manifest.parquet", "batch_config.py", ".diffim-batch.lock"})
+
+
 def _check_id(pair_id: str) -> str:
     pair_id = str(pair_id).strip()
     if not pair_id or pair_id in (".", "..") or pair_id.startswith(".") or "/" in pair_id or "\\" in pair_id:
         raise BadInputError(f"Pair id {pair_id!r} cannot name a directory: use letters, digits, '-', '_' or '.'"
                             " (not leading) and no slashes.")
+    if pair_id in _RESERVED:
+        raise BadInputError(f"Pair id {pair_id!r} is reserved for the batch's own files; choose another id.")
     return pair_id
 
 
@@ -312,6 +318,8 @@ def _execute(task: dict[str, Any]) -> dict[str, Any]:
         missing = [f for f in _REQUIRED_FILES if not (outdir / f).is_file()]
         if missing:
             status, error = "failed", f"output directory {outdir} lacks {', '.join(missing)}"
+    except KeyboardInterrupt:  # Ctrl-C stops the batch, it is not a failure of this pair
+        raise
     except BaseException as exc:  # a pair failure (even SystemExit from a library) must not end the batch
         status = "failed"
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -428,6 +436,8 @@ class _SerialExecutor(Executor):
         fut: Future = Future()
         try:
             fut.set_result(fn(*args, **kwargs))
+        except KeyboardInterrupt:
+            raise
         except BaseException as exc:
             fut.set_exception(exc)
         return fut
@@ -918,6 +928,8 @@ def _drive(handle: _ExecutorHandle, to_run: list[Pair], rows: list[dict[str, Any
         pair, isolated = entry
         try:
             res = fut.result()
+        except KeyboardInterrupt:
+            raise
         except BaseException as exc:
             if handle.kind == "local" and _is_broken_pool(exc):
                 # The pool is unusable: every pair in flight failed with it. Start a new pool and re-run those
