@@ -73,10 +73,27 @@ class ZogyConfig(pexConfig.Config):
         dtype=float, default=0.0,
         doc="Registration noise σ_y (pixels) for the astrometric term of S_corr (ZOGY eq. 30-33); 0: not added.",
     )
+    autoSpatialGrid = pexConfig.Field(
+        dtype=float, default=0.02,
+        doc="Use the spatial grid (as doSpatialGrid=True) when either PSF's FWHM varies across the image by more "
+            "than this fraction (max−min over median on a 3×3 grid): one PSF for the whole image leaves "
+            "bright-star residuals that S_corr detects. 0 disables the automatic choice.",
+    )
 
 
 class ZogyImagePsfMatchConfig(ZogyConfig):
     """Configuration of :class:`ZogyImagePsfMatchTask` (the ZOGY entry of ``subtractAlgorithmRegistry``)."""
+
+
+def _fwhm_variation(psf, bbox) -> float:
+    """(max − min)/median of the PSF FWHM on a 3×3 grid over ``bbox`` (0 if it cannot be evaluated)."""
+    from .image_psf_match import psf_fwhm_grid
+
+    f = psf_fwhm_grid(psf, bbox, 3)
+    f = f[np.isfinite(f)]
+    if f.size < 2:
+        return 0.0
+    return float((f.max() - f.min()) / np.median(f))
 
 
 def _same_pixel_grid(science: Exposure, template: Exposure, tol: float = 0.01) -> bool:
@@ -180,6 +197,14 @@ class ZogyImagePsfMatchTask(Task):
             raise MissingPsfError("ZOGY needs a PSF model on both the science and the template exposure.")
         f_n, f_r = self._flux_scalings(science, template)
         grid = cfg.doSpatialGrid if spatiallyVarying is None else bool(spatiallyVarying)
+        if not grid and spatiallyVarying is None and cfg.autoSpatialGrid > 0:
+            variation = max(_fwhm_variation(science.psf, science.bbox), _fwhm_variation(template.psf, science.bbox))
+            self.metadata["psfFwhmVariation"] = variation
+            if variation > cfg.autoSpatialGrid:
+                self.log.info("PSF FWHM varies by %.1f %% across the image: ZOGY on a spatial grid of cells.",
+                              100 * variation)
+                grid = True
+        self.metadata["spatialGrid"] = bool(grid)
 
         mask_n, mask_r = science.mask, template.mask
         ignore_n = mask_n.get(list(cfg.ignoreMaskPlanes), ignore_missing=True)
