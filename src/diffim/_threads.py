@@ -63,6 +63,8 @@ def fft_workers(default: int | None = None) -> int:
 
 # Modules that keep a module-level FFT thread count (attribute names), updated by limit_threads.
 _MODULE_CONSTANTS = (("diffim.convolve", "_WORKERS"), ("diffim.zogy", "FFT_WORKERS"))
+# Lazily created module-level thread pools (None until first use), pre-created with n threads.
+_THREAD_POOLS = (("diffim.detection", "_POOL"),)
 # Functions whose ``workers`` keyword default is a hard-coded thread count.
 _FUNCTION_DEFAULTS = (("diffim.decorrelation", ("decorrelation_kernel_fourier", "decorrelation_variance_factors",
                                                  "decorrelate", "decorrelate_spatial")),)
@@ -115,6 +117,15 @@ def limit_threads(n: int = 1) -> None:
             continue
         if isinstance(getattr(mod, attr, None), int):
             setattr(mod, attr, n)
+    for modname, attr in _THREAD_POOLS:
+        try:
+            mod = importlib.import_module(modname)
+        except Exception:
+            continue
+        if hasattr(mod, attr) and getattr(mod, attr) is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            setattr(mod, attr, ThreadPoolExecutor(max_workers=n, thread_name_prefix="diffim-limited"))
     for modname, names in _FUNCTION_DEFAULTS:
         try:
             mod = importlib.import_module(modname)
