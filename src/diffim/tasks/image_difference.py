@@ -217,6 +217,9 @@ class ImageDifferenceConfig(pexConfig.Config):
         self.detection.thresholdValue = 5.0
         self.detection.thresholdType = "pixel_stdev"
         self.detection.reEstimateBackground = False
+        # The unconvolvable border (EDGE) and uncovered pixels (NO_DATA) hold no valid difference; excluded from
+        # detection, they cannot form border-long footprints that swallow real sources near the edge.
+        self.detection.excludeMaskPlanes = ["EDGE", "NO_DATA"]
         # The difference's border (kernel half-width) is copied, not convolved: EDGE there. Keep it out of the
         # variance statistics as well (LSST's templates carry a border that hides this).
         for planes in (self.scaleVariance.maskPlanes, self.scaleVariance.background.ignoredPixelMask):
