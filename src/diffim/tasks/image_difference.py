@@ -220,6 +220,9 @@ class ImageDifferenceConfig(pexConfig.Config):
         # The unconvolvable border (EDGE) and uncovered pixels (NO_DATA) hold no valid difference; excluded from
         # detection, they cannot form border-long footprints that swallow real sources near the edge.
         self.detection.excludeMaskPlanes = ["EDGE", "NO_DATA"]
+        # ... and sky sources must not sample it either (modern LSST adds EDGE to avoidMask too).
+        if "EDGE" not in self.skySources.avoidMask:
+            self.skySources.avoidMask.append("EDGE")
         # The difference's border (kernel half-width) is copied, not convolved: EDGE there. Keep it out of the
         # variance statistics as well (LSST's templates carry a border that hides this).
         for planes in (self.scaleVariance.maskPlanes, self.scaleVariance.background.ignoredPixelMask):
