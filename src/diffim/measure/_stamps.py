@@ -139,6 +139,11 @@ def psf_image_stack(psf: Psf, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray,
         s = img.sum(axis=(1, 2), keepdims=True)
         img /= np.where(s != 0, s, 1.0)
         return img, ix - nx // 2, iy - ny // 2
+    if _has_batched_stamps(psf):
+        # Analytic models (diffim.testing) evaluate compute_image for many positions in one call.
+        img = _batched_stamps(psf, x, y, None)
+        h = img.shape[1] // 2
+        return img, ix - h, iy - h
     # Spatially varying model: one evaluation per source, embedded in the largest stamp size.
     ims = []
     boxes = []
@@ -168,6 +173,8 @@ def kernel_image_stack(psf: Psf, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         k = np.asarray(psf.kernel_images(x, np.asarray(y, float)), dtype=float)
         ks = k.sum(axis=(1, 2), keepdims=True)
         return k / np.where(ks != 0, ks, 1.0)
+    if _has_batched_stamps(psf):
+        return _batched_stamps(psf, x, np.asarray(y, float), 0.0)
     ks = [psf.compute_kernel_image(float(a), float(b)) for a, b in zip(x, np.asarray(y, float))]
     ny = max(k.shape[0] for k in ks)
     nx = max(k.shape[1] for k in ks)
@@ -175,6 +182,26 @@ def kernel_image_stack(psf: Psf, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     for i, k in enumerate(ks):
         oy, ox = (ny - k.shape[0]) // 2, (nx - k.shape[1]) // 2
         out[i, oy : oy + k.shape[0], ox : ox + k.shape[1]] = k
+    return out
+
+
+def _has_batched_stamps(psf: Psf) -> bool:
+    """True for models with a vectorised ``stamps(x, y, dx=None, dy=None)`` (the analytic varying PSFs of
+    :mod:`diffim.testing`): ``stamps(x, y)`` is their ``compute_image`` and ``stamps(x, y, 0, 0)`` their kernel
+    image, for many positions in one call."""
+    return callable(getattr(psf, "stamps", None)) and isinstance(getattr(psf, "size", None), (int, np.integer))
+
+
+def _batched_stamps(psf: Psf, x: np.ndarray, y: np.ndarray, offset: float | None,
+                    batch: int = 1024) -> np.ndarray:
+    """Unit-sum ``psf.stamps`` for all positions, in batches (``offset=None``: the sub-pixel part of x, y)."""
+    n = len(x)
+    out = np.empty((n, psf.size, psf.size))
+    for lo in range(0, n, batch):
+        sl = slice(lo, min(n, lo + batch))
+        st = psf.stamps(x[sl], y[sl]) if offset is None else psf.stamps(x[sl], y[sl], offset, offset)
+        s = st.sum(axis=(1, 2), keepdims=True)
+        out[sl] = st / np.where(s != 0, s, 1.0)
     return out
 
 
