@@ -842,7 +842,7 @@ class ImageDifferenceTask(Task):
 
 
 def _reference_colour(ref, name):
-    """g−r colour of reference objects from ``g_mag``/``r_mag`` (or ``g``/``r``) magnitudes or ``g_flux``/``r_flux``."""
+    """g−r colour of reference objects: ``g_mag``/``r_mag`` (or ``g``/``r``) magnitudes, or ``g_flux``/``r_flux``."""
     for g, r in (("g_mag", "r_mag"), ("gmag", "rmag"), ("g", "r")):
         if g in ref.colnames and r in ref.colnames:
             return np.asarray(ref[g], float) - np.asarray(ref[r], float)
