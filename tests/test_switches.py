@@ -741,8 +741,8 @@ def reference_catalog(pair, tmp_path_factory):
     from astropy.table import Table
 
     truth = pair.truth
-    keep = ((truth["kind"] == "star") & (truth["flux_science"] > np.median(truth["flux_science"][truth["kind"] == "star"]))
-            ) | (truth["kind"] == "variable")
+    is_star = truth["kind"] == "star"
+    keep = (is_star & (truth["flux_science"] > np.median(truth["flux_science"][is_star]))) | (truth["kind"] == "variable")
     t = truth[keep]
     r_mag = 25.0 - 2.5 * np.log10(np.maximum(np.asarray(t["flux_science"], float), 1.0))
     gr = np.full(len(t), 0.5)
@@ -770,7 +770,8 @@ _SELECT: dict = {}
 def _ref_rows(pair, ref, table):
     """Reference row of each table row (nearest within 1″) or -1."""
     sx, sy = pair.science.sky_to_pixel(np.asarray(ref["ra"], float), np.asarray(ref["dec"], float))
-    d = np.hypot(np.asarray(table["x"], float)[:, None] - sx[None, :], np.asarray(table["y"], float)[:, None] - sy[None])
+    tx, ty = np.asarray(table["x"], float), np.asarray(table["y"], float)
+    d = np.hypot(tx[:, None] - sx[None, :], ty[:, None] - sy[None, :])
     j = np.argmin(d, axis=1) if len(table) else np.zeros(0, int)
     return np.where(d[np.arange(len(table)), j] < 5.0, j, -1) if len(table) else j
 
@@ -837,7 +838,8 @@ def test_config_fields_doc_covers_every_field_and_names_real_tests():
     text = (root / "docs" / "config_fields.md").read_text()
     rows = set(re.findall(r"^\| `(\w+)` \|", text, flags=re.M))
     assert rows == set(ImageDifferenceConfig._fields)
-    sources = {"S": (root / "tests" / "test_switches.py").read_text(), "C": (root / "tests" / "test_cli.py").read_text()}
+    sources = {"S": (root / "tests" / "test_switches.py").read_text(),
+               "C": (root / "tests" / "test_cli.py").read_text()}
     named = re.findall(r"`([SC])::(test_\w+)", text)
     assert len(named) > 40
     for prefix, name in named:
