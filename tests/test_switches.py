@@ -13,8 +13,6 @@ that a no-op switch would fail (the statistical argument is given where a statis
 
 from __future__ import annotations
 
-import copy
-import os
 import warnings
 
 import numpy as np
