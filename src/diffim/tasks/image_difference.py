@@ -38,7 +38,10 @@ from .sky_objects import SkyObjectsTask
 from .star_selector import ObjectSizeStarSelectorTask
 from . import zogy as _zogy  # noqa: F401  (registers "zogy" in subtractAlgorithmRegistry)
 
-__all__ = ["ImageDifferenceConfig", "ImageDifferenceTask"]
+__all__ = ["ImageDifferenceConfig", "ImageDifferenceTask", "MIN_SELECTED_KERNEL_SOURCES"]
+
+#: With ``doSelectSources``, fewer selected kernel stars than this fall back to the AL task's own candidates.
+MIN_SELECTED_KERNEL_SOURCES = 25
 
 #: g−r limits of LSST's ``DiaCatalogSourceSelector`` (grMin, grMax): reference stars outside are "extreme colour"
 #: (doSelectDcrCatalog adds them to the control sample).
@@ -425,6 +428,15 @@ class ImageDifferenceTask(Task):
                     if cfg.doSelectSources:
                         kernelSources, controlSources, selectSources = self._select_kernel_sources(
                             science, selectSources)
+                        if len(kernelSources) < MIN_SELECTED_KERNEL_SOURCES:
+                            # Too few selected stars constrain a spatially varying kernel poorly (a noise
+                            # ratio of several); the AL task's own candidate detection is the documented fallback.
+                            self.log.warning(
+                                "Only %d kernel sources survived source selection (< %d): using the PSF-matching "
+                                "task's own kernel candidates instead.", len(kernelSources),
+                                MIN_SELECTED_KERNEL_SOURCES)
+                            self.metadata["kernelSourceFallback"] = True
+                            kernelSources = None
                     subtractRes = self.subtract.subtractExposures(
                         warpedExposure, science, candidateList=kernelSources, convolveTemplate=cfg.convolveTemplate)
                     subtractedExposure = subtractRes.subtractedExposure
