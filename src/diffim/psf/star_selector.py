@@ -62,6 +62,8 @@ def improve_cluster(widths: np.ndarray, cluster: np.ndarray, *, n_sigma_clip: fl
         centre = float(np.median(vals))
         iqr = vals[int(0.75 * n)] - vals[int(0.25 * n)]
         sd = min(float(np.std(vals)), 0.741 * iqr)
+        if sd <= 0:  # identical widths (noiseless images): nothing to clip, and |w − c| >= 0 would drop all
+            break
         leave = inside & (np.abs(w - centre) >= n_sigma_clip * sd)
         cluster[leave] = -1
         if not leave.any() or sd < width_std_allowed * centre:
