@@ -60,6 +60,16 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                         "(default: the GAIN card, else the robust sky noise)")
     g.add_argument("--read-noise", dest="read_noise", type=float, default=None, metavar="E",
                    help="read noise in electrons for the variance model (default: RDNOISE card, else 0)")
+    g.add_argument("--reset-xy0", dest="reset_xy0", action="store_true",
+                   help="put both images' first pixel at (0, 0), ignoring the files' xy0 (pairs without a WCS "
+                        "whose stored origins differ but whose pixels correspond, e.g. ip_diffim test images)")
+    g.add_argument("--cr-repair", dest="cr_repair", choices=("auto", "yes", "no"), default="auto",
+                   help="find and interpolate cosmic rays/hot pixels in the inputs (auto: only plain images "
+                        "without mask planes; default auto)")
+
+
+def _repair_flag(args) -> bool | None:
+    return {"auto": None, "yes": True, "no": False}[getattr(args, "cr_repair", "auto")]
 
 
 def _read_kwargs(args, who: str) -> dict:
@@ -77,6 +87,8 @@ def _read_kwargs(args, who: str) -> dict:
         kw["gain"] = args.gain
     if getattr(args, "read_noise", None) is not None:
         kw["read_noise"] = args.read_noise
+    if getattr(args, "reset_xy0", False):
+        kw["xy0"] = (0, 0)
     return kw
 
 
@@ -160,7 +172,8 @@ def _cmd_subtract(args) -> int:
         config.saveToStream(sys.stdout)
         return EXIT_OK
     res = subtract_files(args.science, args.template, args.output, config=config,
-                         science_kwargs=_read_kwargs(args, "science"), template_kwargs=_read_kwargs(args, "template"))
+                         science_kwargs=_read_kwargs(args, "science"), template_kwargs=_read_kwargs(args, "template"),
+                         repair_cosmic_rays=_repair_flag(args))
     if not args.quiet:
         ratio = res.metadata.get("quality", {}).get("noiseRatio", float("nan"))  # the task stores it under quality
         print(f"wrote {args.output}  (noise ratio {ratio:.3f})")
@@ -181,7 +194,8 @@ def _cmd_run(args) -> int:
     t0 = time.perf_counter()
     res = run_files(args.science, args.template, args.output, config=config, coadd_dir=args.coadd_dir,
                     overwrite=args.overwrite, plot=args.plot, progress=not args.quiet,
-                    science_kwargs=_read_kwargs(args, "science"), template_kwargs=_read_kwargs(args, "template"))
+                    science_kwargs=_read_kwargs(args, "science"), template_kwargs=_read_kwargs(args, "template"),
+                    repair_cosmic_rays=_repair_flag(args))
     if not args.quiet:
         print(res.summary(time.perf_counter() - t0))
     return EXIT_OK

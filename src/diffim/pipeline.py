@@ -51,14 +51,54 @@ def make_config(overrides=(), files=(), *, subtract_only: bool = False):
     return config
 
 
-def prepare_exposure(exposure, *, label: str):
-    """Make a read exposure usable: estimate a PSF if it has none (plain FITS inputs)."""
+_UNREPAIRED_PLANES = ("NO_DATA", "SAT")  # the only planes read_exposure sets on a plain image by itself
+
+
+def prepare_exposure(exposure, *, label: str, repair_cosmic_rays: bool | None = None):
+    """Make a read exposure usable: estimate a PSF if it has none, then (plain images) repair cosmic rays.
+
+    ``repair_cosmic_rays``: find pixels sharper than the PSF (cosmic rays, hot pixels;
+    :func:`diffim.psf.repair.find_cosmic_rays`), set ``CR`` and ``INTRP`` on them and interpolate over
+    them, as LSST's calexps are before they reach the difference task. ``None`` (default) repairs only an
+    exposure whose mask carries nothing but ``NO_DATA``/``SAT`` — a plain FITS frame nobody has cleaned;
+    afw/diffim files with their own mask planes are left alone.
+    """
     if exposure.psf is None:
         from .psf import estimate_psf
 
         log.info("%s has no PSF model: estimating one from its stars", label)
         exposure.psf = estimate_psf(exposure)
+    if repair_cosmic_rays is None:
+        other = exposure.mask.array & ~np.int32(exposure.mask.bitmask(_UNREPAIRED_PLANES, ignore_missing=True))
+        repair_cosmic_rays = not bool(other.any())
+    if repair_cosmic_rays:
+        _repair_cosmic_rays(exposure, label)
+        exposure._cr_repaired = True  # lets _share_repairs know both frames went through the same step
     return exposure
+
+
+def _repair_cosmic_rays(exposure, label: str) -> None:
+    from scipy import ndimage
+
+    from .psf.estimate import background_map
+    from .psf.repair import find_cosmic_rays, interpolate_pixels
+
+    try:
+        sigma = float(exposure.psf.sigma(*exposure.psf_position()))
+    except Exception:  # a PSF without a usable width: no repair rather than a wrong one
+        log.warning("%s: PSF width unavailable; cosmic rays not repaired.", label)
+        return
+    invalid = exposure.mask.get(("NO_DATA", "SAT", "BAD"), ignore_missing=True)
+    image = exposure.image
+    bkg = background_map(image, invalid, cell=64)
+    cr = find_cosmic_rays(image, exposure.variance, sigma, background=bkg, bad=invalid)
+    if not cr.any():
+        return
+    image[...] = interpolate_pixels(image, cr, sigma, invalid=invalid)
+    exposure.mask.set("CR", cr)
+    exposure.mask.set("INTRP", cr)
+    n_lab = int(ndimage.label(cr)[1])
+    log.info("%s: %d cosmic rays / hot pixels (%d pixels) interpolated (CR, INTRP).", label, n_lab, int(cr.sum()))
 
 
 @dataclass
@@ -118,22 +158,78 @@ def _commit_outdir(tmp: Path, outdir: Path) -> None:
         os.replace(tmp, outdir)
 
 
-def _read_pair(science_path, template_path, science_kwargs=None, template_kwargs=None):
+def _read_pair(science_path, template_path, science_kwargs=None, template_kwargs=None, repair_cosmic_rays=None):
     """Read (and prepare) both exposures; ``*_kwargs`` are passed to :func:`diffim.io.read_exposure`
     (``variance=``, ``variance_kind=``, ``mask=``, ``psf=``, ``gain=``, ``read_noise=``, ``hdu=``)."""
-    from .io import read_exposure
-
-    science = prepare_exposure(read_exposure(science_path, **dict(science_kwargs or {})),
-                               label=f"science {science_path}")
+    science = prepare_exposure(_read_one(science_path, science_kwargs),
+                               label=f"science {science_path}", repair_cosmic_rays=repair_cosmic_rays)
     template = None
     if template_path is not None:
-        template = prepare_exposure(read_exposure(template_path, **dict(template_kwargs or {})),
-                                    label=f"template {template_path}")
+        template = prepare_exposure(_read_one(template_path, template_kwargs),
+                                    label=f"template {template_path}", repair_cosmic_rays=repair_cosmic_rays)
+        _share_repairs(science, template)
     return science, template
 
 
+def _read_one(path, kwargs):
+    """``read_exposure(path, **kwargs)``; an extra ``xy0=(x0, y0)`` replaces the file's pixel origin (for
+    files without a WCS whose stored xy0 is not a shared pixel grid, e.g. ip_diffim's scienceMI/templateMI)."""
+    from .io import read_exposure
+
+    kw = dict(kwargs or {})
+    xy0 = kw.pop("xy0", None)
+    exposure = read_exposure(path, **kw)
+    if xy0 is not None:
+        if exposure.wcs is not None:
+            raise BadInputError(f"{path}: has a WCS; its xy0 cannot be overridden (the WCS would shift too).")
+        exposure.masked_image.xy0 = (int(xy0[0]), int(xy0[1]))
+    return exposure
+
+
+def _same_grid(a, b) -> bool:
+    if a.image.shape != b.image.shape or tuple(a.xy0) != tuple(b.xy0):
+        return False
+    if a.wcs is None or b.wcs is None:
+        return True
+    ny, nx = a.image.shape
+    xs, ys = np.array([0.0, nx - 1.0, 0.0, nx - 1.0]), np.array([0.0, 0.0, ny - 1.0, ny - 1.0])
+    try:
+        px, py = b.wcs.world_to_pixel(a.wcs.pixel_to_world(xs + a.xy0[0], ys + a.xy0[1]))
+    except Exception:
+        return False
+    return bool(np.all(np.hypot(np.asarray(px) - xs - a.xy0[0], np.asarray(py) - ys - a.xy0[1]) < 0.5))
+
+
+def _share_repairs(science, template) -> None:
+    """Interpolate both images over the union of their repaired pixels when they share a pixel grid.
+
+    Hot pixels sit at the same detector pixel in both frames, but a registered (resampled) frame smears
+    them so that only the other frame's copy passes the sharpness test; a pixel repaired in one image and
+    left alone in the other would itself become a difference-image source.
+    """
+    if not (getattr(science, "_cr_repaired", False) and getattr(template, "_cr_repaired", False)):
+        return
+    if not _same_grid(science, template):
+        return
+    from .psf.repair import interpolate_pixels
+
+    union = science.mask.get("CR") | template.mask.get("CR")
+    for exp in (science, template):
+        if not (union & ~exp.mask.get("CR")).any():
+            continue
+        try:
+            sigma = float(exp.psf.sigma(*exp.psf_position()))
+        except Exception:
+            continue
+        invalid = exp.mask.get(("NO_DATA", "SAT", "BAD"), ignore_missing=True)
+        fix = union & ~invalid
+        exp.image[...] = interpolate_pixels(exp.image, fix, sigma, invalid=invalid)
+        exp.mask.set("CR", fix)
+        exp.mask.set("INTRP", fix)
+
+
 def subtract_files(science_path, template_path, output, *, config=None, science_kwargs=None,
-                   template_kwargs=None) -> RunResult:
+                   template_kwargs=None, repair_cosmic_rays=None) -> RunResult:
     """PSF-match and subtract two exposure files; write the difference exposure to ``output`` (atomic).
 
     ``science_kwargs``/``template_kwargs`` are keyword arguments of :func:`diffim.io.read_exposure` for each
@@ -143,7 +239,7 @@ def subtract_files(science_path, template_path, output, *, config=None, science_
     from .tasks.image_difference import ImageDifferenceTask
 
     config = config if config is not None else make_config(subtract_only=True)
-    science, template = _read_pair(science_path, template_path, science_kwargs, template_kwargs)
+    science, template = _read_pair(science_path, template_path, science_kwargs, template_kwargs, repair_cosmic_rays)
     task = ImageDifferenceTask(config=config)
     res = task.run(exposure=science, templateExposure=template)
     write_exposure(res.subtractedExposure, output)
@@ -171,7 +267,8 @@ def _jsonable(obj):
 
 
 def run_files(science_path, template_path, outdir, *, config=None, coadd_dir=None, overwrite=False,
-              plot=True, progress=True, truth=None, science_kwargs=None, template_kwargs=None) -> RunResult:
+              plot=True, progress=True, truth=None, science_kwargs=None, template_kwargs=None,
+              repair_cosmic_rays=None) -> RunResult:
     """Run the whole ImageDifferenceTask on two files and write all outputs into ``outdir``.
 
     Outputs (per the ``doWrite*`` switches): ``difference.fits``, ``diaSources.parquet`` and ``.fits``,
@@ -180,7 +277,9 @@ def run_files(science_path, template_path, outdir, *, config=None, coadd_dir=Non
 
     ``science_kwargs``/``template_kwargs`` are keyword arguments of :func:`diffim.io.read_exposure` for each
     file: per-image companions such as ``variance=`` (a variance, weight or 1σ noise image; ``variance_kind=``),
-    ``mask=``, ``psf=`` (PSFEx ``.psf`` file or PSF image), ``gain=`` and ``read_noise=``.
+    ``mask=``, ``psf=`` (PSFEx ``.psf`` file or PSF image), ``gain=`` and ``read_noise=``, and ``xy0=(x0, y0)``
+    to replace the pixel origin of a file without a WCS.
+    ``repair_cosmic_rays``: see :func:`prepare_exposure` (default: plain images without mask planes only).
     """
     from .io import write_exposure
     from .tasks.image_difference import ImageDifferenceTask
@@ -188,7 +287,7 @@ def run_files(science_path, template_path, outdir, *, config=None, coadd_dir=Non
     config = config if config is not None else make_config()
     outdir = Path(outdir)
     t_start = time.perf_counter()
-    science, template = _read_pair(science_path, template_path, science_kwargs, template_kwargs)
+    science, template = _read_pair(science_path, template_path, science_kwargs, template_kwargs, repair_cosmic_rays)
     if template is None and coadd_dir is None:
         raise BadInputError("No template: give a template exposure or a coadd directory.")
     tmp = _atomic_outdir(outdir, overwrite)
