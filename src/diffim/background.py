@@ -82,13 +82,37 @@ def bin_statistics(
     ix, vx = _gather_index(ex)
     nby, ly = iy.shape
     nbx, lx = ix.shape
-    # (nby, ly, nbx, lx) -> one row per super-pixel
-    block = img[iy[:, :, None, None], ix[None, None, :, :]].transpose(0, 2, 1, 3).reshape(nby * nbx, ly * lx)
-    valid = (vy[:, :, None, None] & vx[None, None, :, :]).transpose(0, 2, 1, 3).reshape(nby * nbx, ly * lx)
+    m = None
     if mask_bool is not None:
         m = np.asarray(mask_bool, dtype=bool)
         if m.shape != img.shape:
             raise BadInputError(f"Mask shape {m.shape} does not match the image shape {img.shape}.")
+    if statistic not in ("meanclip", "median", "mean"):
+        raise BadInputError(f"Unknown background statistic {statistic!r}; use 'meanclip', 'median' or 'mean'.")
+    # Rows of super-pixels are processed a few at a time (about 2 Mpix per chunk): the statistics hold
+    # several block-sized temporaries, which for a whole 4096² image would add ~0.4 GiB to the peak memory.
+    step = max(1, (2 << 20) // max(1, ly * lx * nbx))
+    values = np.empty(nby * nbx)
+    counts = np.empty(nby * nbx, dtype=np.int64)
+    for r0 in range(0, nby, step):
+        r1 = min(nby, r0 + step)
+        v_, c_ = _bin_rows(img, m, iy[r0:r1], vy[r0:r1], ix, vx, statistic, nsigma, niter)
+        values[r0 * nbx : r1 * nbx] = v_
+        counts[r0 * nbx : r1 * nbx] = c_
+    values = np.where(counts > 0, values, np.nan).reshape(nby, nbx)
+    xc = (ex[:-1] + ex[1:] - 1) / 2.0
+    yc = (ey[:-1] + ey[1:] - 1) / 2.0
+    return values, counts.reshape(nby, nbx), xc, yc
+
+
+def _bin_rows(img, m, iy, vy, ix, vx, statistic, nsigma, niter):
+    """Statistic and good-pixel count of the super-pixels of the bin rows ``iy`` (all bin columns)."""
+    nby, ly = iy.shape
+    nbx, lx = ix.shape
+    # (nby, ly, nbx, lx) -> one row per super-pixel
+    block = img[iy[:, :, None, None], ix[None, None, :, :]].transpose(0, 2, 1, 3).reshape(nby * nbx, ly * lx)
+    valid = (vy[:, :, None, None] & vx[None, None, :, :]).transpose(0, 2, 1, 3).reshape(nby * nbx, ly * lx)
+    if m is not None:
         valid = valid & ~m[iy[:, :, None, None], ix[None, None, :, :]].transpose(0, 2, 1, 3).reshape(valid.shape)
     valid &= np.isfinite(block)
     if statistic == "meanclip":
@@ -96,16 +120,11 @@ def bin_statistics(
         counts = valid.sum(axis=1)
     elif statistic == "median":
         counts, (values,) = nan_quantiles_rows(block, valid, (0.5,))
-    elif statistic == "mean":
+    else:
         counts = valid.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             values = np.where(valid, block, 0.0).sum(axis=1, dtype=np.float64) / counts
-    else:
-        raise BadInputError(f"Unknown background statistic {statistic!r}; use 'meanclip', 'median' or 'mean'.")
-    values = np.where(counts > 0, values, np.nan).reshape(nby, nbx)
-    xc = (ex[:-1] + ex[1:] - 1) / 2.0
-    yc = (ey[:-1] + ey[1:] - 1) / 2.0
-    return values, counts.reshape(nby, nbx), xc, yc
+    return values, counts
 
 
 def _median_filter_nan(grid: np.ndarray) -> np.ndarray:

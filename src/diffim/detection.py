@@ -555,15 +555,13 @@ def find_footprints(
     # Above-threshold pixels of the middle.  Comparisons with NaN are False, so NaN pixels never qualify.
     with np.errstate(invalid="ignore"):
         if threshold_type == "pixel_stdev":
-            if level is None:
-                level = detection_level(vm, threshold)
-            if negative:
-                # -I ≥ level, in row blocks so that the negated image is never a full-size temporary.
-                sel = np.empty(im.shape, dtype=bool)
-                for r0 in range(0, im.shape[0], 256):
-                    np.greater_equal(np.negative(im[r0 : r0 + 256]), level[r0 : r0 + 256], out=sel[r0 : r0 + 256])
-            else:
-                sel = im >= level
+            # ±I ≥ level in row blocks: neither the negated image nor (unless given) the level map is ever a
+            # full-size temporary (64 MiB each at 4096²).
+            sel = np.empty(im.shape, dtype=bool)
+            for r0 in range(0, im.shape[0], 256):
+                r1 = r0 + 256
+                lv = detection_level(vm[r0:r1], threshold) if level is None else level[r0:r1]
+                np.greater_equal(np.negative(im[r0:r1]) if negative else im[r0:r1], lv, out=sel[r0:r1])
         elif threshold_type == "variance":
             sel = vm >= np.float32(threshold)
         else:
@@ -792,8 +790,6 @@ def detect_footprints_smoothed(
         include_threshold_multiplier=include_threshold_multiplier, n_grow=n_grow, isotropic_grow=isotropic_grow,
         combined_grow=combined_grow, return_original=return_original, xy0=xy0,
     )
-    if threshold_type == "pixel_stdev":
-        common["level"] = detection_level(sm.variance[sm.middle], threshold)
     do_pos = polarity != "negative"
     do_neg = polarity != "positive" and threshold_type != "variance"
     # The two polarities are independent: run the negative one on the pool while this thread does the positive.
