@@ -60,6 +60,9 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                         "(default: the GAIN card, else the robust sky noise)")
     g.add_argument("--read-noise", dest="read_noise", type=float, default=None, metavar="E",
                    help="read noise in electrons for the variance model (default: RDNOISE card, else 0)")
+    g.add_argument("--companions", action="store_true",
+                   help="use companion files named after each image when present: IMAGE.{var,weight,wht,noise,"
+                        "rms,err}.fits, IMAGE.{mask,bpm}.fits, IMAGE.psf / IMAGE.WebbPSF.fits (explicit options win)")
     g.add_argument("--reset-xy0", dest="reset_xy0", action="store_true",
                    help="put both images' first pixel at (0, 0), ignoring the files' xy0 (pairs without a WCS "
                         "whose stored origins differ but whose pixels correspond, e.g. ip_diffim test images)")
@@ -75,7 +78,14 @@ def _repair_flag(args) -> bool | None:
 def _read_kwargs(args, who: str) -> dict:
     """``read_exposure`` keyword arguments for ``who`` ('science' or 'template') from the parsed options."""
     kw: dict = {}
+    if getattr(args, "companions", False) and getattr(args, who, None) is not None:
+        from .io.layouts import find_companions
+
+        kw.update(find_companions(getattr(args, who)))
+        if kw:
+            logging.getLogger("diffim.cli").info("%s companions: %s", who, kw)
     if getattr(args, f"{who}_variance", None) is not None:
+        kw.pop("variance_kind", None)
         kw["variance"] = str(getattr(args, f"{who}_variance"))
         if args.variance_kind is not None:
             kw["variance_kind"] = "sigma" if args.variance_kind == "noise" else args.variance_kind
