@@ -318,22 +318,26 @@ def convolve_masked_image(
         bits = mask.bitmask([p for p in grow_mask_planes if mask.has_plane(p)])
     out_mask = dilate_mask(mask.array, ctr, w - 1 - ctr, bits) if bits else mask.array.copy()
 
-    border = np.ones((ny, nx), dtype=bool)
-    border[ctr : ny - (w - 1 - ctr), ctr : nx - (w - 1 - ctr)] = False
     planes = dict(mask.planes)
     from .model.mask import Mask
 
     m = Mask(out_mask, planes)
+    # The border as four slabs (top, bottom, left, right): slicing instead of image-sized boolean indexing.
+    hi = w - 1 - ctr
+    slabs = [(slice(0, ctr), slice(None)), (slice(ny - hi, ny), slice(None)),
+             (slice(ctr, ny - hi), slice(0, ctr)), (slice(ctr, ny - hi), slice(nx - hi, nx))]
     if copy_edge:
-        out_img[border] = mi.image[border]
-        out_var[border] = mi.variance[border]
-        m.array[border] = mask.array[border]
-        m.set("EDGE", border)
+        edge = np.int32(1 << m.add_plane("EDGE"))
+        for sl in slabs:
+            out_img[sl] = mi.image[sl]
+            out_var[sl] = mi.variance[sl]
+            m.array[sl] = mask.array[sl] | edge
     else:
-        out_img[border] = np.nan
-        out_var[border] = np.inf
-        m.array[border] = 0
-        m.set("NO_DATA", border)
+        nodata = np.int32(1 << m.add_plane("NO_DATA"))
+        for sl in slabs:
+            out_img[sl] = np.nan
+            out_var[sl] = np.inf
+            m.array[sl] = nodata
     return MaskedImage(out_img, m, out_var, mi.xy0)
 
 

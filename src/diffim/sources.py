@@ -88,7 +88,8 @@ def detect_and_measure_sources(exposure: Exposure, *, threshold: float = 10.0, m
 def background_subtracted(exposure: Exposure, *, bin_size: int = 128) -> Exposure:
     """A copy of ``exposure`` with a coarse mesh background removed and unusable pixels set to 0.
 
-    The mask is copied; the variance is shared (not modified).
+    Mask and variance are shared with ``exposure`` (read-only here: nothing that measures on the copy writes
+    to them; sharing the mask saves an image-sized int32 plane for as long as the copy is kept).
     """
     from .background import estimate_background
 
@@ -98,7 +99,9 @@ def background_subtracted(exposure: Exposure, *, bin_size: int = 128) -> Exposur
         bg = estimate_background(mi.image, bad, bin_size=bin_size)
     except Exception:  # tiny images: a scalar median is enough
         bg = np.nanmedian(mi.image[~bad]) if (~bad).any() else 0.0
-    return Exposure(image=np.where(bad, 0.0, mi.image - bg).astype(np.float32), mask=mi.mask.copy(),
+    image = np.subtract(mi.image, bg, dtype=np.float32)
+    image[bad] = 0.0
+    return Exposure(image=image, mask=mi.mask,
                     variance=mi.variance, xy0=mi.xy0, psf=exposure.psf, wcs=exposure.wcs,
                     photo_calib=exposure.photo_calib, band=exposure.band)
 

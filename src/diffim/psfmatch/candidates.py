@@ -94,8 +94,21 @@ def detect_kernel_sources(
     above = sm > threshold * snoise
     if not above.any():
         return np.empty((0, 3))
-    peaks = above & (sm == ndimage.maximum_filter(sm, size=3, mode="constant"))
-    iy, ix = np.nonzero(peaks)
+    # Local maxima of the 3×3 neighbourhood (outside the image counts as 0, below any above-threshold value),
+    # tested only at the above-threshold pixels instead of max-filtering the whole image.
+    iy, ix = np.nonzero(above)
+    v = sm[iy, ix]
+    ny, nx = sm.shape
+    is_peak = np.ones(iy.size, dtype=bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy == 0 and dx == 0:
+                continue
+            yy, xx = iy + dy, ix + dx
+            inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+            nb = np.where(inside, sm[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)], np.float32(0.0))
+            is_peak &= ~(nb > v)
+    iy, ix = iy[is_peak], ix[is_peak]
     flux = sm[iy, ix] * 4.0 * math.pi * psf_sigma**2
     order = np.argsort(-flux)[:max_sources]
     return np.column_stack([ix[order] + mi.xy0[0], iy[order] + mi.xy0[1], flux[order]]).astype(float)
