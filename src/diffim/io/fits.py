@@ -486,8 +486,8 @@ def _variance_from_kind(data: np.ndarray, kind: str) -> np.ndarray:
             return d
         if kind == "weight":
             return np.where(d > 0, 1.0 / d, np.inf)
-        if kind == "sigma":
-            return d * d
+        if kind == "sigma":  # σ ≤ 0 is not a noise level (a defect of the map): no data, as weight ≤ 0
+            return np.where(d > 0, d * d, np.inf)
     raise BadInputError(f"variance_kind must be 'variance', 'weight' or 'sigma', got {kind!r}.")
 
 
