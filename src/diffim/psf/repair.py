@@ -6,13 +6,12 @@ single sharp pixel in one image becomes a 10–20 σ "transient" in the differen
 pipeline that step for such inputs.
 
 Criterion (after LSST's ``findCosmicRays``, written from its description): a pixel ``p`` (background
-subtracted) is a cosmic ray if ``p > min_sigma·σ`` and, for **each** of the four neighbour pairs through it
-(horizontal, vertical, both diagonals), ``(p − cond3·σ)·r > mean(pair) + cond3·σ`` with ``r`` the PSF's
-value one step away relative to its peak (``exp(−d²/2s²)``, ``d = 1`` or ``√2``). No PSF-shaped source can
-satisfy all four (its neighbours carry at least the fraction ``r`` of the peak); a cosmic ray or hot pixel
-does. Requiring all four directions keeps the cores of undersampled stars that are sharp along one axis only,
-and ``r`` is further multiplied by ``sharpness`` (0.5) because real stellar cores are peakier than the
-Gaussian of the same width.
+subtracted) is a cosmic ray if ``p > min_sigma·σ`` and, for at least three of the four neighbour pairs
+through it (horizontal, vertical, both diagonals), ``(p − cond3·σ)·r > mean(pair) + cond3·σ`` with ``r`` the
+PSF's value one step away relative to its peak (``exp(−d²/2s²)``, ``d = 1`` or ``√2``) times ``sharpness``
+(0.5, because real stellar cores are peakier than the Gaussian of the same second moments). A PSF-shaped
+source satisfies none (its neighbours carry at least the fraction ``r`` of the peak); a hot pixel satisfies
+all four, and a ray along one axis three. The flagged pixels are grown by two pixels.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ __all__ = ["find_cosmic_rays", "interpolate_pixels"]
 def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_sigma: float, *,
                      background: np.ndarray | float = 0.0, bad: np.ndarray | None = None,
                      min_sigma: float = 6.0, cond3: float = 3.0, sharpness: float = 0.5,
-                     grow: int = 2) -> np.ndarray:
+                     min_directions: int = 3, grow: int = 2) -> np.ndarray:
     """Boolean map of cosmic-ray / hot pixels (see the module docstring), grown by ``grow`` pixels.
 
     Parameters
@@ -47,6 +46,11 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_sigma: float, 
         Factor (≤ 1) on the PSF ratio ``r``: a pixel is flagged only if its neighbours are below
         ``sharpness·r`` of it. Seeing-limited stars have cores sharper than the Gaussian of the same second
         moments (their neighbours can fall to ≈ 0.7 r); cosmic rays and hot pixels have neighbours near 0.
+    min_directions
+        How many of the four neighbour pairs must show the pixel sharper than the PSF (3: a ray along one
+        axis fails only that axis; a star fails all four).
+    grow
+        Dilation of the flagged pixels (3×3, this many times): the wings of a ray smeared by resampling.
     """
     p = np.asarray(image, dtype=np.float64) - background
     sig = np.sqrt(np.clip(np.asarray(variance, dtype=np.float64), 0, None))
@@ -60,13 +64,15 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_sigma: float, 
         return hit
     pad = np.pad(p, 1, mode="edge")
     ny, nx = p.shape
+    n_sharp = np.zeros(p.shape, dtype=np.int8)
     for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
         r = sharpness * math.exp(-(dy * dy + dx * dx) / s2)
         a = pad[1 + dy : 1 + dy + ny, 1 + dx : 1 + dx + nx]
         b = pad[1 - dy : 1 - dy + ny, 1 - dx : 1 - dx + nx]
-        hit &= (p - cond3 * sig) * r > 0.5 * (a + b) + cond3 * sig
-        if not hit.any():
-            return hit
+        n_sharp += (p - cond3 * sig) * r > 0.5 * (a + b) + cond3 * sig
+    hit &= n_sharp >= min_directions
+    if not hit.any():
+        return hit
     if grow > 0:
         hit = ndimage.binary_dilation(hit, structure=np.ones((3, 3), bool), iterations=int(grow))
         if bad is not None:
