@@ -529,8 +529,16 @@ def _dask_executor(workers: int | None, scheduler: str | None, threads: int) -> 
         n = workers or max(1, sum(client.nthreads().values()))
         return _ExecutorHandle(client, 2 * n, "dask", True)
     n = workers or max(1, os.cpu_count() or 1)
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                           env=env)
+    import dask
+
+    # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers. That switches off glibc's adaptive mmap
+    # threshold, so every large numpy temporary is mmapped and page-faulted afresh: measured on a 1024² pair,
+    # 13× more page faults and 35 % more wall time. Start our workers without it.
+    spawn_env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    spawn_env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               env=env)
     client = Client(cluster)
     return _ExecutorHandle(client, n, "dask", True, cluster=cluster)
 
