@@ -117,33 +117,51 @@ class KernelBasis:
         if hv <= 0 or wv <= 0:
             raise ValueError(f"Stamps of shape {H}×{W} are smaller than the {w}×{w} kernel.")
         if self.separable:
-            # Separable path: an x pass for every distinct x factor and a y pass for every raw term, each written
-            # as one GEMM with a banded (Toeplitz) matrix so that no sliding-window copies are needed.
-            xkeys, xinv = np.unique(self.fx, axis=0, return_inverse=True)
-            xinv = np.asarray(xinv).reshape(-1)
-            nk = len(xkeys)
-            tx = np.zeros((nk, W, wv))
-            jj = np.arange(wv)
-            for u in range(w):
-                tx[:, jj + u, jj] = xkeys[:, u : u + 1]
-            X = stamps.reshape(nc * H, W) @ tx.transpose(1, 0, 2).reshape(W, nk * wv)  # (nc·H, nk·wv)
-            X = X.reshape(nc, H, nk, wv)
-            ii = np.arange(hv)
-            raw = np.empty((len(self.fx), nc, hv, wv))
-            for p in range(nk):
-                js = np.nonzero(xinv == p)[0]
-                ty = np.zeros((len(js), hv, H))
-                for v in range(w):
-                    ty[:, ii, ii + v] = self.fy[js, v : v + 1]
-                A = np.ascontiguousarray(X[:, :, p, :].transpose(1, 0, 2)).reshape(H, nc * wv)
-                R = (ty.reshape(len(js) * hv, H) @ A).reshape(len(js), hv, nc, wv)
-                raw[js] = R.transpose(0, 2, 1, 3)
-            raw = raw.reshape(len(self.fx), nc, hv * wv)
-            out = raw if self.mix is None else (self.mix @ raw.reshape(len(self.fx), -1)).reshape(len(self), nc, hv * wv)
-            return out if basis_first else np.ascontiguousarray(out.transpose(1, 2, 0))
+            out = self.correlate_stamps_rows(stamps).reshape(len(self), hv, nc, wv).transpose(0, 2, 1, 3)
+            out = out.reshape(len(self), nc, hv * wv)
+            return np.ascontiguousarray(out) if basis_first else np.ascontiguousarray(out.transpose(1, 2, 0))
         win = sliding_window_view(stamps, (w, w), axis=(1, 2))  # (nc, hv, wv, w, w)
         out = np.einsum("chwyx,nyx->chwn", win, self.images, optimize=True).reshape(nc, hv * wv, len(self))
         return np.ascontiguousarray(out.transpose(2, 0, 1)) if basis_first else out
+
+    def correlate_stamps_rows(self, stamps: np.ndarray) -> np.ndarray:
+        """Separable bases only: :meth:`correlate_stamps` in the layout ``(N, hv, nc·wv)`` (valid row, then
+        stamp, then valid column), which the two 1-D passes produce without any transposition.
+
+        Per distinct x factor one GEMM with its banded (Toeplitz) matrix does the x pass for all stamps at
+        once; per raw term one GEMM with its banded y matrix writes the term's rows straight into place.
+        """
+        stamps = np.asarray(stamps, dtype=np.float64)
+        nc, H, W = stamps.shape
+        w = self.size
+        hv, wv = H - w + 1, W - w + 1
+        if hv <= 0 or wv <= 0:
+            raise ValueError(f"Stamps of shape {H}×{W} are smaller than the {w}×{w} kernel.")
+        xkeys, groups = _x_factors(self)
+        jj = np.arange(wv)
+        ii = np.arange(hv)
+        rows = np.ascontiguousarray(stamps.transpose(1, 0, 2)).reshape(H * nc, W)  # (H·nc, W)
+        raw = np.empty((len(self.fx), hv, nc * wv))
+        for p, (js, fys) in enumerate(groups):
+            tx = np.zeros((W, wv))
+            for u in range(w):
+                tx[jj + u, jj] = xkeys[p, u]
+            xp = (rows @ tx).reshape(H, nc * wv)  # x pass of every stamp row
+            for j, fy in zip(js, fys):
+                ty = np.zeros((hv, H))
+                for v in range(w):
+                    ty[ii, ii + v] = fy[v]
+                np.matmul(ty, xp, out=raw[j])
+        if self.mix is None:
+            return raw
+        return (self.mix @ raw.reshape(len(self.fx), -1)).reshape(len(self), hv, nc * wv)
+
+
+def _x_factors(basis: "KernelBasis"):
+    """Distinct x factors of a separable basis and, per factor, the raw terms using it with their y factors."""
+    xkeys, xinv = np.unique(basis.fx, axis=0, return_inverse=True)
+    xinv = np.asarray(xinv).reshape(-1)
+    return xkeys, [(np.nonzero(xinv == p)[0], basis.fy[xinv == p]) for p in range(len(xkeys))]
 
 
 def alard_lupton_basis(size: int, sigmas, degrees) -> KernelBasis:

@@ -14,7 +14,7 @@ import logging
 import math
 
 import numpy as np
-from scipy.signal import fftconvolve
+import scipy.fft as sfft
 
 from ..errors import InsufficientKernelCandidatesError, NoKernelCandidatesError
 from ..model.box import Box
@@ -90,6 +90,16 @@ class StampSystem:
     def __len__(self) -> int:
         return len(self.S)
 
+    def vt_spectrum(self) -> tuple[tuple[int, int], np.ndarray]:
+        """FFT grid and ``rfft2`` of the template variance stamps, computed once (every residual evaluation
+        correlates them with a new ``K²``). A grid as large as the stamp suffices for the valid region: the
+        circular wrap of the full convolution only reaches indices below ``size − 1``."""
+        if getattr(self, "_vt_hat", None) is None:
+            H, W = self.VT.shape[1:]
+            grid = (sfft.next_fast_len(H, real=True), sfft.next_fast_len(W, real=True))
+            self._vt_hat = (grid, sfft.rfft2(self.VT, s=grid, axes=(1, 2)))
+        return self._vt_hat
+
 
 def build_stamp_system(
     basis: KernelBasis,
@@ -132,13 +142,20 @@ def build_stamp_system(
     C = np.empty((nc, n, hv * wv), dtype=np.float32)  # basis-major per candidate: rows are the columns C_i
     M = np.empty((nc, n, n))
     b = np.empty((nc, n))
+    N = len(basis)
+    cc = np.ones((n, hv * wv))  # one candidate's columns (the background row stays 1)
     for lo in range(0, nc, chunk):
         hi = min(nc, lo + chunk)
-        cols = basis.correlate_stamps(T[lo:hi], basis_first=True)  # (N, nch, npix)
+        if basis.separable:
+            # (N, hv, nch, wv): the layout the separable passes produce; each candidate's block is gathered below
+            cols = basis.correlate_stamps_rows(T[lo:hi]).reshape(N, hv, hi - lo, wv)
+        else:
+            cols = basis.correlate_stamps(T[lo:hi], basis_first=True)  # (N, nch, npix)
         for c in range(lo, hi):  # 2-D BLAS products beat numpy's stacked matmul/einsum here
-            cc = cols[:, c - lo, :]
-            if fit_background:
-                cc = np.vstack([cc, np.ones((1, cc.shape[1]))])
+            if basis.separable:
+                cc[:N].reshape(N, hv, wv)[...] = cols[:, :, c - lo, :]
+            else:
+                cc[:N] = cols[:, c - lo, :]
             C[c] = cc
             if wpix is None:
                 M[c] = (cc @ cc.T) / wv_[c]
@@ -204,12 +221,17 @@ def residual_statistics(system: StampSystem, coeffs: np.ndarray, basis: KernelBa
     good_c = np.all(np.isfinite(coeffs), axis=1)
     c = np.where(good_c[:, None], coeffs, 0.0)
     cf = c.astype(np.float32)
-    model = np.stack([ci @ Ci for Ci, ci in zip(system.C, cf)]).astype(float)
+    model = np.matmul(cf[:, None, :], system.C)[:, 0, :].astype(float)
     D = system.S - model
     N = len(basis)
     K = np.tensordot(c[:, :N], basis.images, axes=1)  # (nc, w, w)
     K2 = (K * K)[:, ::-1, ::-1]
-    vt = fftconvolve(system.VT, K2, mode="valid", axes=(1, 2)).reshape(nc, -1)
+    # corr(K², V_T) on the valid region (as fftconvolve(VT, K2, "valid")), with the V_T spectra reused.
+    grid, vt_hat = system.vt_spectrum()
+    H, W = system.VT.shape[1:]
+    w = K.shape[-1]
+    vt = sfft.irfft2(vt_hat * sfft.rfft2(K2, s=grid, axes=(1, 2)), s=grid, axes=(1, 2))
+    vt = vt[:, w - 1 : H, w - 1 : W].reshape(nc, -1)
     var = system.VS + vt
     ok = np.isfinite(D) & (var > 0)
     z = np.where(ok, D / np.sqrt(np.where(ok, var, 1.0)), 0.0)
@@ -518,7 +540,10 @@ def solve_psf_matching(
 
 
 def _subsystem(system: StampSystem, idx: np.ndarray) -> StampSystem:
-    return StampSystem(
+    sub = StampSystem(
         system.C[idx], system.S[idx], system.VS[idx], system.VT[idx], system.weight_var[idx],
         system.M[idx], system.b[idx], system.fit_background, system.valid_shape,
     )
+    grid, vt_hat = system.vt_spectrum()
+    sub._vt_hat = (grid, vt_hat[idx])
+    return sub
