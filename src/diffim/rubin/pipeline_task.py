@@ -111,6 +111,23 @@ class ImageDifferencePipelineConfig(
     """
 
 
+def _prepare_pair(science, template):
+    """The input preparation ``diffim run`` applies after reading the files (PSF estimation for exposures
+    without one, cosmic-ray repair of plain images, shared repairs on a common grid), so that both paths
+    subtract the same pixels."""
+    from .. import pipeline
+
+    prepare_pair = getattr(pipeline, "prepare_pair", None)
+    if prepare_pair is not None:
+        return prepare_pair(science, template)
+    science = pipeline.prepare_exposure(science, label="science")
+    template = pipeline.prepare_exposure(template, label="template")
+    share = getattr(pipeline, "_share_repairs", None)  # stand-in until pipeline exposes prepare_pair
+    if share is not None:
+        share(science, template)
+    return science, template
+
+
 def _plain_metadata(value: Any) -> Any:
     """What TaskMetadata can hold: nested dicts of finite numbers, strings and booleans (others dropped)."""
     if isinstance(value, dict):
@@ -165,11 +182,9 @@ class ImageDifferencePipelineTask(pipeBase.PipelineTask):
         result : `lsst.pipe.base.Struct`
             ``subtractedExposure``, ``diaSources``, ``scoreExposure``, ``warpedExposure``, ``matchedExposure``.
         """
-        from ..pipeline import prepare_exposure
         from ..tasks.image_difference import ImageDifferenceTask
 
-        science = prepare_exposure(exposure, label="science")
-        template = prepare_exposure(template, label="template")
+        science, template = _prepare_pair(exposure, template)
         task = ImageDifferenceTask(config=self.config)
         res = task.run(exposure=science, templateExposure=template, selectSources=inputSources)
         try:
