@@ -117,11 +117,13 @@ def mark_detections(exposure: Exposure, *, threshold: float = 5.0, n_sigma_to_gr
     sigma = psf.sigma(*exposure.psf_position())
     if work is None:
         work = background_subtracted(exposure)
-    pos, _, _, _ = detect_footprints(work.image, work.variance, work.mask.array, sigma, threshold, "positive",
-                                     n_sigma_to_grow=n_sigma_to_grow,
-                                     stats_bits=work.mask.bitmask(list(_STATS_PLANES), ignore_missing=True),
-                                     xy0=work.xy0)
-    from .detection import footprints_to_mask
+    from .detection import detect_footprints_smoothed, footprints_to_mask
 
-    exposure.mask.set("DETECTED", footprints_to_mask(pos, exposure.shape, exposure.xy0))
+    pos, _, _, pos_map, _ = detect_footprints_smoothed(
+        work.image, work.variance, work.mask.array, sigma, threshold, "positive", n_sigma_to_grow=n_sigma_to_grow,
+        stats_bits=work.mask.bitmask(list(_STATS_PLANES), ignore_missing=True), xy0=work.xy0)
+    if work.shape != exposure.shape or tuple(work.xy0) != tuple(exposure.xy0):
+        pos_map = footprints_to_mask(pos, exposure.shape, exposure.xy0)
+    # The detection map is the union of the footprints' pixels: no need to paint them one by one.
+    exposure.mask.set("DETECTED", pos_map)
     return len(pos)
