@@ -85,6 +85,38 @@ class ZogyImagePsfMatchConfig(ZogyConfig):
     """Configuration of :class:`ZogyImagePsfMatchTask` (the ZOGY entry of ``subtractAlgorithmRegistry``)."""
 
 
+def _stellar_flux_ratio(science: Exposure, template: Exposure) -> float:
+    """Median template/science PSF-flux ratio of the science's bright stars (both images on one grid).
+
+    Raises :class:`~diffim.errors.BadInputError` when fewer than 3 stars are usable.
+    """
+    from ..errors import BadInputError
+    from ..measure.psf_flux import psf_flux
+    from ..sources import background_subtracted, detect_and_measure_sources
+
+    sci = background_subtracted(science)
+    tmpl = background_subtracted(template[science.bbox] if template.bbox != science.bbox else template)
+    src = detect_and_measure_sources(science, work=sci, min_significance=50.0, max_sources=300)
+    x, y = np.asarray(src["x"], float), np.asarray(src["y"], float)
+    bad = sci.mask.bitmask(["BAD", "SAT", "NO_DATA", "EDGE", "CR"], ignore_missing=True)
+    fs = psf_flux(sci.image, sci.variance, sci.mask.array, science.psf, x, y, bad, xy0=sci.xy0)
+    ft = psf_flux(tmpl.image, tmpl.variance, tmpl.mask.array, template.psf, x, y, bad, xy0=tmpl.xy0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = ft.flux / fs.flux
+    ok = np.isfinite(r) & ~fs.flag & ~ft.flag & (fs.flux > 0) & (ft.flux > 0)
+    if ok.sum() < 3:
+        raise BadInputError(
+            "ZOGY needs the template/science flux ratio: the exposures have no photoCalib and fewer than 3 bright "
+            "stars were usable to measure it. Set subtract.active.scaleByCalibration=False and "
+            "subtract.active.templateFluxScaling / scienceFluxScaling."
+        )
+    r = r[ok]
+    med = np.median(r)
+    mad = 1.4826 * np.median(np.abs(r - med))
+    keep = np.abs(r - med) <= 3 * max(mad, 1e-6 * abs(med))
+    return float(np.median(r[keep]))
+
+
 def _fwhm_variation(psf, bbox) -> float:
     """(max − min)/median of the PSF FWHM on a 3×3 grid over ``bbox`` (0 if it cannot be evaluated)."""
     from .image_psf_match import psf_fwhm_grid
@@ -158,10 +190,13 @@ class ZogyImagePsfMatchTask(Task):
         cfg = self.config
         if cfg.scaleByCalibration:
             if science.photo_calib is None or template.photo_calib is None:
-                raise ValueError(
-                    "scaleByCalibration=True needs a photoCalib on both exposures; attach them or set "
-                    "scaleByCalibration=False with scienceFluxScaling/templateFluxScaling."
-                )
+                # Plain FITS inputs rarely carry calibrations: measure the flux ratio on the stars instead.
+                ratio = _stellar_flux_ratio(science, template)
+                self.log.warning("No photoCalib on %s: template/science flux ratio %.4f measured from stars "
+                                 "(set scaleByCalibration=False and the FluxScaling fields to impose one).",
+                                 "the science" if science.photo_calib is None else "the template", ratio)
+                self.metadata["measuredFluxRatio"] = ratio
+                return 1.0, ratio
             # image = F · sky: with the sky in science counts, F_n = 1 and F_r = nJy-per-count ratio.
             return 1.0, science.photo_calib.calibration_mean / template.photo_calib.calibration_mean
         return float(cfg.scienceFluxScaling), float(cfg.templateFluxScaling)
