@@ -529,8 +529,8 @@ def test_truncated_psf_stamps_do_not_spread_streaks_along_rows():
     frequency along the axes, are set by the truncation; unregularised, the ratio of the two inside the ZOGY
     filters is erratic and the filters get tails of ~2 % of their peak hundreds of pixels along the axes. A
     saturated star (flat-topped core, which is no PSF-shaped source) then leaves Nyquist streaks along its row
-    and column (≈ 1e-2 of its D peak 100 px away). With the filter floor the streak stays < 1e-4 of the peak
-    (noiseless inputs: the ratio measures the filters alone; the unregularised run is checked to fail).
+    and column (≈ 1e-2 of its D peak 100 px away). With the regularised PSF spectra the streak stays < 1e-4 of
+    the peak (noiseless inputs: the ratio measures the filters alone; the unregularised run is checked to fail).
     """
     from diffim import zogy as Z
 

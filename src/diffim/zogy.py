@@ -43,19 +43,20 @@ __all__ = [
 #: large areas, at a cost below 1 % in S/N (the suppressed frequencies carry almost no science PSF power).
 NOISE_FLOOR = 2e-2
 
-#: Regularisation of the filters' denominator: ``den + ε(k)² (u + v)`` with ``ε(k) = ε₀ (a_y(k_y) + a_x(k_x))``,
-#: ``ε₀ = FILTER_FLOOR_FACTOR × t``, ``t`` the truncation level of the PSF stamps (the largest sum of an outermost
-#: row or column of either unit-sum stamp; see :func:`filter_floor`) and ``a_x, a_y`` the larger of the two PSFs'
-#: spectra along the frequency axes. PSF models are stamps truncated a few σ out: at high frequencies their
-#: spectra are set by the truncation — a floor of about ``t`` times the spectrum along the other axis, i.e.
-#: ``≈ t·(a_y + a_x)`` — not by the PSF, and there the ratio of the two PSFs inside the filters is erratic.
-#: Unregularised, the real-space filters get axis-aligned tails of ~2 % of their peak reaching hundreds of
-#: pixels, along which saturated stars, bleed trails and cosmic rays spread Nyquist-frequency streaks (star χ²
-#: p95 3.2 on a 1024² mixed-seeing scene; 1.13 with the floor). The floor acts only where both PSF models are
-#: below their own truncation level, i.e. carry no usable signal (near the frequency axes; in the corners of the
-#: band the truncation floor is ~t² and D stays white). There D is low-passed (its variance plane stays exact:
-#: −0.2 % for 5σ-truncated Gaussians), and the static sky still cancels exactly (the numerator is untouched).
-FILTER_FLOOR_FACTOR = 0.5
+#: Regularisation of the PSF spectra inside the filters: ``P̂ → P̂ + ε(k)`` for both PSFs, with
+#: ``ε(k) = ε₀ (a_y(k_y) + a_x(k_x))``, ``ε₀ = FILTER_FLOOR_FACTOR × t``, ``t`` the truncation level of the PSF
+#: stamps (the largest sum of an outermost row or column of either unit-sum stamp; see :func:`filter_floor`) and
+#: ``a_x, a_y`` the larger of the two PSFs' spectra along the frequency axes. PSF models are stamps truncated a
+#: few σ out: at high frequencies their spectra are set by the truncation — an oscillating floor of about ``t``
+#: times the spectrum along the other axis, i.e. ``≲ t·(a_y + a_x)`` — not by the PSF, and there the ratio of
+#: the two PSFs inside the filters is erratic. Unregularised, the real-space filters get axis-aligned tails of
+#: ~2 % of their peak reaching hundreds of pixels, along which saturated stars, bleed trails and cosmic rays
+#: spread Nyquist-frequency streaks (star χ² p95 3.2 on a 1024² mixed-seeing scene; 1.12 regularised). With the
+#: common term (twice the floor, so it dominates it) both regularised spectra are ≈ ε(k) where the models carry
+#: no information and the filters there tend smoothly to the plain difference ``(F_r N̂ − F_n R̂)/√(u+v)``:
+#: compact, and D stays exactly white (ZOGY with PSFs ``P + ε``). The price is a static-sky residual of order ``ε₀`` times
+#: a star's flux at those frequencies (≲ 0.2 σ at the core of the brightest unsaturated stars).
+FILTER_FLOOR_FACTOR = 2.0
 
 #: Smallest ε (stamps truncated far out, e.g. analytic 5σ Gaussians): keeps the filters finite.
 FILTER_FLOOR_MIN = 1e-7
@@ -103,7 +104,7 @@ def _noise_terms(sigma_n: float, sigma_r: float, flux_n: float, flux_r: float) -
 
 
 def filter_floor(psf_n: np.ndarray, psf_r: np.ndarray) -> float:
-    """``ε`` of the filters' regularisation (see :data:`FILTER_FLOOR_FACTOR`) for two PSF stamps.
+    """``ε₀`` of the filters' regularisation (see :data:`FILTER_FLOOR_FACTOR`) for two PSF stamps.
 
     The truncation level of a unit-sum stamp is the largest |sum| of its outermost rows and columns: a
     separable profile cut there has a spectral floor of about that size along the frequency axes.
@@ -150,8 +151,8 @@ def zogy_fourier(
     flux_n, flux_r
         Flux zero points ``F_n, F_r`` (image = F · PSF ⊗ sky).
     floor
-        ``ε`` of the denominator's regularisation ``den + ε² (u + v)``: a scalar or an array broadcasting with the
-        spectra (:func:`axis_floor`; 0: none).
+        ``ε`` added to both PSF spectra (see :data:`FILTER_FLOOR_FACTOR`): a scalar or a real array broadcasting
+        with the spectra (:func:`axis_floor`; 0: none).
 
     Returns
     -------
@@ -161,11 +162,12 @@ def zogy_fourier(
     u, v = _noise_terms(sigma_n, sigma_r, flux_n, flux_r)
     fd_denom = math.sqrt(u + v)
     F_D = flux_n * flux_r / fd_denom
-    P_n = np.asarray(P_n, dtype=np.complex128)
-    P_r = np.asarray(P_r, dtype=np.complex128)
+    floor = np.asarray(floor, dtype=np.float64)
+    P_n = np.asarray(P_n, dtype=np.complex128) + floor
+    P_r = np.asarray(P_r, dtype=np.complex128) + floor
     a2 = u * (P_r.real**2 + P_r.imag**2)
     b2 = v * (P_n.real**2 + P_n.imag**2)
-    den = a2 + b2 + np.square(np.asarray(floor, dtype=np.float64)) * (u + v)
+    den = a2 + b2
     # √den is at most fd_denom·max|P̂|; below 1e-30 of fd_denom both PSFs are numerically without power.
     special = den <= (1e-30 * fd_denom) ** 2
     den = np.where(special, 1.0, den)
@@ -915,9 +917,10 @@ def _apply_filters(N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r, e
     axes_n, axes_r = spec_n.axes(), spec_r.axes()
 
     def strip(r0: int, r1: int) -> None:
+        e = axis_floor(eps, axes_n, axes_r, slice(r0, r1))
         pn, pr = spec_n.rows(r0, r1), spec_r.rows(r0, r1)
-        floor2 = axis_floor(eps, axes_n, axes_r, slice(r0, r1))
-        floor2 *= floor2
+        pn += e
+        pr += e
         den = pr.real * pr.real
         den += pr.imag * pr.imag
         den *= un
@@ -925,7 +928,6 @@ def _apply_filters(N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r, e
         tmp += pn.imag * pn.imag
         tmp *= vn
         den += tmp
-        den += floor2
         special = den <= np.float32(1e-30)
         den[special] = 1.0
         inv = 1.0 / np.sqrt(den)  # = fd / √den
