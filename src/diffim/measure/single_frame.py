@@ -88,6 +88,8 @@ def measure_dia_sources(
     ap = aperture_flux(img, var, x, y, ap_radius, xy0=xy0)
     if is_constant_psf(psf) or len(x) == 0:
         psf_shape = np.tile(np.asarray(psf.compute_shape(), float), (len(x), 1))
+    elif hasattr(psf, "compute_shapes"):  # batched (e.g. DecorrelatedPsf)
+        psf_shape = np.asarray(psf.compute_shapes(x, y), dtype=float).reshape(-1, 3)
     else:
         psf_shape = np.array([psf.compute_shape(float(a), float(b)) for a, b in zip(x, y)], dtype=float)
     initial = tuple(np.median(psf_shape, axis=0)) if len(x) else (4.0, 4.0, 0.0)
