@@ -156,9 +156,12 @@ def _resolve(config: pexConfig.Config, dotted: str):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ConfigError(
-                f"Unknown config field {'.'.join(parts[: i + 1])!r} in override {dotted!r}."
-            ) from None
+            try:  # a registry or choice key: subtract.al.kernel.AL.spatialKernelOrder
+                obj = obj[part]
+            except Exception:  # pex_config raises its own errors for unknown registry keys
+                raise ConfigError(
+                    f"Unknown config field {'.'.join(parts[: i + 1])!r} in override {dotted!r}."
+                ) from None
     return obj, parts[-1]
 
 
