@@ -678,7 +678,6 @@ class _Progress:
         self.t0 = time.perf_counter()
         self.stream = stream or sys.stdout
         self.emit = enabled if callable(enabled) else (self._print if enabled else None)
-        self.width = len(str(total))
 
     def _print(self, line: str) -> None:
         print(line, file=self.stream, flush=True)
@@ -839,8 +838,9 @@ def run_batch(
                 _drive(handle, to_run, rows, manifest, prog, totals, dict(
                     config_text=ctext, plot=plot, threads=threads, worker=worker,
                     logdir=str(outroot / "logs") if logs else None, outroot=str(outroot)))
-        elif progress:
-            prog.start(n_skipped, outroot, "nothing to do", 0)
+        elif prog.emit:
+            prog.emit(f"diffim batch: all {len(rows)} pairs already done with this config → {outroot}"
+                      " (--redo runs them again)")
     except BaseException:
         if handle is not None:
             handle.close(cancel=True)
