@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(args) -> None:
-    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
+    level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("matplotlib", "PIL", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -43,6 +43,47 @@ __all__ = ["ImageDifferenceConfig", "ImageDifferenceTask", "MIN_SELECTED_KERNEL_
 #: With ``doSelectSources``, fewer selected kernel stars than this fall back to the AL task's own candidates.
 MIN_SELECTED_KERNEL_SOURCES = 25
 
+#: The PSF-smoothed S/N of white noise scatters by 1; above this factor the noise is taken as correlated.
+CORRELATED_NOISE_TOLERANCE = 1.05
+
+
+def correlated_noise_factor(exposure, *, smooth: bool = True, max_size: int = 1024) -> float:
+    """Robust scatter of the (PSF-smoothed, if ``smooth``) S/N of ``exposure`` on unmasked pixels.
+
+    1 for white noise whose variance plane is right; larger when the noise is correlated on the PSF scale.
+    Evaluated on a central cut-out of at most ``max_size``² pixels (it is a global property), with sources
+    rejected by a 5σ clip.
+    """
+    from ..detection import smooth_for_detection
+    from ..model.box import Box
+
+    b = exposure.bbox
+    w, h = min(max_size, b.width), min(max_size, b.height)
+    box = Box(b.x0 + (b.width - w) // 2, b.y0 + (b.height - h) // 2, w, h)
+    sub = exposure[box]
+    bad = sub.mask.get(["BAD", "SAT", "NO_DATA", "EDGE", "CR", "DETECTED", "DETECTED_NEGATIVE", "SUSPECT"],
+                       ignore_missing=True)
+    img = np.where(bad | ~np.isfinite(sub.image), 0.0, sub.image).astype(np.float32)
+    var = np.where(bad | ~np.isfinite(sub.variance), 0.0, sub.variance).astype(np.float32)
+    if smooth:
+        sigma = exposure.require_psf().sigma(*exposure.psf_position())
+        sm = smooth_for_detection(img, var, None, sigma, smooth_mask=False)
+        img, var = sm.image, sm.variance
+        grow = int(np.ceil(3 * sigma))
+        from scipy.ndimage import binary_dilation
+
+        bad = binary_dilation(bad, iterations=grow) if bad.any() else bad
+        edge = sm.border
+        bad[:edge], bad[-edge:], bad[:, :edge], bad[:, -edge:] = True, True, True, True
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = img / np.sqrt(var)
+    z = z[~bad & np.isfinite(z) & (var > 0)]
+    if z.size < 1000:
+        return 1.0
+    z = z[np.abs(z) < 5.0]
+    med = np.median(z)
+    return float(1.4826 * np.median(np.abs(z - med)))
+
 #: g−r limits of LSST's ``DiaCatalogSourceSelector`` (grMin, grMax): reference stars outside are "extreme colour"
 #: (doSelectDcrCatalog adds them to the control sample).
 DCR_GR_LIMITS = (-0.1, 1.2)
@@ -667,7 +708,20 @@ class ImageDifferenceTask(Task):
                     self.metadata["scaleDiffimVarianceFactorDifference"] = self.scaleVariance.run(diffExp.masked_image)
         with self._stage("detection"):
             useScore = detExp is not diffExp
-            det = self.detection.run(detExp, doSmooth=not useScore)
+            # Resampled or stacked inputs have spatially correlated noise that decorrelation (which only undoes
+            # the matching kernel) leaves in place: the PSF-smoothed S/N then scatters more than 1 and a
+            # per-pixel-variance threshold floods with noise detections. Measure that scatter and, where it
+            # exceeds 1, detect (and quote PSF-flux errors) with the variance scaled by its square.
+            r = correlated_noise_factor(detExp, smooth=not useScore)
+            self.metadata["correlatedNoiseFactor"] = r
+            target = detExp
+            if r > CORRELATED_NOISE_TOLERANCE:
+                self.log.warning("The PSF-smoothed difference scatters %.2f× its variance plane (correlated noise "
+                                 "in the inputs): detection threshold and PSF-flux errors scaled by it.", r)
+                mi = detExp.masked_image
+                target = detExp.copy(deep=False)
+                target.masked_image = type(mi)(mi.image, mi.mask, mi.variance * np.float32(r * r), mi.xy0)
+            det = self.detection.run(target, doSmooth=not useScore)
             if useScore:  # detection masks travel to the difference that is measured
                 for plane in ("DETECTED", "DETECTED_NEGATIVE", "EDGE"):
                     if detExp.mask.has_plane(plane):
@@ -727,6 +781,9 @@ class ImageDifferenceTask(Task):
         if cfg.doMeasurement and is_sky.any():
             self._force_sky_positions(columns, diffExp, footprints, is_sky)
         columns["sky_source"] = is_sky
+        r = self.metadata.get("correlatedNoiseFactor", 1.0)
+        if r > CORRELATED_NOISE_TOLERANCE and "psfFluxErr" in columns:
+            columns["psfFluxErr"] = np.asarray(columns["psfFluxErr"], float) * r
         table = build_dia_source_table(
             columns, exposure=diffExp, science_photo_calib=science.photo_calib,
             template_photo_calib=warpedExposure.photo_calib if warpedExposure is not None else None,
