@@ -553,6 +553,15 @@ class ImageDifferenceTask(Task):
         if same_pixel_grid(science, template):
             return template
         if science.wcs is None or template.wcs is None:
+            if template.shape == science.shape and template.xy0 != science.xy0:
+                # Pre-registered arrays of the same shape whose files carry different origins (afw cut-outs):
+                # without a WCS the pixels, not the origins, are what is aligned.
+                self.log.warning("Template origin %s differs from the science's %s and there is no WCS: taking "
+                                 "the arrays as aligned pixel for pixel.", template.xy0, science.xy0)
+                mi = template.masked_image
+                template = template.copy(deep=False)
+                template.masked_image = type(mi)(mi.image, mi.mask, mi.variance, science.xy0)
+                return template
             if template.bbox.intersection(science.bbox).is_empty():
                 raise NoOverlapError(
                     f"Template bbox {template.bbox} and science bbox {science.bbox} do not overlap and there is no "

@@ -341,6 +341,19 @@ class ImagePsfMatchTask(Task):
             bad_mask_planes=tuple(self.config.selectDetection.badMaskPlanes), region=region,
             max_candidates=self.config.maxKernelSources,
         )
+        if (len(cands) < max(1, self.config.minKernelSources) and self.config.restrictKernelEdgeSources
+                and counts["outside"] > 0):
+            # Small images: the kernel-size margin can exclude nearly every star. Stamps that merely lie
+            # inside the image are still exact, so fall back to the whole overlap (as LSST does with the
+            # option off) rather than fail.
+            self.log.warning("Only %d kernel candidates a kernel size (%d px) from the edge; using candidates up to "
+                             "the edge of the overlap.", len(cands), ksize)
+            cands, counts = make_kernel_candidates(
+                sources, reference.masked_image, target.masked_image, ksize,
+                bad_mask_planes=tuple(self.config.selectDetection.badMaskPlanes), region=bbox,
+                max_candidates=self.config.maxKernelSources,
+            )
+            self.metadata["kernelEdgeFallback"] = True
         self.metadata["nPsfSources"] = len(cands)
         if len(cands) < max(1, self.config.minKernelSources):
             raise InsufficientKernelCandidatesError(
