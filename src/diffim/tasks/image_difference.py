@@ -676,7 +676,20 @@ class ImageDifferenceTask(Task):
         if cfg.useGaussianForPreConvolution:
             kimg = GaussianPsf(psf.sigma(*pos), size=kimg.shape[0]).compute_kernel_image()
         pre_kernel = kimg[::-1, ::-1] / kimg.sum()  # correlation with the flipped PSF = convolution with the PSF
-        pre = convolve_exposure(science, pre_kernel, copy_edge=True)
+        # Defects are filled along their rows from the nearest good pixels, not with the image median: the
+        # pre-convolution sums them over the PSF, so a median fill of a bad column on a sky gradient (or a hole
+        # for a saturated core) becomes a coherent 5σ blob in the score beyond the grown mask.
+        fill = science.mask.get(["BAD", "SAT", "NO_DATA"], ignore_missing=True) | ~np.isfinite(science.image)
+        if fill.any():
+            science_in = science.copy()
+            img, cols = science_in.image, np.arange(fill.shape[1])
+            for r in np.flatnonzero(fill.any(axis=1)):
+                good = ~fill[r] & np.isfinite(img[r])
+                if good.sum() >= 2:
+                    img[r, ~good] = np.interp(cols[~good], cols[good], img[r, good])
+        else:
+            science_in = science
+        pre = convolve_exposure(science_in, pre_kernel, copy_edge=True, fill_mask_planes=())
         pre.psf = _preconvolved_psf(psf, pre_kernel, pos)
         res = self.subtract.subtractExposures(template, pre, candidateList=kernelSources, convolveTemplate=True)
         score = res.subtractedExposure
