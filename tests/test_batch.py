@@ -397,3 +397,35 @@ def test_peak_memory_is_per_pair():
     assert _reset_peak_memory()
     after = _peak_memory_mb(True)
     assert before - after > 500
+
+
+def test_companion_columns_and_read_options(tmp_path):
+    """Per-pair companion columns (resolved against the list) and batch-wide input options reach the worker
+    as read_exposure keywords; changing an option re-runs the pairs, as a config change does."""
+    from diffim.batch.cli import main
+
+    plist = _tiny_inputs(tmp_path, 2)
+    (tmp_path / "in" / "q0" / "sci.var.fits").write_bytes(b"")
+    lines = plist.read_text().splitlines()
+    lines[0] += ",science_variance,template_psf"
+    lines[1] += ",in/q0/sci.var.fits,psfs/t0.psf"
+    lines[2] += ",,"
+    plist.write_text("\n".join(lines) + "\n")
+    pairs = read_pairs(plist)
+    assert pairs[0].read_kwargs("science") == {"variance": str(tmp_path / "in/q0/sci.var.fits")}
+    assert pairs[0].read_kwargs("template") == {"psf": str(tmp_path / "psfs/t0.psf")}
+    assert pairs[1].companions == ()
+    out = tmp_path / "out"
+    base = ["-q", "batch", str(plist), "-o", str(out), "--executor", "serial", "--test-worker",
+            "diffim.batch._stub:fake_worker"]
+    assert main(base + ["--gain", "2.5", "--variance-kind", "noise", "--cr-repair", "no"]) == 0
+    md0 = json.loads((out / "q0" / "metadata.json").read_text())["read_kwargs"]
+    assert md0["science_kwargs"] == {"variance": str(tmp_path / "in/q0/sci.var.fits"), "variance_kind": "sigma",
+                                     "gain": 2.5}
+    assert md0["template_kwargs"] == {"psf": str(tmp_path / "psfs/t0.psf"), "gain": 2.5}
+    assert md0["repair_cosmic_rays"] is False
+    assert _rows(out)["q0"]["options"]["read"]["gain"] == 2.5
+    assert main(base + ["--gain", "2.5", "--variance-kind", "noise", "--cr-repair", "no"]) == 0
+    assert {r["status"] for r in _rows(out).values()} == {"skipped"}
+    assert main(base + ["--gain", "3.0", "--variance-kind", "noise", "--cr-repair", "no"]) == 0
+    assert {r["status"] for r in _rows(out).values()} == {"done"}

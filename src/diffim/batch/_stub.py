@@ -18,7 +18,8 @@ from pathlib import Path
 __all__ = ["fake_worker"]
 
 
-def fake_worker(science: str, template: str | None, outdir: str, *, config_text: str, plot: bool = True) -> None:
+def fake_worker(science: str, template: str | None, outdir: str, *, config_text: str, plot: bool = True,
+                **read_kwargs) -> None:
     import numpy as np
     from astropy.io import fits
 
@@ -40,7 +41,7 @@ def fake_worker(science: str, template: str | None, outdir: str, *, config_text:
         (tmp / "config.py").write_text(config_text)
         with open(tmp / "metadata.json", "w") as fh:
             json.dump({"counts": {"nDiaSources": int(data.size % 7), "nPositive": 1, "nNegative": 0},
-                       "inputs": {"science": science, "template": template}}, fh)
+                       "inputs": {"science": science, "template": template}, "read_kwargs": read_kwargs}, fh)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -51,6 +51,19 @@ def add_batch_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write diagnostics.png")
     p.add_argument("--max-tasks-per-child", type=_positive_int, default=None, metavar="N",
                    help="replace each local worker process after N pairs (default: reuse)")
+    g = p.add_argument_group("inputs (plain FITS images; per-pair files go in the list's science_variance, "
+                             "science_mask, science_psf, template_variance, template_mask, template_psf columns)")
+    g.add_argument("--companions", action="store_true",
+                   help="use companion files named after each image when present (as `diffim run --companions`)")
+    g.add_argument("--variance-kind", dest="variance_kind", choices=("variance", "weight", "noise"), default=None,
+                   help="what the *_variance files hold (default: guessed; noise = 1σ map)")
+    g.add_argument("--gain", type=float, default=None, metavar="E_PER_ADU", help="gain for the variance model")
+    g.add_argument("--read-noise", dest="read_noise", type=float, default=None, metavar="E",
+                   help="read noise in electrons for the variance model")
+    g.add_argument("--reset-xy0", dest="reset_xy0", action="store_true",
+                   help="put both images' first pixel at (0, 0), ignoring the files' xy0")
+    g.add_argument("--cr-repair", dest="cr_repair", choices=("auto", "yes", "no"), default="auto",
+                   help="cosmic-ray/hot-pixel repair of the inputs (auto: plain images without mask planes)")
     p.add_argument("-c", "--config", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, as for `diffim run` (repeatable)")
     p.add_argument("-C", "--config-file", dest="config_files", action="append", default=[], metavar="FILE",
@@ -59,6 +72,19 @@ def add_batch_parser(subparsers) -> argparse.ArgumentParser:
     # For tests of the batch machinery: replace the per-pair function (MODULE:FUNCTION, picklable).
     p.add_argument("--test-worker", dest="test_worker", default=None, help=argparse.SUPPRESS)
     return p
+
+
+def _read_options(args) -> dict:
+    """Batch-wide input options (``run_batch(read_options=...)``) from the parsed arguments."""
+    kind = getattr(args, "variance_kind", None)
+    return {
+        "companions": bool(getattr(args, "companions", False)),
+        "variance_kind": "sigma" if kind == "noise" else kind,
+        "gain": getattr(args, "gain", None),
+        "read_noise": getattr(args, "read_noise", None),
+        "reset_xy0": bool(getattr(args, "reset_xy0", False)),
+        "repair_cosmic_rays": {"auto": None, "yes": True, "no": False}[getattr(args, "cr_repair", "auto") or "auto"],
+    }
 
 
 def run_batch_command(args) -> int:
@@ -88,7 +114,7 @@ def run_batch_command(args) -> int:
         args.pairs, config, args.output,
         executor=args.executor, workers=args.workers, scheduler=args.scheduler, threads=args.threads,
         redo=args.redo, plot=args.plot, max_tasks_per_child=args.max_tasks_per_child, progress=not quiet,
-        worker=worker,
+        worker=worker, read_options=_read_options(args),
     )
     if not quiet or not result.ok:
         print(result.summary(), file=sys.stdout if result.ok else sys.stderr)

@@ -61,8 +61,11 @@ MANIFEST_VERSION = 1
 #: Manifest columns, in order (``counts`` keys are added as extra ``n*`` columns in the Parquet file).
 MANIFEST_COLUMNS = (
     "id", "science", "template", "status", "error", "wall_time", "peak_memory_mb", "counts", "config_hash",
-    "outdir", "started", "finished", "host", "pid", "attempts", "files",
+    "outdir", "started", "finished", "host", "pid", "attempts", "files", "options",
 )
+
+#: Batch-wide input options (``run_batch(read_options=...)``), as the ``diffim run`` input flags.
+READ_OPTIONS = ("companions", "variance_kind", "gain", "read_noise", "reset_xy0", "repair_cosmic_rays")
 
 #: Pair statuses: ``pending`` (not run yet or interrupted), ``done`` (run by this batch), ``skipped`` (done
 #: by an earlier batch with the same config and inputs), ``failed``.
@@ -76,13 +79,27 @@ _LOCK_NAME = ".diffim-batch.lock"
 # ----------------------------------------------------------------------------------------------- pairs
 
 
+#: Optional per-image companion columns of a pair list and the ``read_exposure`` keyword each one sets.
+COMPANION_COLUMNS = {f"{who}_{kind}": (who, kind) for who in ("science", "template")
+                     for kind in ("variance", "mask", "psf")}
+
+
 @dataclass(frozen=True)
 class Pair:
-    """One science/template pair; ``id`` names its output directory ``OUTROOT/<id>``."""
+    """One science/template pair; ``id`` names its output directory ``OUTROOT/<id>``.
+
+    ``companions`` holds per-image files as ``(column, absolute path)`` tuples, columns from
+    `COMPANION_COLUMNS` (``science_variance``, ``template_psf``, ...).
+    """
 
     id: str
     science: str
     template: str | None
+    companions: tuple[tuple[str, str], ...] = ()
+
+    def read_kwargs(self, who: str) -> dict[str, str]:
+        """``read_exposure`` keywords from this pair's companion files for ``who`` ('science'/'template')."""
+        return {COMPANION_COLUMNS[c][1]: v for c, v in self.companions if COMPANION_COLUMNS[c][0] == who}
 
 
 # Names in OUTROOT that belong to the batch itself.
@@ -133,14 +150,18 @@ def normalize_pairs(pairs: Iterable[Any], base: str | Path | None = None) -> lis
     base_path = Path(base).absolute() if base is not None else None
     rows: list[tuple[str, str | None]] = []
     ids: list[str | None] = []
+    extras: list[tuple[tuple[str, str], ...]] = []
     for i, item in enumerate(pairs):
+        comp: tuple[tuple[str, str], ...] = ()
         if isinstance(item, Pair):
-            sci, tmpl, pid = item.science, item.template, item.id
+            sci, tmpl, pid, comp = item.science, item.template, item.id, item.companions
         elif isinstance(item, dict):
-            keys = {str(k).strip().lower(): v for k, v in item.items()}
+            keys = {str(k).strip().lower(): v for k, v in item.items() if k is not None}
             if "science" not in keys:
                 raise BadInputError(f"Pair {i + 1} has no 'science' entry (keys: {sorted(keys)}).")
             sci, tmpl, pid = keys["science"], keys.get("template"), keys.get("id")
+            comp = tuple((c, _resolve(keys[c], base_path)) for c in COMPANION_COLUMNS
+                         if keys.get(c) is not None and str(keys[c]).strip())
         elif isinstance(item, (tuple, list)) and 1 <= len(item) <= 3:
             sci = item[0]
             tmpl = item[1] if len(item) > 1 else None
@@ -152,6 +173,7 @@ def normalize_pairs(pairs: Iterable[Any], base: str | Path | None = None) -> lis
         tmpl = None if tmpl is None or not str(tmpl).strip() else _resolve(tmpl, base_path)
         rows.append((_resolve(sci, base_path), tmpl))
         ids.append(None if pid is None or not str(pid).strip() else str(pid).strip())
+        extras.append(comp)
     defaults = _default_ids(rows, base_path)
     out = []
     seen: dict[str, int] = {}
@@ -161,15 +183,18 @@ def normalize_pairs(pairs: Iterable[Any], base: str | Path | None = None) -> lis
             raise BadInputError(f"Pair id {pid!r} is used by pairs {seen[pid] + 1} and {i + 1}: give each pair a"
                                 " unique 'id' column.")
         seen[pid] = i
-        out.append(Pair(pid, sci, tmpl))
+        out.append(Pair(pid, sci, tmpl, extras[i]))
     return out
 
 
 def read_pairs(path: str | Path) -> list[Pair]:
     """Read a pair list: CSV (columns ``science``, ``template``, optional ``id``) or YAML.
 
-    The YAML form is a list of mappings with the same keys, or a mapping with a ``pairs`` list. Relative paths
-    are resolved against the list file's directory. Lines starting with ``#`` in a CSV are comments.
+    Optional per-image columns name companion files of plain FITS inputs: ``science_variance``,
+    ``science_mask``, ``science_psf``, ``template_variance``, ``template_mask``, ``template_psf`` (as
+    ``diffim run --science-variance`` ...). The YAML form is a list of mappings with the same keys, or a
+    mapping with a ``pairs`` list. Relative paths are resolved against the list file's directory. Lines
+    starting with ``#`` in a CSV are comments.
     """
     path = Path(path)
     if not path.exists():
@@ -230,12 +255,49 @@ def _load_config(text: str):
 # ---------------------------------------------------------------------------------------------- worker
 
 
-def run_pair(science: str, template: str | None, outdir: str, *, config_text: str, plot: bool = True) -> None:
-    """Default per-pair worker: exactly what ``diffim run SCIENCE TEMPLATE -o OUTDIR --overwrite`` does."""
+def run_pair(science: str, template: str | None, outdir: str, *, config_text: str, plot: bool = True,
+             science_kwargs: dict | None = None, template_kwargs: dict | None = None,
+             repair_cosmic_rays: bool | None = None) -> None:
+    """Default per-pair worker: exactly what ``diffim run SCIENCE TEMPLATE -o OUTDIR --overwrite`` does.
+
+    ``science_kwargs``/``template_kwargs`` are ``read_exposure`` keywords (companion files, gain, ...) and
+    ``repair_cosmic_rays`` is ``--cr-repair`` (None: auto), as for :func:`diffim.pipeline.run_files`.
+    """
     from ..pipeline import run_files
 
+    kw = {}
+    if science_kwargs:
+        kw["science_kwargs"] = science_kwargs
+    if template_kwargs:
+        kw["template_kwargs"] = template_kwargs
+    if repair_cosmic_rays is not None:
+        kw["repair_cosmic_rays"] = repair_cosmic_rays
     run_files(science, template, outdir, config=_load_config(config_text), overwrite=True, plot=plot,
-              progress=False)
+              progress=False, **kw)
+
+
+def _pair_read_kwargs(task: dict[str, Any], who: str) -> dict[str, Any]:
+    """``read_exposure`` keywords for one image: found companions, then the pair's columns, then batch-wide
+    options (gain, read noise, variance kind) — later sources win, as on the ``diffim run`` command line."""
+    opts = task.get("read_options") or {}
+    path = task.get(who)
+    kw: dict[str, Any] = {}
+    if opts.get("companions") and path is not None:
+        from ..io.layouts import find_companions
+
+        kw.update(find_companions(path))
+    explicit = dict(task.get(f"{who}_kwargs") or {})
+    if "variance" in explicit:
+        kw.pop("variance_kind", None)
+        if opts.get("variance_kind"):
+            explicit["variance_kind"] = opts["variance_kind"]
+    kw.update(explicit)
+    for key in ("gain", "read_noise"):
+        if opts.get(key) is not None:
+            kw[key] = opts[key]
+    if opts.get("reset_xy0"):
+        kw["xy0"] = (0, 0)
+    return kw
 
 
 def _reset_peak_memory() -> bool:
@@ -313,8 +375,14 @@ def _execute(task: dict[str, Any]) -> dict[str, Any]:
     status, error = "done", None
     try:
         worker = task.get("worker") or run_pair
+        extra: dict[str, Any] = {}
+        if task.get("read_options") or task.get("science_kwargs") or task.get("template_kwargs"):
+            extra["science_kwargs"] = _pair_read_kwargs(task, "science")
+            extra["template_kwargs"] = _pair_read_kwargs(task, "template") if task["template"] else {}
+            if (task.get("read_options") or {}).get("repair_cosmic_rays") is not None:
+                extra["repair_cosmic_rays"] = task["read_options"]["repair_cosmic_rays"]
         worker(task["science"], task["template"], str(outdir), config_text=task["config_text"],
-               plot=task.get("plot", True))
+               plot=task.get("plot", True), **extra)
         missing = [f for f in _REQUIRED_FILES if not (outdir / f).is_file()]
         if missing:
             status, error = "failed", f"output directory {outdir} lacks {', '.join(missing)}"
@@ -372,6 +440,9 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
     cols: dict[str, list] = {}
     for name in MANIFEST_COLUMNS:
         if name == "counts":
+            continue
+        if name == "options":
+            cols[name] = [json.dumps(r.get(name) or {}, sort_keys=True) for r in rows]
             continue
         cols[name] = [r.get(name) for r in rows]
     for k in count_keys:
@@ -639,9 +710,20 @@ def _is_complete(outdir: Path, prev: dict[str, Any] | None) -> bool:
     return all((outdir / f).is_file() for f in needed)
 
 
-def _inputs_match(outdir: Path, prev: dict[str, Any] | None, pair: Pair) -> bool:
+def _pair_options(pair: Pair, read_options: dict[str, Any]) -> dict[str, Any]:
+    """What besides the config decides a pair's outputs: companion files and batch-wide input options."""
+    out: dict[str, Any] = {}
+    if pair.companions:
+        out["companions"] = dict(pair.companions)
+    if read_options:
+        out["read"] = dict(read_options)
+    return out
+
+
+def _inputs_match(outdir: Path, prev: dict[str, Any] | None, pair: Pair, options: dict[str, Any]) -> bool:
     if prev is not None:
-        return prev.get("science") == pair.science and prev.get("template") == pair.template
+        return (prev.get("science") == pair.science and prev.get("template") == pair.template
+                and (prev.get("options") or {}) == options)
     try:
         with open(outdir / "metadata.json") as fh:
             inputs = json.load(fh).get("inputs", {})
@@ -654,10 +736,11 @@ def _inputs_match(outdir: Path, prev: dict[str, Any] | None, pair: Pair) -> bool
             and (pair.template is None or _resolve(inputs["template"], None) == pair.template))
 
 
-def _empty_row(pair: Pair, chash: str, outdir: Path) -> dict[str, Any]:
+def _empty_row(pair: Pair, chash: str, outdir: Path, options: dict[str, Any]) -> dict[str, Any]:
     return {"id": pair.id, "science": pair.science, "template": pair.template, "status": "pending", "error": None,
             "wall_time": None, "peak_memory_mb": None, "counts": {}, "config_hash": chash, "outdir": str(outdir),
-            "started": None, "finished": None, "host": None, "pid": None, "attempts": 0, "files": []}
+            "started": None, "finished": None, "host": None, "pid": None, "attempts": 0, "files": [],
+            "options": options}
 
 
 def _fmt_time(s: float) -> str:
@@ -723,6 +806,7 @@ def run_batch(
     plot: bool = True,
     max_tasks_per_child: int | None = None,
     logs: bool = True,
+    read_options: dict[str, Any] | None = None,
 ) -> BatchResult:
     """Run ``diffim run`` on many pairs into ``OUTROOT/<id>/``, resumably, in parallel worker processes.
 
@@ -761,6 +845,10 @@ def run_batch(
         Replace each local worker process after this many pairs (default: reuse them).
     logs : `bool`
         Keep each pair's log messages in ``OUTROOT/logs/<id>.log``.
+    read_options : `dict`, optional
+        Input options for every pair, as the ``diffim run`` flags: ``companions`` (bool: use companion files
+        named after each image), ``variance_kind``, ``gain``, ``read_noise``, ``reset_xy0`` (bool) and
+        ``repair_cosmic_rays`` (None = auto, True, False). Per-pair companion files come from the pair list.
 
     Returns
     -------
@@ -777,6 +865,11 @@ def run_batch(
         pair_list = normalize_pairs(pairs)
     if not pair_list:
         raise BadInputError("No pairs to run.")
+    read_options = {k: v for k, v in (read_options or {}).items()
+                    if v is not None and not (k in ("companions", "reset_xy0") and v is False)}
+    unknown = sorted(set(read_options) - set(READ_OPTIONS))
+    if unknown:
+        raise BadInputError(f"Unknown read option(s) {unknown}; known: {list(READ_OPTIONS)}.")
 
     overrides, config_files = list(overrides), list(config_files)
     if config is None:
@@ -809,8 +902,9 @@ def run_batch(
         for pair in pair_list:
             outdir = outroot / pair.id
             prev = previous.get(pair.id)
-            row = _empty_row(pair, chash, outdir)
-            if not redo and _is_complete(outdir, prev) and _inputs_match(outdir, prev, pair):
+            options = _pair_options(pair, read_options)
+            row = _empty_row(pair, chash, outdir, options)
+            if not redo and _is_complete(outdir, prev) and _inputs_match(outdir, prev, pair, options):
                 if prev is not None and prev.get("status") in ("done", "skipped") and prev.get("config_hash") == chash:
                     row.update({k: prev.get(k) for k in row if k in prev})
                     row["status"] = "skipped"
@@ -836,7 +930,7 @@ def run_batch(
             prog.start(n_skipped, outroot, handle.kind, handle.window)
             with _worker_environment(threads if handle.kind == "local" else None):
                 _drive(handle, to_run, rows, manifest, prog, totals, dict(
-                    config_text=ctext, plot=plot, threads=threads, worker=worker,
+                    config_text=ctext, plot=plot, threads=threads, worker=worker, read_options=read_options,
                     logdir=str(outroot / "logs") if logs else None, outroot=str(outroot)))
         elif prog.emit:
             prog.emit(f"diffim batch: all {len(rows)} pairs already done with this config → {outroot}"
@@ -911,7 +1005,8 @@ def _drive(handle: _ExecutorHandle, to_run: list[Pair], rows: list[dict[str, Any
     def task_for(pair: Pair) -> dict[str, Any]:
         return {"id": pair.id, "science": pair.science, "template": pair.template,
                 "outdir": str(Path(common["outroot"]) / pair.id), "config_text": common["config_text"],
-                "plot": common["plot"], "worker": common["worker"],
+                "plot": common["plot"], "worker": common["worker"], "read_options": common["read_options"],
+                "science_kwargs": pair.read_kwargs("science"), "template_kwargs": pair.read_kwargs("template"),
                 # In-process (serial) runs leave the caller's thread settings alone.
                 "threads": common["threads"] if handle.kind != "serial" else None,
                 "logfile": str(Path(common["logdir"]) / f"{pair.id}.log") if common["logdir"] else None}
