@@ -109,11 +109,21 @@ def _bin_rows(img, m, iy, vy, ix, vx, statistic, nsigma, niter):
     """Statistic and good-pixel count of the super-pixels of the bin rows ``iy`` (all bin columns)."""
     nby, ly = iy.shape
     nbx, lx = ix.shape
-    # (nby, ly, nbx, lx) -> one row per super-pixel
-    block = img[iy[:, :, None, None], ix[None, None, :, :]].transpose(0, 2, 1, 3).reshape(nby * nbx, ly * lx)
-    valid = (vy[:, :, None, None] & vx[None, None, :, :]).transpose(0, 2, 1, 3).reshape(nby * nbx, ly * lx)
-    if m is not None:
-        valid = valid & ~m[iy[:, :, None, None], ix[None, None, :, :]].transpose(0, 2, 1, 3).reshape(valid.shape)
+    if vy.all() and vx.all() and np.all(np.diff(iy[:, 0]) == ly) and np.all(np.diff(ix[:, 0]) == lx):
+        # Equal bins tiling the rows exactly (e.g. 32-px bins of a 4096² image): a reshaped view replaces the
+        # fancy-index gather (same values, several times cheaper).
+        y0, x0 = int(iy[0, 0]), int(ix[0, 0])
+        def tiles(a):
+            sub = a[y0 : y0 + nby * ly, x0 : x0 + nbx * lx].reshape(nby, ly, nbx, lx)
+            return sub.transpose(0, 2, 1, 3).reshape(nby * nbx, ly * lx)
+        block = tiles(img)
+        valid = ~tiles(m) if m is not None else np.ones(block.shape, dtype=bool)
+    else:
+        # (nby, ly, nbx, lx) -> one row per super-pixel
+        block = img[iy[:, :, None, None], ix[None, None, :, :]].transpose(0, 2, 1, 3).reshape(nby * nbx, ly * lx)
+        valid = (vy[:, :, None, None] & vx[None, None, :, :]).transpose(0, 2, 1, 3).reshape(nby * nbx, ly * lx)
+        if m is not None:
+            valid = valid & ~m[iy[:, :, None, None], ix[None, None, :, :]].transpose(0, 2, 1, 3).reshape(valid.shape)
     valid &= np.isfinite(block)
     if statistic == "meanclip":
         values, _, _ = clipped_mean_std_rows(block, valid, nsigma, niter)
