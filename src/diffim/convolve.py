@@ -63,6 +63,8 @@ def correlate_terms(
     kernels: np.ndarray,
     fy: np.ndarray | None = None,
     fx: np.ndarray | None = None,
+    *,
+    workers: int | None = None,
 ) -> np.ndarray:
     """``Σ_k fy_k[y] fx_k[x] · corr(K_k, image)`` with zero padding outside the image (float32).
 
@@ -74,7 +76,10 @@ def correlate_terms(
         ``(nk, w, w)`` odd-sized kernels in afw orientation (row = y offset).
     fy, fx
         ``(nk, ny)`` and ``(nk, nx)`` per-term weights along y and x (None: all ones).
+    workers
+        FFT threads (default: the module's ``_WORKERS``).
     """
+    workers = _WORKERS if workers is None else max(1, int(workers))
     img = np.ascontiguousarray(image, dtype=np.float32)
     kernels = np.asarray(kernels, dtype=np.float64)
     if kernels.ndim == 2:
@@ -91,7 +96,7 @@ def correlate_terms(
     padded[ctr : ctr + ny, ctr : ctr + nx] = img
     s0, s1 = padded.strides
     # Circular convolution with the flipped kernel; output index n = i + w − 1 never wraps (see module doc).
-    FK = sfft.rfft2(kernels[:, ::-1, ::-1].astype(np.float32), s=(Ly, Lx), axes=(-2, -1), workers=_WORKERS)
+    FK = sfft.rfft2(kernels[:, ::-1, ::-1].astype(np.float32), s=(Ly, Lx), axes=(-2, -1), workers=workers)
     fy32 = None if fy is None else np.asarray(fy, dtype=np.float32)
     fx32 = None if fx is None else np.asarray(fx, dtype=np.float32)
     out = np.zeros((ny, nx), dtype=np.float32)
@@ -99,12 +104,12 @@ def correlate_terms(
     for ty in range(nty):
         r0, r1 = ty * Ty, min(ny, (ty + 1) * Ty)
         tiles = as_strided(padded[ty * Ty :], (ntx, Ly, Lx), (Tx * s1, s0, s1), writeable=False)
-        F = sfft.rfft2(tiles, axes=(-2, -1), workers=_WORKERS)
+        F = sfft.rfft2(tiles, axes=(-2, -1), workers=workers)
         prod = np.empty_like(F)
         rows = out[r0:r1]
         for k in range(nk):
             np.multiply(F, FK[k], out=prod)
-            t = sfft.irfft2(prod, s=(Ly, Lx), axes=(-2, -1), workers=_WORKERS)[:, w - 1 : w - 1 + r1 - r0, w - 1 :]
+            t = sfft.irfft2(prod, s=(Ly, Lx), axes=(-2, -1), workers=workers)[:, w - 1 : w - 1 + r1 - r0, w - 1 :]
             t = t.transpose(1, 0, 2).reshape(r1 - r0, ntx * Tx)[:, :nx]
             if fy32 is not None:
                 t *= fy32[k, r0:r1, None]
@@ -266,10 +271,17 @@ def convolve_masked_image(
 
     # Image: subtract a constant level first (float32 FFT precision), add its exact contribution back.
     level = _fill_value(img, np.isfinite(img))
+    img_future = None
     if nk == 1 and spatial is None and not normalize:
         out_img = correlate_image(img - np.float32(level), terms[0]) + np.float32(level * ksum_terms[0])
+    elif _WORKERS > 1 and spatial is not None:
+        # Image and variance correlations are independent: the image one runs on a second thread (each with
+        # half the FFT threads) so that the numpy work between the FFTs uses both cores too.
+        img_future = _pool().submit(correlate_terms, img - np.float32(level), terms, fy, fx,
+                                    workers=max(1, _WORKERS // 2))
     else:
         out_img = correlate_terms(img - np.float32(level), terms, fy, fx)
+    if img_future is None and not (nk == 1 and spatial is None and not normalize):
         ksum_map = _term_map(ksum_terms, fy, fx, ny, nx)
         out_img += np.float32(level) * ksum_map
         if normalize:
@@ -291,7 +303,8 @@ def convolve_masked_image(
         pfx = np.array([fx[k] * fx[l] for k, l in pairs])
         k2sum_map = _term_map(pk.sum(axis=(1, 2)), pfy, pfx, ny, nx)
         if variance_mode == "exact":
-            out_var = correlate_terms(var - np.float32(vlevel), pk, pfy, pfx)
+            out_var = correlate_terms(var - np.float32(vlevel), pk, pfy, pfx,
+                                      workers=max(1, _WORKERS // 2) if img_future is not None else None)
         elif variance_mode == "first_order":
             # K² = K_0² + 2 Σ_l f_l K_0 K_l + O(variation²): keep the terms linear in the variation, then rescale
             # so that the kernel's noise gain ΣK(x)² stays exact.
@@ -307,6 +320,12 @@ def convolve_masked_image(
             out_var *= k2sum_map / np.float32(kc2.sum())
         else:
             raise BadInputError(f"Unknown variance_mode {variance_mode!r}: use 'exact', 'first_order' or 'scaled'.")
+        if img_future is not None:
+            out_img = img_future.result()
+            ksum_map = _term_map(ksum_terms, fy, fx, ny, nx)
+            out_img += np.float32(level) * ksum_map
+            if normalize:
+                out_img /= ksum_map
         out_var += np.float32(vlevel) * k2sum_map
         if normalize:
             out_var /= ksum_map * ksum_map
@@ -339,6 +358,19 @@ def convolve_masked_image(
             out_var[sl] = np.inf
             m.array[sl] = nodata
     return MaskedImage(out_img, m, out_var, mi.xy0)
+
+
+_POOL = None
+
+
+def _pool():
+    """A two-thread pool shared by the convolutions (created on first use)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="diffim-convolve")
+    return _POOL
 
 
 def _term_map(weights: np.ndarray, fy, fx, ny: int, nx: int) -> np.ndarray:
