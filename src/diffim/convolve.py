@@ -186,10 +186,16 @@ def _origin(lo: int, hi: int) -> int:
 
 
 def _fill_value(values: np.ndarray, good: np.ndarray) -> float:
-    v = values[good]
+    """Median of the good values (of a regular subsample of ~10⁶ of them): a fill/reference level."""
+    # Large images are sampled on a 2-D grid before gathering (gathering all good pixels of a 4096² image
+    # first cost more than the median itself); if the grid misses every good pixel, all of them are used.
+    k = int(np.sqrt(values.size / 1_000_000)) if values.ndim == 2 else 1
+    v = values[::k, ::k][good[::k, ::k]] if k > 1 else np.empty(0, values.dtype)
+    if v.size == 0:
+        v = values[good]
     if v.size == 0:
         return 0.0
-    if v.size > 1_000_000:  # the median of a regular subsample is plenty for a fill level
+    if v.size > 1_000_000:
         v = v[:: v.size // 1_000_000 + 1]
     return float(np.median(v))
 

@@ -590,12 +590,14 @@ def find_footprints(
     # Peaks: candidate pixels off the 1-px frame of the middle whose 8 neighbours are all ≤ (≥) them.
     my, mx = sel.shape
     inner = keep[lab] & (ys > 0) & (ys < my - 1) & (xs > 0) & (xs < mx - 1)
-    cy, cx, cv = ys[inner], xs[inner], vals[inner]
-    is_peak = np.ones(cy.size, dtype=bool)
+    cy, cx, cv, cl = ys[inner], xs[inner], vals[inner], lab[inner]
+    # Candidates are dropped as soon as one neighbour beats them, so later neighbours test far fewer pixels
+    # (the first comparison already removes about half of a footprint's pixels).
     for dy, dx in _NEIGHBOURS:
         nb = im[cy + dy, cx + dx]
-        is_peak &= ~(nb < cv) if negative else ~(nb > cv)
-    py, px, pv, pl = cy[is_peak], cx[is_peak], cv[is_peak], lab[inner][is_peak]
+        ok = ~(nb < cv) if negative else ~(nb > cv)
+        cy, cx, cv, cl = cy[ok], cx[ok], cv[ok], cl[ok]
+    py, px, pv, pl = cy, cx, cv, cl
     # Footprints with no proper peak (all candidates on the frame): use their extreme pixel.
     has_peak = np.zeros(n + 1, dtype=bool)
     has_peak[pl] = True
