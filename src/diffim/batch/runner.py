@@ -60,7 +60,7 @@ MANIFEST_VERSION = 1
 
 #: Manifest columns, in order (``counts`` keys are added as extra ``n*`` columns in the Parquet file).
 MANIFEST_COLUMNS = (
-    "id", "science", "template", "status", "error", "wall_time", "peak_memory_mb", "counts", "config_hash",
+    "id", "science", "template", "status", "error", "wall_time", "cpu_time", "peak_memory_mb", "counts", "config_hash",
     "outdir", "started", "finished", "host", "pid", "attempts", "files", "options",
 )
 
@@ -360,6 +360,7 @@ def _execute(task: dict[str, Any]) -> dict[str, Any]:
     outdir = Path(task["outdir"])
     started = _now()
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     handler = None
     root = logging.getLogger()
     old_level = root.level
@@ -404,6 +405,7 @@ def _execute(task: dict[str, Any]) -> dict[str, Any]:
         "status": status,
         "error": error,
         "wall_time": round(wall, 3),
+        "cpu_time": round(time.process_time() - cpu0, 3),
         "peak_memory_mb": _round(_peak_memory_mb(reset_ok), 1),
         "counts": _read_counts(outdir) if status == "done" else {},
         "started": started,
@@ -448,7 +450,7 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
     for k in count_keys:
         vals = [(r.get("counts") or {}).get(k) for r in rows]
         cols[k] = [None if v is None else float(v) for v in vals]
-    types = {"wall_time": pa.float64(), "peak_memory_mb": pa.float64(), "pid": pa.int64(), "attempts": pa.int64(),
+    types = {"wall_time": pa.float64(), "cpu_time": pa.float64(), "peak_memory_mb": pa.float64(), "pid": pa.int64(), "attempts": pa.int64(),
              "files": pa.list_(pa.string())}
     arrays = {name: pa.array(vals, type=types.get(name, pa.float64() if name in count_keys else pa.string()))
               for name, vals in cols.items()}
@@ -738,7 +740,7 @@ def _inputs_match(outdir: Path, prev: dict[str, Any] | None, pair: Pair, options
 
 def _empty_row(pair: Pair, chash: str, outdir: Path, options: dict[str, Any]) -> dict[str, Any]:
     return {"id": pair.id, "science": pair.science, "template": pair.template, "status": "pending", "error": None,
-            "wall_time": None, "peak_memory_mb": None, "counts": {}, "config_hash": chash, "outdir": str(outdir),
+            "wall_time": None, "cpu_time": None, "peak_memory_mb": None, "counts": {}, "config_hash": chash, "outdir": str(outdir),
             "started": None, "finished": None, "host": None, "pid": None, "attempts": 0, "files": [],
             "options": options}
 
