@@ -409,6 +409,9 @@ def _touching_groups(fps: list[Footprint]) -> list[list[int]]:
     a, b = a[ok], b[ok]
     keep_a, keep_b = [], []
     grown: dict[int, np.ndarray] = {}  # a large footprint (bleed trail, border) meets many boxes: grow it once
+    # Plain-integer box arithmetic: (x0, y0, x1, y1) above are the boxes grown by 1 px, so the original box of
+    # B is (x0 + 1, y0 + 1, x1 − 1, y1 − 1).
+    X0, Y0, X1, Y1 = x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist()
     for i, j in zip(a.tolist(), b.tolist()):
         fa, fb = fps[i], fps[j]
         # Grow A by one pixel (3×3) and test for common pixels with B on their joint box.
@@ -420,11 +423,14 @@ def _touching_groups(fps: list[Footprint]) -> list[list[int]]:
                 for dx in range(3):
                     ga[dy : dy + h, dx : dx + w] |= fa.spans
             grown[i] = ga
-        box_a = fa.bbox.grown(1)
-        common = box_a.intersection(fb.bbox)
-        if common.is_empty():
+        ax0, ay0 = X0[i], Y0[i]
+        bx0, by0 = X0[j] + 1, Y0[j] + 1
+        cx0, cy0 = max(ax0, bx0), max(ay0, by0)
+        cx1, cy1 = min(X1[i], X1[j] - 1), min(Y1[i], Y1[j] - 1)
+        if cx0 >= cx1 or cy0 >= cy1:
             continue
-        if np.any(ga[common.slices(box_a)] & fb.spans[common.slices(fb.bbox)]):
+        if np.any(ga[cy0 - ay0 : cy1 - ay0, cx0 - ax0 : cx1 - ax0]
+                  & fb.spans[cy0 - by0 : cy1 - by0, cx0 - bx0 : cx1 - bx0]):
             keep_a.append(i)
             keep_b.append(j)
     if not keep_a:
