@@ -467,7 +467,7 @@ def test_grow_mask_bits_matches_binary_dilation():
 
 
 def test_bad_inputs_raise_clear_errors():
-    """Shape mismatch, unusable images, two noiseless images and missing calibrations raise named errors."""
+    """Shape mismatch, unusable images, two noiseless images and unmeasurable flux ratios raise named errors."""
     from diffim.errors import BadInputError, NoOverlapError, ShapeMismatchError
     from diffim.tasks.zogy import ZogyImagePsfMatchTask
 
@@ -482,9 +482,17 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(PsfError, match="odd-sized"):
         zogy_subtract(a, v, a, v, np.ones((4, 4)), pr)
 
+    # Without a photoCalib the template/science flux ratio is measured on the stars (3 here, true ratio 0.4);
+    # with no star to measure it on, the error names the fields to set.
     science, template = _exposures()
     template.photo_calib = None
-    with pytest.raises(ValueError, match="photoCalib"):
+    task = ZogyImagePsfMatchTask()
+    task.run(science, template)
+    assert task.metadata["measuredFluxRatio"] == pytest.approx(2.0 / 5.0, rel=0.02)
+    science, template = _exposures()
+    science.photo_calib = None
+    science.image[...] = np.random.default_rng(3).normal(0.0, NOISE_N, science.image.shape)
+    with pytest.raises(BadInputError, match="FluxScaling"):
         ZogyImagePsfMatchTask().run(science, template)
     science, template = _exposures()
     with pytest.raises(NoOverlapError, match="does not contain"):
