@@ -458,6 +458,9 @@ def zogy_subtract(
       smaller of the two noise terms ``σ_n² F_r²``, ``σ_r² F_n²`` is floored at ``NOISE_FLOOR`` (2 %) times their
       sum. The static sky still cancels exactly (the numerator does not involve σ), the filters stay bounded
       (``|k̂_{D,r}| ≤ 7/σ_n``) and the variance planes give the true variance of the result;
+    * both PSF spectra get a common term ``ε(k)`` of about twice their truncation floor (:data:`FILTER_FLOOR_FACTOR`):
+      where truncated stamps carry no information about the PSF their ratio is erratic and the filters would
+      spread saturated stars and cosmic rays in streaks along the rows and columns; D stays white;
     * frequencies where ``√den`` underflows (both PSFs without power) get the plain difference
       ``(F_r N̂ − F_n R̂)/√(σ_n² F_r² + σ_r² F_n²)`` in ``D`` (it keeps ``D`` white) and zero in ``S`` and ``P_D``;
     * non-finite pixels (and pixels flagged for replacement) are replaced before the FFT by the image's clipped
