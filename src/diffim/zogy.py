@@ -54,8 +54,8 @@ NOISE_FLOOR = 2e-2
 #: spread Nyquist-frequency streaks (star χ² p95 3.2 on a 1024² mixed-seeing scene; 1.12 regularised). With the
 #: common term (twice the floor, so it dominates it) both regularised spectra are ≈ ε(k) where the models carry
 #: no information and the filters there tend smoothly to the plain difference ``(F_r N̂ − F_n R̂)/√(u+v)``:
-#: compact, and D stays exactly white (ZOGY with PSFs ``P + ε``). The price is a static-sky residual of order ``ε₀`` times
-#: a star's flux at those frequencies (≲ 0.2 σ at the core of the brightest unsaturated stars).
+#: compact, and D stays exactly white (ZOGY with PSFs ``P + ε``). The price is a static-sky residual of order
+#: ``ε₀`` times a star's flux at those frequencies (≲ 0.2 σ at the core of the brightest unsaturated stars).
 FILTER_FLOOR_FACTOR = 2.0
 
 #: Smallest ε (stamps truncated far out, e.g. analytic 5σ Gaussians): keeps the filters finite.
