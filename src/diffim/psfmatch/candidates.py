@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from ..model.box import Box
 from ..model.exposure import MaskedImage
@@ -88,8 +87,19 @@ def detect_kernel_sources(
     noise = 1.4826 * float(np.median(np.abs(sample - med)))
     if not noise > 0:
         noise = float(np.std(sample)) or 1.0
-    work = np.where(good, img - np.float32(med), np.float32(0.0))
-    sm = ndimage.gaussian_filter(work, psf_sigma, mode="constant", truncate=3.0)
+    # Gaussian smoothing (±3σ, zero outside the image) as the strip-blocked separable filter of the detection
+    # code on a zero-padded copy: several times cheaper than ndimage.gaussian_filter on a large image.
+    from ..detection import correlate_separable
+
+    r = int(3.0 * float(psf_sigma) + 0.5)
+    ny, nx = img.shape
+    work = np.zeros((ny + 2 * r, nx + 2 * r), dtype=np.float32)
+    np.subtract(img, np.float32(med), out=work[r : r + ny, r : r + nx])
+    work[r : r + ny, r : r + nx][~good] = 0.0
+    u = np.arange(-r, r + 1, dtype=float)
+    k = np.exp(-0.5 * (u / float(psf_sigma)) ** 2)
+    sm = correlate_separable(work, k / k.sum(), threads=2)[r : r + ny, r : r + nx]
+    del work
     snoise = noise / (2.0 * math.sqrt(math.pi) * psf_sigma)
     above = sm > threshold * snoise
     if not above.any():
