@@ -59,7 +59,7 @@ def detect_and_measure_sources(exposure: Exposure, *, threshold: float = 10.0, m
     pos = [fp for fp in pos if not (fp.peaks[0].significance < min_significance)]
     pos.sort(key=lambda fp: -fp.peaks[0].value)
     pos = pos[:max_sources]
-    cols = measure_dia_sources(work, pos)
+    cols = measure_dia_sources(work, pos, psf_shapes=False)  # the *PSF moment columns are not published here
     t = Table()
     n = len(pos)
     t["id"] = np.arange(1, n + 1, dtype=np.int64)

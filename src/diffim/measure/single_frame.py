@@ -52,6 +52,7 @@ def measure_dia_sources(
     ap_radius: float = 12.0,
     bad_mask_planes: Sequence[str] = (),
     max_dist_to_peak: float = 5.0,
+    psf_shapes: bool = True,
 ) -> dict[str, np.ndarray]:
     """Measure every footprint on ``exposure`` (the difference image).
 
@@ -67,6 +68,10 @@ def measure_dia_sources(
         Mask planes excluded from the PSF fit (meas_base ``badMaskPlanes``, default none).
     max_dist_to_peak
         SdssCentroid ``maxDistToPeak`` (5 px in DetectAndMeasure).
+    psf_shapes
+        Measure the PSF moments at every source (``ixxPSF``…). False: only at ≤ 256 evenly chosen sources,
+        whose median seeds the adaptive moments, and the ``*PSF`` columns hold that median (for catalogues
+        that do not publish them, e.g. :func:`diffim.sources.detect_and_measure_sources`).
 
     Returns
     -------
@@ -90,6 +95,10 @@ def measure_dia_sources(
         psf_shape = np.tile(np.asarray(psf.compute_shape(), float), (len(x), 1))
     elif hasattr(psf, "compute_shapes"):  # batched (e.g. DecorrelatedPsf)
         psf_shape = np.asarray(psf.compute_shapes(x, y), dtype=float).reshape(-1, 3)
+    elif not psf_shapes and len(x) > 256:
+        pick = np.linspace(0, len(x) - 1, 256).round().astype(int)
+        some = np.array([psf.compute_shape(float(x[i]), float(y[i])) for i in pick], dtype=float)
+        psf_shape = np.tile(np.median(some, axis=0), (len(x), 1))
     else:
         psf_shape = np.array([psf.compute_shape(float(a), float(b)) for a, b in zip(x, y)], dtype=float)
     initial = tuple(np.median(psf_shape, axis=0)) if len(x) else (4.0, 4.0, 0.0)
