@@ -639,37 +639,41 @@ def find_footprints(
     np.minimum.at(xmin, lab, xs)
     np.maximum.at(xmax, lab, xs)
     ymin, ymax, xmin, xmax = ymin[1:], ymax[1:], xmin[1:], xmax[1:]
-    originals: list[Footprint] = []
+    # (x0, y0, width, height, spans, peaks) per footprint; Footprint/Box objects are only built for what is
+    # returned (thousands of footprints on a crowded image: object construction was a visible cost).
+    raw = []
     for label in np.nonzero(keep)[0].tolist():
         s0, s1 = starts[label], starts[label + 1]
         peaks = [Peak(pxl[i], pyl[i], pvl[i], sgl[i], negative) for i in range(s0, s1)]
         y0, y1, x0, x1 = int(ymin[label - 1]), int(ymax[label - 1]) + 1, int(xmin[label - 1]), int(xmax[label - 1]) + 1
         spans = labels_mid[y0:y1, x0:x1] == label
-        box = Box(x0 + ox, y0 + oy, x1 - x0, y1 - y0)
-        originals.append(Footprint(box, spans, peaks, negative, not negative, negative))
+        raw.append((x0 + ox, y0 + oy, x1 - x0, y1 - y0, spans, peaks))
+
+    def _originals() -> list[Footprint]:
+        return [Footprint(Box(bx, by, bw, bh), sp, pk, negative, not negative, negative)
+                for bx, by, bw, bh, sp, pk in raw]
 
     if n_grow <= 0:
-        for fp in originals:
-            detected[fp.bbox.slices(xy0)] |= fp.spans
-        return originals, detected
+        X0, Y0 = xy0
+        for bx, by, bw, bh, sp, _ in raw:
+            detected[by - Y0 : by - Y0 + bh, bx - X0 : bx - X0 + bw] |= sp
+        return _originals(), detected
 
     # Grown boxes clipped to the image with plain integers (thousands of footprints: Box arithmetic per
     # footprint was a large part of the detection time on crowded images).
     X0, Y0 = xy0
     X1, Y1 = X0 + nx, Y0 + ny
     grown: list[Footprint] = []
-    for fp, gspans in zip(originals, _grow_many([fp.spans for fp in originals], n_grow, isotropic_grow)):
-        bb = fp.bbox
-        gx0, gy0 = bb.x0 - n_grow, bb.y0 - n_grow
-        gx1, gy1 = bb.x0 + bb.width + n_grow, bb.y0 + bb.height + n_grow
+    for (bx, by, bw, bh, _, pk), gspans in zip(raw, _grow_many([r[4] for r in raw], n_grow, isotropic_grow)):
+        gx0, gy0 = bx - n_grow, by - n_grow
+        gx1, gy1 = bx + bw + n_grow, by + bh + n_grow
         cx0, cy0, cx1, cy1 = max(gx0, X0), max(gy0, Y0), min(gx1, X1), min(gy1, Y1)
         if cx0 != gx0 or cy0 != gy0 or cx1 != gx1 or cy1 != gy1:
             gspans = gspans[cy0 - gy0 : cy1 - gy0, cx0 - gx0 : cx1 - gx0]
         detected[cy0 - Y0 : cy1 - Y0, cx0 - X0 : cx1 - X0] |= gspans
-        grown.append(Footprint(Box(cx0, cy0, cx1 - cx0, cy1 - cy0), gspans, fp.peaks, negative, not negative,
-                               negative))
+        grown.append(Footprint(Box(cx0, cy0, cx1 - cx0, cy1 - cy0), gspans, pk, negative, not negative, negative))
     if return_original:
-        return originals, detected
+        return _originals(), detected
     if not combined_grow:
         return grown, detected
     return [_union([grown[i] for i in g]) for g in _touching_groups(grown)], detected
