@@ -24,19 +24,6 @@ from .shape import adaptive_moments
 __all__ = ["measure_dia_sources", "footprint_peaks"]
 
 
-_POOL = None
-
-
-def _pool():
-    """One worker thread for the PSF photometry (created on first use)."""
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffim-measure")
-    return _POOL
-
-
 def footprint_peaks(footprints: Sequence[Footprint]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """First-peak position, polarity and detection significance of each footprint.
 
@@ -102,10 +89,8 @@ def measure_dia_sources(
     cen = sdss_centroid(img, var, psf, px, py, negative=neg, xy0=xy0, footprints=list(footprints),
                         max_dist_to_peak=max_dist_to_peak)
     x, y = cen.x, cen.y
-    # PSF photometry runs on a second thread while the PSF-free measurements (aperture, moments, flags) run
-    # here: numpy releases the GIL in the batched stack operations. psf_flux is the only PSF user once the
-    # shapes below are measured, so PSF caches are never filled from two threads at once.
-    pool = _pool() if len(x) >= 256 else None
+    pf = psf_flux(img, var, msk.array, psf, x, y, bad, xy0=xy0)
+    ap = aperture_flux(img, var, x, y, ap_radius, xy0=xy0)
     if is_constant_psf(psf) or len(x) == 0:
         psf_shape = np.tile(np.asarray(psf.compute_shape(), float), (len(x), 1))
     elif hasattr(psf, "compute_shapes"):  # batched (e.g. DecorrelatedPsf)
@@ -117,11 +102,8 @@ def measure_dia_sources(
     else:
         psf_shape = np.array([psf.compute_shape(float(a), float(b)) for a, b in zip(x, y)], dtype=float)
     initial = tuple(np.median(psf_shape, axis=0)) if len(x) else (4.0, 4.0, 0.0)
-    pf_future = pool.submit(psf_flux, img, var, msk.array, psf, x, y, bad, xy0=xy0) if pool else None
-    ap = aperture_flux(img, var, x, y, ap_radius, xy0=xy0)
     sh = adaptive_moments(img, var, x, y, initial=initial, negative=neg, xy0=xy0)
     pflags = pixel_flags(msk.array, msk.planes, x, y, list(footprints), xy0=xy0)
-    pf = pf_future.result() if pf_future is not None else psf_flux(img, var, msk.array, psf, x, y, bad, xy0=xy0)
     cols: dict[str, np.ndarray] = {
         "x": x, "y": y, "xErr": cen.x_err, "yErr": cen.y_err,
         "centroid_flag": cen.flag, "centroid_flag_resetToPeak": cen.flag_resetToPeak,
