@@ -234,25 +234,36 @@ def solve_single(system: StampSystem) -> np.ndarray:
     return x
 
 
-def residual_statistics(system: StampSystem, coeffs: np.ndarray, basis: KernelBasis) -> tuple[np.ndarray, ...]:
+def residual_statistics(system: StampSystem, coeffs: np.ndarray, basis: KernelBasis,
+                        rows: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """Mean and unbiased rms of ``z = (S − corr(K, T) − bg) / √(V_S + corr(K², V_T))`` per candidate.
 
     Parameters
     ----------
     coeffs
         ``(nc, n)`` local coefficients (basis coefficients, then the background if fitted).
+    rows
+        Evaluate only these candidates of ``system`` (``coeffs`` then has one row per entry), without copying
+        the system's design matrices.
 
     Returns
     -------
     mean, rms, chi2
         ``(nc,)`` arrays (chi2 = variance of z); NaN where no pixel is usable.
     """
-    nc = len(system)
+    sel = np.arange(len(system)) if rows is None else np.asarray(rows)
+    nc = len(sel)
     good_c = np.all(np.isfinite(coeffs), axis=1)
     c = np.where(good_c[:, None], coeffs, 0.0)
     cf = c.astype(np.float32)
-    model = np.matmul(cf[:, None, :], system.C)[:, 0, :].astype(float)
-    D = system.S - model
+    if rows is None:
+        model = np.matmul(cf[:, None, :], system.C)[:, 0, :].astype(float)
+    else:  # in chunks: gathering a few design matrices at a time stays in cache
+        model = np.empty((nc, system.C.shape[-1]))
+        for lo in range(0, nc, 64):
+            part = sel[lo : lo + 64]
+            model[lo : lo + 64] = np.matmul(cf[lo : lo + 64, None, :], system.C[part])[:, 0, :]
+    D = system.S[sel] - model
     N = len(basis)
     K = np.tensordot(c[:, :N], basis.images, axes=1)  # (nc, w, w)
     K2 = (K * K)[:, ::-1, ::-1]
@@ -260,9 +271,9 @@ def residual_statistics(system: StampSystem, coeffs: np.ndarray, basis: KernelBa
     grid, vt_hat = system.vt_spectrum()
     H, W = system.VT.shape[1:]
     w = K.shape[-1]
-    vt = sfft.irfft2(vt_hat * sfft.rfft2(K2, s=grid, axes=(1, 2)), s=grid, axes=(1, 2))
+    vt = sfft.irfft2(vt_hat[sel] * sfft.rfft2(K2, s=grid, axes=(1, 2)), s=grid, axes=(1, 2))
     vt = vt[:, w - 1 : H, w - 1 : W].reshape(nc, -1)
-    var = system.VS + vt
+    var = system.VS[sel] + vt
     ok = np.isfinite(D) & (var > 0)
     z = np.where(ok, D / np.sqrt(np.where(ok, var, 1.0)), 0.0)
     n = ok.sum(axis=1)
@@ -525,8 +536,7 @@ def solve_psf_matching(
             break
         # Assess every visited candidate with the spatial kernel at its centre.
         loc = design.local(theta)
-        sub = _subsystem(system, idx)
-        mean, rms, chi2 = residual_statistics(sub, loc, basis)
+        mean, rms, chi2 = residual_statistics(system, loc, basis, rows=idx)
         n_bad = 0
         for c, m, r, q in zip(visited, mean, rms, chi2):
             c.chi2 = float(q)
@@ -568,13 +578,3 @@ def solve_psf_matching(
         n_used, len(cands), meta["spatialKernelSum"], cond,
     )
     return KernelSolution(kernel, background, cands, meta)
-
-
-def _subsystem(system: StampSystem, idx: np.ndarray) -> StampSystem:
-    sub = StampSystem(
-        system.C[idx], system.S[idx], system.VS[idx], system.VT[idx], system.weight_var[idx],
-        system.M[idx], system.b[idx], system.fit_background, system.valid_shape,
-    )
-    grid, vt_hat = system.vt_spectrum()
-    sub._vt_hat = (grid, vt_hat[idx])
-    return sub
