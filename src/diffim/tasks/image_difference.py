@@ -768,6 +768,7 @@ class ImageDifferenceTask(Task):
                                                    max_dipole_separation=max_sep if cfg.doMerge else None,
                                                    min_significance=self.detection.config.thresholdValue)
             n_real = len(footprints)
+            del det, smoothed, snr  # ~200 MiB at 4096² that would otherwise live through ap corr
             self.metadata["nMergedFootprints"] = int(len(set(parents.tolist())))
             if cfg.doSkySources:
                 seed = int(science.id) if science.id is not None else 0
