@@ -128,3 +128,21 @@ def test_sky_sources_are_measured_like_the_rest():
     assert abs(pull.std() - 1.0) < 0.1, pull.std()
     assert task.metadata["counts"]["nSkySources"] == sky.sum()
     assert task.metadata["counts"]["nDiaSources"] == (~sky).sum()
+
+
+@pytest.mark.parametrize("template_psf, expect_template", [("sharper", True), ("broader", False)])
+def test_automatic_convolution_direction(template_psf, expect_template):
+    """subtract.al.mode="auto" convolves the sharper image: the template when it is sharper, the science when
+    the template is broader (then convolving the template would need a deconvolution and the noise ratio and
+    star residuals show it)."""
+    from diffim.pipeline import make_config
+
+    pair = simulate_pair(size=512, seed=13, template_psf=template_psf)
+    task = ImageDifferenceTask(config=make_config(["subtract.al.mode=auto"]))
+    res = task.run(exposure=pair.science.copy(), templateExposure=pair.template.copy())
+    assert task.metadata["convolveTemplateAuto"] is expect_template
+    assert task.metadata["subtract"]["convolvedExposure"] == ("Template" if expect_template else "Science")
+    ev = metrics.evaluate(res.subtractedExposure, res.diaSources, pair.truth, pair.science.psf.fwhm(),
+                          flux_unit_scale=res.subtractedExposure.photo_calib)
+    assert abs(ev["noise_ratio"] - 1.0) < 0.05, ev
+    assert ev["star_chi2_p95"] < 1.5, ev

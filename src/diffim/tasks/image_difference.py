@@ -347,6 +347,7 @@ class ImageDifferenceTask(Task):
         config.validate()
         super().__init__(config=config, **kwargs)
         self.progress = progress
+        self._conv_template = bool(self.config.convolveTemplate)
         self.makeSubtask("subtract")
         self.makeSubtask("decorrelate")
         self.makeSubtask("scaleVariance")
@@ -479,7 +480,8 @@ class ImageDifferenceTask(Task):
                             self.metadata["kernelSourceFallback"] = True
                             kernelSources = None
                     subtractRes = self.subtract.subtractExposures(
-                        warpedExposure, science, candidateList=kernelSources, convolveTemplate=cfg.convolveTemplate)
+                        warpedExposure, science, candidateList=kernelSources,
+                        convolveTemplate=self._convolve_template(science, warpedExposure))
                     subtractedExposure = subtractRes.subtractedExposure
                     matchedExposure = subtractRes.matchedExposure
             if cfg.subtract.name != "zogy" and cfg.doDecorrelation:
@@ -487,10 +489,10 @@ class ImageDifferenceTask(Task):
                     base_psf = subtractedExposure.psf
                     subtractedExposure = self.decorrelate.run(
                         science, warpedExposure, subtractedExposure, subtractRes.psfMatchingKernel,
-                        spatiallyVarying=cfg.doSpatiallyVarying, templateMatched=cfg.convolveTemplate,
+                        spatiallyVarying=cfg.doSpatiallyVarying, templateMatched=self._conv_template,
                     ).correctedExposure
                     subtractedExposure.psf = self._decorrelated_psf(base_psf, subtractedExposure,
-                                                                    subtractRes.psfMatchingKernel, cfg.convolveTemplate)
+                                                                    subtractRes.psfMatchingKernel, self._conv_template)
             if cfg.subtract.name != "zogy" and cfg.useScoreImageDetection:
                 with self._stage("scoreImage"):
                     scoreExposure = self._al_score_image(science, warpedExposure, kernelSources)
@@ -572,6 +574,20 @@ class ImageDifferenceTask(Task):
 
         border = 0
         return warp_exposure(template, science.wcs, science.bbox.grown(border))
+
+    def _convolve_template(self, science, template) -> bool:
+        """``convolveTemplate``, or the automatic choice from the two PSFs with ``subtract.al.mode="auto"``."""
+        mode = getattr(self.config.subtract.active, "mode", "convolveTemplate")
+        self._conv_template = bool(self.config.convolveTemplate)
+        if mode != "auto":
+            return self._conv_template
+        from .image_psf_match import choose_convolve_template
+
+        choice = choose_convolve_template(science.require_psf(), template.require_psf(), science.psf_position())
+        self.log.info("Automatic convolution choice: convolving the %s.", "template" if choice else "science")
+        self.metadata["convolveTemplateAuto"] = choice
+        self._conv_template = choice
+        return choice
 
     def _sky_subtracted(self, science):
         """The science with a mesh background removed, computed once per run (forced photometry, ap corr)."""
@@ -783,8 +799,8 @@ class ImageDifferenceTask(Task):
             with self._stage("measurement"):
                 columns = measure_dia_sources(diffExp, footprints)
                 if cfg.doDipoleFitting:
-                    negExp = matchedExposure if cfg.convolveTemplate else warpedExposure
-                    posExp = science if cfg.convolveTemplate else matchedExposure
+                    negExp = matchedExposure if self._conv_template else warpedExposure
+                    posExp = science if self._conv_template else matchedExposure
                     if cfg.subtract.name == "zogy":
                         negExp = None
                     dip = self.measurement.run(footprints, diffExp, posExp=posExp, negExp=negExp,

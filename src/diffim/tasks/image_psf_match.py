@@ -177,6 +177,14 @@ class ImagePsfMatchConfig(pexConfig.Config):
         dtype=str, doc="Mask planes not dilated by the convolution.",
         default=("INJECTED", "INJECTED_CORE", "INJECTED_TEMPLATE", "INJECTED_CORE_TEMPLATE"),
     )
+    mode = pexConfig.ChoiceField(
+        dtype=str, default="convolveTemplate",
+        doc="Which image ImageDifferenceTask convolves (modern LSST AlardLuptonSubtractConfig.mode).",
+        allowed={
+            "convolveTemplate": "as ImageDifferenceConfig.convolveTemplate says (default: the template)",
+            "auto": "the template unless it is wider than the science in both axes (then the science)",
+        },
+    )
     psfGridSize = pexConfig.Field(dtype=int, doc="PSF FWHMs are evaluated on this n×n grid; the worst case sizes "
                                   "the kernel basis.", default=3)
     anisotropicBasisDegree = pexConfig.Field(
