@@ -31,7 +31,7 @@ def _simulate(root: Path, n: int, size: int) -> Path:
 
     rows = []
     for i in range(n):
-        d = root / "inputs" / f"pair{i:02d}"
+        d = (root / "inputs" / f"pair{i:02d}").resolve()  # absolute: the list's relative paths resolve against it
         if not (d / "template.fits").exists():
             write_simulation(d, size=size, seed=100 + i)
         rows.append(f"{d / 'science.fits'},{d / 'template.fits'},pair{i:02d}")
