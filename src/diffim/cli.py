@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outdir", type=Path, nargs="?", default=Path("demo_output"))
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--seed", type=int, default=1)
+    from .batch.cli import add_batch_parser  # diffim batch (docs/batch.md)
+
+    add_batch_parser(sub)
     return parser
 
 
@@ -232,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
-    handler = {"simulate": _cmd_simulate, "subtract": _cmd_subtract, "run": _cmd_run, "demo": _cmd_demo}[args.command]
+    from .batch.cli import run_batch_command
+
+    handler = {"simulate": _cmd_simulate, "subtract": _cmd_subtract, "run": _cmd_run, "demo": _cmd_demo,
+               "batch": run_batch_command}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
