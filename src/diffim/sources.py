@@ -50,10 +50,19 @@ def detect_and_measure_sources(exposure: Exposure, *, threshold: float = 10.0, m
     sigma = psf.sigma(*exposure.psf_position())
     if work is None:
         work = background_subtracted(exposure)
-    pos, _, _, _ = detect_footprints(work.image, work.variance, work.mask.array, sigma, threshold, "positive",
-                                     stats_bits=work.mask.bitmask(list(_STATS_PLANES), ignore_missing=True),
-                                     xy0=work.xy0)
+    pos, _, sm_img, sm_var = detect_footprints(work.image, work.variance, work.mask.array, sigma, threshold,
+                                               "positive",
+                                               stats_bits=work.mask.bitmask(list(_STATS_PLANES), ignore_missing=True),
+                                               xy0=work.xy0)
     pos = [fp for fp in pos if fp.peaks]
+    # Neighbouring stars joined by one footprint are separate sources (one per significant peak).
+    from .deblend import split_footprints
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = sm_img / np.sqrt(sm_var)
+    pos, _ = split_footprints(pos, snr, xy0=work.xy0, min_separation=max(2.0, 2.3548 * sigma),
+                              min_significance=threshold)
+    del snr, sm_img, sm_var
     all_x = np.array([fp.peaks[0].x for fp in pos], float)
     all_y = np.array([fp.peaks[0].y for fp in pos], float)
     pos = [fp for fp in pos if not (fp.peaks[0].significance < min_significance)]
