@@ -416,6 +416,37 @@ def _theta_to_kernel(theta, n_basis, kernel_spatial, bg_spatial, constant_first_
     return SpatialKernel(basis, coeffs, kernel_spatial), SpatialBackground(np.array(params), bg_spatial)
 
 
+#: Candidates needed per spatial term: of the kernel (a spatial variation needs more points than terms to be
+#: stable) and of the background (each stamp measures its local background precisely).
+CANDIDATES_PER_KERNEL_TERM = 2
+CANDIDATES_PER_BACKGROUND_TERM = 1
+
+
+def _affordable_spatial(n: int, kspatial, bspatial, bbox, kind: str, log):
+    """Spatial functions of the highest orders ≤ the configured ones that ``n`` candidates can constrain.
+
+    A spatial model with more terms than the stars support is singular (condition numbers ~1e20 and a garbage
+    kernel on small images); lowering the order is LSST's "weakly constrained" warning turned into a remedy.
+    """
+    def terms(order: int) -> int:
+        return (order + 1) * (order + 2) // 2
+
+    ko = kspatial.order
+    while ko > 0 and n < CANDIDATES_PER_KERNEL_TERM * terms(ko):
+        ko -= 1
+    bo = bspatial.order if bspatial is not None else 0
+    while bspatial is not None and bo > 0 and n < CANDIDATES_PER_BACKGROUND_TERM * terms(bo):
+        bo -= 1
+    if ko == kspatial.order and (bspatial is None or bo == bspatial.order):
+        return kspatial, bspatial
+    log.warning("%d kernel candidates cannot constrain spatial orders %d (kernel) / %s (background): fitting "
+                "%d / %s.", n, kspatial.order, None if bspatial is None else bspatial.order, ko,
+                None if bspatial is None else bo)
+    ks = SpatialFunction(ko, bbox, kind) if ko != kspatial.order else kspatial
+    bs = None if bspatial is None else (SpatialFunction(bo, bbox, kind) if bo != bspatial.order else bspatial)
+    return ks, bs
+
+
 @_with_single_threaded_blas
 def solve_psf_matching(
     template: MaskedImage,
@@ -528,10 +559,11 @@ def solve_psf_matching(
                 n_rejected["ksum"] += int(bad.sum())
                 continue
         idx = np.array([index[id(c)] for c in visited])
+        ks_fit, bs_fit = _affordable_spatial(len(idx), kspatial, bspatial, bbox, spatial_model_type, log)
         theta, design, cond = fit_spatial(
-            system.M[idx], system.b[idx], xs_all[idx], ys_all[idx], n_basis, kspatial, bspatial, constant_first_term
+            system.M[idx], system.b[idx], xs_all[idx], ys_all[idx], n_basis, ks_fit, bs_fit, constant_first_term
         )
-        solution = (theta, idx, cond)
+        solution = (theta, idx, cond, ks_fit, bs_fit)
         if it >= max_spatial_iterations:
             break
         # Assess every visited candidate with the spatial kernel at its centre.
@@ -553,7 +585,7 @@ def solve_psf_matching(
             pass  # let the next pass refill the cells or raise
         it += 1
 
-    theta, idx, cond = solution
+    theta, idx, cond, kspatial, bspatial = solution
     kernel, background = _theta_to_kernel(theta, n_basis, kspatial, bspatial, constant_first_term, basis)
     n_used = len(idx)
     if n_used < 1:
