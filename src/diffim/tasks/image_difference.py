@@ -36,6 +36,7 @@ from .register import RegisterTask
 from .scale_variance import ScaleVarianceTask
 from .sky_objects import SkyObjectsTask
 from .star_selector import ObjectSizeStarSelectorTask
+from ..warp.coverage import template_coverage
 from . import zogy as _zogy  # noqa: F401  (registers "zogy" in subtractAlgorithmRegistry)
 
 __all__ = ["ImageDifferenceConfig", "ImageDifferenceTask", "MIN_SELECTED_KERNEL_SOURCES"]
@@ -299,18 +300,6 @@ class ImageDifferenceConfig(pexConfig.Config):
             raise ConfigError("doWriteScoreExp needs useScoreImageDetection=True (no score image is made otherwise).")
         if self.useGaussianForPreConvolution and not self.useScoreImageDetection:
             raise ConfigError("useGaussianForPreConvolution needs useScoreImageDetection=True.")
-
-
-def template_coverage(science, template) -> float:
-    """Fraction of science pixels with usable template data (neither image NO_DATA, template finite)."""
-    box = science.bbox.intersection(template.bbox)
-    if box.is_empty():
-        return 0.0
-    t = template[box]
-    s = science[box]
-    good = ~(t.mask.get("NO_DATA", ignore_missing=True) | s.mask.get("NO_DATA", ignore_missing=True))
-    good &= np.isfinite(t.image)
-    return float(good.sum()) / float(science.bbox.area)
 
 
 def same_pixel_grid(science, template) -> bool:
