@@ -22,7 +22,8 @@ _STATS_PLANES = ("BAD", "SAT", "EDGE", "NO_DATA")
 
 
 def detect_and_measure_sources(exposure: Exposure, *, threshold: float = 10.0, max_sources: int = 5000,
-                               min_significance: float = 0.0, work: Exposure | None = None) -> Table:
+                               min_significance: float = 0.0, work: Exposure | None = None,
+                               footprints: list | None = None) -> Table:
     """Detect and measure the sources of ``exposure``.
 
     Parameters
@@ -39,6 +40,9 @@ def detect_and_measure_sources(exposure: Exposure, *, threshold: float = 10.0, m
         in ``table.meta["all_x"]``, ``["all_y"]`` for isolation tests).
     work
         The background-subtracted exposure (:func:`background_subtracted`), if already computed.
+    footprints
+        Per-peak source footprints from an earlier detection of the same exposure (``mark_detections(...,
+        return_sources=True)``); detection is then skipped and ``threshold`` is not used.
 
     Returns
     -------
@@ -50,19 +54,14 @@ def detect_and_measure_sources(exposure: Exposure, *, threshold: float = 10.0, m
     sigma = psf.sigma(*exposure.psf_position())
     if work is None:
         work = background_subtracted(exposure)
-    pos, _, sm_img, sm_var = detect_footprints(work.image, work.variance, work.mask.array, sigma, threshold,
-                                               "positive",
-                                               stats_bits=work.mask.bitmask(list(_STATS_PLANES), ignore_missing=True),
-                                               xy0=work.xy0)
-    pos = [fp for fp in pos if fp.peaks]
-    # Neighbouring stars joined by one footprint are separate sources (one per significant peak).
-    from .deblend import split_footprints
-
-    with np.errstate(divide="ignore", invalid="ignore"):
-        snr = sm_img / np.sqrt(sm_var)
-    pos, _ = split_footprints(pos, snr, xy0=work.xy0, min_separation=max(2.0, 2.3548 * sigma),
-                              min_significance=threshold)
-    del snr, sm_img, sm_var
+    if footprints is not None:
+        pos = list(footprints)
+    else:
+        pos, _, sm_img, sm_var = detect_footprints(
+            work.image, work.variance, work.mask.array, sigma, threshold, "positive",
+            stats_bits=work.mask.bitmask(list(_STATS_PLANES), ignore_missing=True), xy0=work.xy0)
+        pos = _per_peak_sources(pos, sm_img, sm_var, work.xy0, sigma, threshold)
+        del sm_img, sm_var
     all_x = np.array([fp.peaks[0].x for fp in pos], float)
     all_y = np.array([fp.peaks[0].y for fp in pos], float)
     pos = [fp for fp in pos if not (fp.peaks[0].significance < min_significance)]
@@ -115,12 +114,26 @@ def background_subtracted(exposure: Exposure, *, bin_size: int = 128) -> Exposur
                     photo_calib=exposure.photo_calib, band=exposure.band)
 
 
+def _per_peak_sources(footprints, sm_img, sm_var, xy0, sigma: float, threshold: float) -> list:
+    """Neighbouring stars joined by one footprint become separate sources (one per significant peak)."""
+    from .deblend import split_footprints
+
+    footprints = [fp for fp in footprints if fp.peaks]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = sm_img / np.sqrt(sm_var)
+    out, _ = split_footprints(footprints, snr, xy0=xy0, min_separation=max(2.0, 2.3548 * sigma),
+                              min_significance=threshold)
+    return out
+
+
 def mark_detections(exposure: Exposure, *, threshold: float = 5.0, n_sigma_to_grow: float = 2.4,
-                    work: Exposure | None = None) -> int:
+                    work: Exposure | None = None, return_sources: bool = False):
     """Set DETECTED on the pixels of sources detected above ``threshold`` σ (in place); return their number.
 
     A calibrated LSST exposure arrives with DETECTED set by its own source detection, and variance scaling of
-    the difference ignores those pixels; this gives plain inputs the same property.
+    the difference ignores those pixels; this gives plain inputs the same property. With ``return_sources``
+    the per-peak source footprints are returned too (``(n, footprints)``), so a later science catalogue
+    (:func:`detect_and_measure_sources` with ``footprints=``) need not detect again.
     """
     psf = exposure.require_psf()
     sigma = psf.sigma(*exposure.psf_position())
@@ -128,11 +141,14 @@ def mark_detections(exposure: Exposure, *, threshold: float = 5.0, n_sigma_to_gr
         work = background_subtracted(exposure)
     from .detection import detect_footprints_smoothed, footprints_to_mask
 
-    pos, _, _, pos_map, _ = detect_footprints_smoothed(
+    pos, _, sm, pos_map, _ = detect_footprints_smoothed(
         work.image, work.variance, work.mask.array, sigma, threshold, "positive", n_sigma_to_grow=n_sigma_to_grow,
         stats_bits=work.mask.bitmask(list(_STATS_PLANES), ignore_missing=True), xy0=work.xy0)
     if work.shape != exposure.shape or tuple(work.xy0) != tuple(exposure.xy0):
         pos_map = footprints_to_mask(pos, exposure.shape, exposure.xy0)
     # The detection map is the union of the footprints' pixels: no need to paint them one by one.
     exposure.mask.set("DETECTED", pos_map)
-    return len(pos)
+    if not return_sources:
+        return len(pos)
+    sources = _per_peak_sources(pos, sm.image, sm.variance, work.xy0, sigma, threshold)
+    return len(pos), sources

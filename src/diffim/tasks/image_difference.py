@@ -336,6 +336,7 @@ class ImageDifferenceTask(Task):
         config.validate()
         super().__init__(config=config, **kwargs)
         self.progress = progress
+        self._science_sources = None  # per-peak science sources of the current run (DETECTED marking, ap corr)
         self._conv_template = bool(self.config.convolveTemplate)
         self.makeSubtask("subtract")
         self.makeSubtask("decorrelate")
@@ -403,6 +404,7 @@ class ImageDifferenceTask(Task):
             raise BadInputError("ImageDifferenceTask.run needs a science exposure.")
         cfg = self.config
         self.metadata["psfMatchingAlgorithm"] = cfg.subtract.name
+        self._science_sources = None
         science = exposure
         if cfg.doAddCalexpBackground and calexpBackgroundExposure is not None:
             bg = calexpBackgroundExposure
@@ -446,7 +448,9 @@ class ImageDifferenceTask(Task):
                 with self._stage("scienceDetection"):
                     from ..sources import mark_detections
 
-                    self.metadata["nScienceDetections"] = mark_detections(science, work=self._sky_subtracted(science))
+                    n, self._science_sources = mark_detections(science, work=self._sky_subtracted(science),
+                                                               return_sources=True)
+                    self.metadata["nScienceDetections"] = n
             if cfg.doScaleTemplateVariance:
                 with self._stage("scaleTemplateVariance"):
                     self.metadata["scaleTemplateVarianceFactor"] = self.scaleVariance.run(warpedExposure.masked_image)
@@ -498,6 +502,7 @@ class ImageDifferenceTask(Task):
                                                   warpedExposure, idFactory, selectSources)
         self._quality_metadata(subtractedExposure)
         self._sky_cache = None
+        self._science_sources = None
         return Struct(
             subtractedExposure=subtractedExposure,
             scoreExposure=scoreExposure,
@@ -866,7 +871,8 @@ class ImageDifferenceTask(Task):
         try:
             work = self._sky_subtracted(science)
             # Only stars with S/N ≥ 50 enter the fit, so only bright detections are measured.
-            sources = detect_and_measure_sources(science, work=work, min_significance=30.0)
+            sources = detect_and_measure_sources(science, work=work, min_significance=30.0,
+                                                 footprints=getattr(self, "_science_sources", None))
             stars = self.sourceSelector.run(sources, exposure=science).sourceCat
             # Isolation from every detected source, not only from other stars: a faint neighbour inside the
             # 12-px aperture biases the ratio high.
