@@ -130,14 +130,9 @@ def _fwhm_variation(psf, bbox) -> float:
 
 def _same_pixel_grid(science: Exposure, template: Exposure, tol: float = 0.01) -> bool:
     """True if both WCSs map the science corners and centre to the same sky points within ``tol`` pixels."""
-    if science.wcs is None or template.wcs is None or science.wcs is template.wcs:
-        return True
-    b = science.bbox
-    xs = np.array([b.x0, b.x1 - 1, b.x0, b.x1 - 1, b.center[0]], dtype=float)
-    ys = np.array([b.y0, b.y0, b.y1 - 1, b.y1 - 1, b.center[1]], dtype=float)
-    ra, dec = science.pixel_to_sky(xs, ys)
-    tx, ty = template.sky_to_pixel(ra, dec)
-    return bool(np.all(np.hypot(tx - xs, ty - ys) <= tol))
+    from ..forced import wcs_equal
+
+    return wcs_equal(science.wcs, template.wcs, science.bbox, tol=tol)
 
 
 class ZogyImagePsfMatchTask(Task):
