@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Callable
 
 import numpy as np
@@ -75,6 +76,10 @@ __all__ = [
 #: scheme under ``method="auto"``; beyond it (≈ 11°) the 2-D kernel is used, because the two-pass
 #: interpolation error grows with the shear (1.3 % → 3 % of the peak of a σ = 1.2 px star from 0° to 45°).
 TWO_PASS_MAX_SHEAR = 0.2
+
+#: Largest |pixel scale ratio − 1| along the working axes for the slice-based passes (diffim.warp.banded):
+#: beyond it the tap offsets drift so fast along a line that tiles become tiny, and per-pixel gathers win.
+BANDED_MAX_DRIFT = 0.03
 
 #: Destination columns processed per strip (bounds the temporaries to ~40 bytes × source height × width).
 WARP_STRIP_WIDTH = 64
@@ -151,10 +156,12 @@ class TransformGrid:
         i = np.clip(np.floor(t).astype(np.intp), 0, nodes.size - 2)
         return i, t - i
 
-    def interpolate(self, plane: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-        """Bilinear interpolation of a node ``plane`` at the outer product of ``ys`` (rows) and ``xs``."""
+    def interpolate(self, plane: np.ndarray, xs: np.ndarray, ys: np.ndarray, dtype=float) -> np.ndarray:
+        """Bilinear interpolation of a node ``plane`` at the outer product of ``ys`` (rows) and ``xs``
+        (computed in ``dtype``: float32 is enough for slowly varying planes such as the pixel area)."""
         ix, fx = self._weights(self.gx, xs)
         iy, fy = self._weights(self.gy, ys)
+        fx, fy = fx.astype(dtype, copy=False), fy.astype(dtype, copy=False)
         # First along x for the node rows needed, then along y.
         rows = plane[:, ix] * (1.0 - fx) + plane[:, ix + 1] * fx
         return rows[iy] * (1.0 - fy)[:, None] + rows[iy + 1] * fy[:, None]
@@ -292,7 +299,7 @@ def warp_masked_image(
     if transposed:
         jm = jm[[2, 3, 0, 1]]  # the working axes are swapped
     shear = max(abs(jm[1]) / max(abs(jm[3]), 1e-12), abs(jm[2]) / max(abs(jm[0]), 1e-12))
-    if method not in ("auto", "two-pass", "direct"):
+    if method not in ("auto", "two-pass", "direct", "two-pass-gather"):
         raise BadInputError(f"Unknown warp method {method!r}; use 'auto', 'two-pass' or 'direct'.")
     if method == "direct" or (method == "auto" and shear > TWO_PASS_MAX_SHEAR):
         flats = (img.reshape(-1), var.reshape(-1), msk.reshape(-1), full.reshape(-1) if use_full else None)
@@ -377,7 +384,127 @@ def warp_masked_image(
         out_var[:, cs] = o_var.reshape(ys.size, w)
         out_mask.array[:, cs] = m_out.reshape(ys.size, w)
 
-    return run_strips(do_strip)
+    # Slice-based passes (diffim.warp.banded) unless the pixel scales differ so much that the tap offsets
+    # drift by more than ~1 px over a 32-px chunk; then (and on request) the per-pixel gathers above.
+    drift = max(abs(abs(jm[0]) - 1.0), abs(abs(jm[3]) - 1.0))
+    if method == "two-pass-gather" or drift > BANDED_MAX_DRIFT:
+        return run_strips(do_strip)
+
+    from .banded import SPREAD_MAX, resample_pass
+
+    pad = order + SPREAD_MAX + 1
+    img_p = _pad_columns(img, pad)
+    var_p = _pad_columns(var, pad)
+    msk_p = _pad_columns(msk, pad) if msk.any() else None
+    full_p = _pad_columns(full, pad) if use_full else None
+    # Pass-1 pixels whose footprint leaves the source carry this bit (never a NO_DATA/EDGE bit) in the
+    # intermediate full-footprint mask; pass 2 ORs it over its footprint, flagging exactly the dependants.
+    flag = np.int32(np.iinfo(np.int32).min)
+    area32 = grid.area.astype(np.float32)
+
+    local = threading.local()
+
+    def buffer(name: str, shape: tuple[int, int], dtype) -> np.ndarray:
+        """A per-thread scratch array of at least ``shape`` (reused across strips: no page faults)."""
+        buf = getattr(local, name, None)
+        size = shape[0] * shape[1]
+        if buf is None or buf.size < size:
+            buf = np.zeros(max(size, 1), dtype)  # zeros: stale contents are always finite
+            setattr(local, name, buf)
+        return buf[:size].reshape(shape)
+
+    def banded_strip(xa: int) -> None:
+        xb = min(xa + strip_width, bbox_out.x1)
+        xs = np.arange(xa, xb, dtype=float)
+        w = xs.size
+        ny = ys.size
+        cs = slice(xa - bbox_out.x0, xb - bbox_out.x0)
+        vs = grid.interpolate(v_nodes, xs, ys)
+        jlo = max(j_all_lo, int(math.floor(vs.min())) - order + 1)
+        jhi = min(j_all_hi, int(math.floor(vs.max())) + order)
+        if jlo > jhi:
+            out_img[:, cs] = np.nan
+            out_var[:, cs] = np.inf
+            out_mask.array[:, cs] = no_data
+            return
+        nj = jhi - jlo + 1
+        ix, fx = grid._weights(grid.gx, xs)
+        uj = uj_nodes[jlo - j_all_lo : jhi - j_all_lo + 1]
+        us = uj[:, ix] * (1.0 - fx) + uj[:, ix + 1] * fx
+        us *= N_PHASE
+        p1 = np.rint(us, out=us).astype(np.int64)
+        # Intermediate planes with `pad` zero rows above and below for pass 2 (valid pixels of pass 1 are all
+        # written; the rest keeps finite stale values, which only invalid pixels of pass 2 read).
+        hshape = (nj + 2 * pad, w)
+        inner = slice(pad, pad + nj)
+        h_img = buffer("h_img", hshape, np.float32)
+        h_var = buffer("h_var", hshape, np.float32)
+        for h in (h_img, h_var):
+            h[:pad] = 0
+            h[pad + nj :] = 0
+        h_msk = h_full = None
+        if msk_p is not None:
+            h_msk = buffer("h_msk", hshape, np.int32)
+            h_msk[...] = 0
+        if full_p is not None:
+            h_full = buffer("h_full", hshape, np.int32)
+            h_full[...] = 0
+        valid1 = resample_pass(
+            [img_p, var_p], [False, True], [] if msk_p is None else [msk_p], [] if full_p is None else [full_p],
+            p1, 1, nx_s, pad, order, [h_img[inner], h_var[inner]],
+            [] if h_msk is None else [h_msk[inner]], [] if h_full is None else [h_full[inner]], perp_offset=jlo,
+        )
+        if not valid1.all():
+            if h_full is None:
+                h_full = buffer("h_full", hshape, np.int32)
+                h_full[...] = 0
+            h_full[inner][~valid1] |= flag
+        vs *= N_PHASE
+        p2 = np.rint(vs, out=vs).astype(np.int64)
+        p2 -= jlo * N_PHASE
+        # Pass 2 accumulates into contiguous buffers: the output columns are strided by the full image width
+        # (often a power of two, whose cache aliasing makes in-place accumulation several times slower).
+        oshape = (ny, w)
+        o_img = buffer("o_img", oshape, np.float32)
+        o_var = buffer("o_var", oshape, np.float32)
+        o_msk = f_out = None
+        if h_msk is not None:
+            o_msk = buffer("o_msk", oshape, np.int32)
+            o_msk[...] = 0
+        if h_full is not None:
+            f_out = buffer("f_out", oshape, np.int32)
+            f_out[...] = 0
+        valid2 = resample_pass(
+            [h_img, h_var], [False, True], [] if h_msk is None else [h_msk], [] if h_full is None else [h_full],
+            p2, 0, nj, pad, order, [o_img, o_var], [] if o_msk is None else [o_msk],
+            [] if f_out is None else [f_out],
+        )
+        bad_px = ~valid2
+        if f_out is not None:
+            bad_px |= (f_out & flag) != 0
+            f_out &= full_bits
+            o_msk = f_out if o_msk is None else (o_msk | f_out)
+        area = grid.interpolate(area32, xs, ys, dtype=np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):  # unwritten (invalid) pixels hold stale values
+            np.multiply(o_img, area, out=out_img[:, cs])
+            area *= area
+            np.multiply(o_var, area, out=out_var[:, cs])
+        m_dst = out_mask.array[:, cs]
+        if o_msk is not None:
+            m_dst[...] = o_msk
+        if bad_px.any():
+            out_img[:, cs][bad_px] = np.nan
+            out_var[:, cs][bad_px] = np.inf
+            m_dst[bad_px] = no_data
+
+    return run_strips(banded_strip)
+
+
+def _pad_columns(a: np.ndarray, pad: int) -> np.ndarray:
+    """``a`` with ``pad`` zero columns on each side (a new C-contiguous array)."""
+    out = np.zeros((a.shape[0], a.shape[1] + 2 * pad), a.dtype)
+    out[:, pad : pad + a.shape[1]] = a
+    return out
 
 
 def _axis_taps(pos: np.ndarray, length: int, order: int):
