@@ -138,6 +138,58 @@ def test_cosmic_ray_repair_spares_stars():
     assert abs(fixed[50, 90]) < 50 and abs(fixed[80, 20]) < 50
 
 
+def test_smeared_cosmic_rays_found_by_likelihood_ratio():
+    """Rays of 10–16 σ per pixel spread by a registration's bilinear resampling over 2×2 or 2×3 pixels pass the
+    neighbour test's noise allowance, but fit a 0.5-px profile far better than the PSF (Δχ² ≫ 25): found.
+    150 PSF-shaped sources with S/N 6–40 (a PSF source has Δχ² ≈ −s²(1 − ρ²) < −15 here) are never flagged,
+    nor are bright stars."""
+    from diffim.psf.repair import find_cosmic_rays, sharp_sources
+
+    rng = np.random.default_rng(21)
+    shape = (400, 400)
+    sigma_psf, noise = 1.3, 10.0
+    truth = np.zeros(shape)
+    # PSF-optimal S/N of a Gaussian source: flux / (noise · √(4π) σ).
+    snr_unit = noise * math.sqrt(4 * math.pi) * sigma_psf
+    centres = rng.uniform(12, 388, size=(160, 2))
+    snrs = np.concatenate([rng.uniform(6, 40, 150), rng.uniform(200, 2000, 10)])
+    for (x, y), snr in zip(centres, snrs):
+        truth += _gauss(shape, x, y, sigma_psf, snr * snr_unit)
+    img = truth + rng.normal(0, noise, shape)
+    rays = []
+    for k in range(12):
+        while True:
+            x, y = rng.integers(15, 385, 2)
+            if np.hypot(centres[:, 0] - x, centres[:, 1] - y).min() > 10:
+                break
+        peak = rng.uniform(10, 16) * noise * 2.2  # ≈ 10–16 σ per pixel after the smear below
+        fx, fy = rng.uniform(0.3, 0.7, 2)
+        ray = np.zeros((3, 3))
+        ray[0, 0] = peak
+        if k % 2:  # a 2-px track along x before resampling
+            ray[0, 1] = peak
+        # Bilinear resampling by (fx, fy): each pixel's charge shared among four.
+        sm = (ray * (1 - fx) * (1 - fy) + np.roll(ray, 1, 1) * fx * (1 - fy) + np.roll(ray, 1, 0) * (1 - fx) * fy
+              + np.roll(np.roll(ray, 1, 0), 1, 1) * fx * fy)
+        img[y : y + 3, x : x + 3] += sm
+        rays.append((x, y))
+    var = np.full(shape, noise**2)
+    stars = np.zeros(shape, bool)  # each source's pixels above 2 % of its peak
+    for x, y in centres:
+        g = _gauss(shape, x, y, sigma_psf, 1.0)
+        stars |= g > 0.02 * g.max()
+    sharp = sharp_sources(img, var, sigma_psf)
+    found = [bool(sharp[y : y + 3, x : x + 3].any()) for x, y in rays]
+    assert all(found), found
+    assert not (sharp & stars).any()
+    old = find_cosmic_rays(img, var, sigma_psf, grow=0, delta_chi2=None)
+    new = find_cosmic_rays(img, var, sigma_psf, grow=0)
+    n_old = sum(bool(old[y : y + 3, x : x + 3].any()) for x, y in rays)
+    n_new = sum(bool(new[y : y + 3, x : x + 3].any()) for x, y in rays)
+    assert n_new == len(rays) and n_old < len(rays)  # the likelihood-ratio test is what finds the faint ones
+    assert not (new & stars).any()
+
+
 def test_xy0_override_for_files_without_wcs(tmp_path):
     """xy0=(0, 0) in the per-image options replaces the file's origin (ip_diffim's pair stores 9 and 24)."""
     from diffim.pipeline import _read_one
