@@ -6,6 +6,11 @@ for all candidates and all bases at once (:meth:`KernelBasis.correlate_stamps` u
 basis), giving ``M_c = CᵀWC`` and ``b_c = CᵀWS`` with constant-variance weighting. The spatial fit stacks the
 candidates' normal equations through the map from spatial parameters to local coefficients (§2.8); that is
 the exact χ² over all candidate pixels with the coefficients frozen at each candidate centre.
+
+The columns ``C_i`` carry the convolved image's noise, so ``E[M_c]`` exceeds its noiseless value by a term
+``∝ Σ_u B_i(u) B_j(u) V_T`` that acts as a ridge penalty on ``‖K‖²`` and biases the kernel towards a wide,
+smoothing one unless the convolved image is much deeper than the other; ``template_noise_correction``
+subtracts that expectation (:func:`template_noise_matrix`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import math
 
 import numpy as np
 import scipy.fft as sfft
+from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import InsufficientKernelCandidatesError, NoKernelCandidatesError
 from ..model.box import Box
@@ -109,9 +115,12 @@ class StampSystem:
         ``(nc,)`` constant variance used as weight.
     M, b
         ``(nc, n, n)`` and ``(nc, n)`` normal equations (float64).
+    noise
+        ``(nc, N, N)`` expected template-noise part of ``M[:, :N, :N]``, or None.
     """
 
     def __init__(self, C, S, VS, VT, weight_var, M, b, fit_background, valid_shape):
+        self.noise = None  # (nc, N, N) expected template-noise part of M[:, :N, :N] (build_stamp_system), if any
         self.C, self.S, self.VS, self.VT = C, S, VS, VT
         self.weight_var, self.M, self.b = weight_var, M, b
         self.fit_background = fit_background
@@ -139,12 +148,21 @@ def build_stamp_system(
     *,
     fit_background: bool = True,
     constant_variance_weighting: bool = True,
+    template_noise_correction: bool = False,
+    noise_correlation: np.ndarray | None = None,
+    regularization: np.ndarray | None = None,
     chunk: int = 128,
 ) -> StampSystem:
     """Design matrices and normal equations for the stamps ``boxes`` (all the same size).
 
     With ``constant_variance_weighting`` the weight of every pixel of a stamp is ``1/median(V_S + V_T)``
     (1 if that median is ≤ 0); otherwise ``1/(V_S + V_T)`` per pixel.
+
+    With ``template_noise_correction`` the expected contribution of the convolved image's own noise to each
+    normal matrix (:func:`template_noise_matrix`, with the noise autocorrelation ``noise_correlation``) is
+    stored as ``system.noise``; ``M`` itself stays the ordinary one (single-candidate fits use it) and the
+    spatial fit removes the noise part (:func:`fit_spatial`). ``regularization``
+    (``λH``, basis-sized) is added to every candidate's normal matrix (delta-function bases).
     """
     if not boxes:
         raise NoKernelCandidatesError("No kernel candidate stamps to fit; supply more stars or relax the mask cuts.")
@@ -194,7 +212,63 @@ def build_stamp_system(
                 cw = cc * wpix[c]
                 M[c] = cw @ cc.T
                 b[c] = cw @ S[c]
-    return StampSystem(C, S, VS, VT, wv_, M, b, fit_background, (hv, wv))
+    if regularization is not None:
+        M[:, :N, :N] += regularization
+    system = StampSystem(C, S, VS, VT, wv_, M, b, fit_background, (hv, wv))
+    if template_noise_correction:
+        system.noise = template_noise_matrix(basis, VT, wv_ if wpix is None else wpix.reshape(nc, hv, wv),
+                                             noise_correlation)
+    return system
+
+
+def template_noise_matrix(basis: KernelBasis, VT: np.ndarray, weight, noise_correlation=None) -> np.ndarray:
+    """Expected noise part of ``CᵀWC`` for stamps of the convolved image with variance ``VT``.
+
+    ``C_i(X) = Σ_u B_i(u) T(X + u)``; with independent pixel noise of variance ``V_T``,
+    ``E[Σ_X w(X) C_i(X) C_j(X)]`` exceeds its noiseless value by ``Σ_u B_i(u) B_j(u) W(u)`` where
+    ``W(u) = Σ_X w(X) V_T(X + u)`` (X over the valid region). That excess acts as a ridge penalty
+    ``∝ ‖K‖²`` and pulls the fitted kernel towards a wide, smoothing one whenever the convolved image's noise is
+    not negligible against the candidates' signal.
+
+    Parameters
+    ----------
+    VT
+        ``(nc, H, W)`` variance stamps of the convolved image.
+    weight
+        ``(nc,)`` constant variances (weight ``1/weight``) or ``(nc, hv, wv)`` per-pixel weights.
+    noise_correlation
+        Normalised noise autocorrelation ``ρ`` (odd square, centre 1; :func:`diffim.psfmatch.noise.noise_correlation`)
+        for correlated noise, ``Cov(T(p), T(p + d)) ≈ V_T(p) ρ(d)``: the second basis factor becomes
+        ``Σ_d ρ(d) B_j(u + d)``. None: independent pixels.
+
+    Returns
+    -------
+    noise
+        ``(nc, N, N)`` matrices.
+    """
+    VT = np.asarray(VT, dtype=np.float64)
+    nc, H, W = VT.shape
+    w = basis.size
+    hv, wv = H - w + 1, W - w + 1
+    weight = np.asarray(weight, dtype=np.float64)
+    if weight.ndim == 1:
+        # Box sums of V_T over the valid window at every kernel offset, from a summed-area table.
+        cs = np.zeros((nc, H + 1, W + 1))
+        cs[:, 1:, 1:] = VT.cumsum(axis=1).cumsum(axis=2)
+        Wu = cs[:, hv:, wv:] - cs[:, :w, wv:] - cs[:, hv:, :w] + cs[:, :w, :w]
+        Wu = Wu / weight[:, None, None]
+    else:
+        win = sliding_window_view(VT, (hv, wv), axis=(1, 2))  # (nc, w, w, hv, wv)
+        Wu = np.einsum("cuvyx,cyx->cuv", win, weight, optimize=True)
+    Bf = basis.images.reshape(len(basis), -1)
+    if noise_correlation is None:
+        return np.einsum("iu,cu,ju->cij", Bf, Wu.reshape(nc, -1), Bf, optimize=True)
+    from scipy.signal import correlate
+
+    rho = np.asarray(noise_correlation, dtype=np.float64)
+    Br = np.stack([correlate(b, rho, mode="same") for b in basis.images]).reshape(len(basis), -1)
+    out = np.einsum("iu,cu,ju->cij", Bf, Wu.reshape(nc, -1), Br, optimize=True)
+    return 0.5 * (out + out.transpose(0, 2, 1))
 
 
 def solve_normal_equations(M: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -383,6 +457,12 @@ def spatial_design(xs, ys, n_basis, kernel_spatial, bg_spatial, constant_first_t
     return SpatialDesign(xs, ys, n_basis, kernel_spatial, bg_spatial, constant_first_term).dense()
 
 
+#: Template-noise correction of the spatial fit: only kernel directions in which at least this fraction of the
+#: normal-matrix power is signal are corrected (the others keep ordinary least squares). The correction divides
+#: a direction's solution by its signal fraction, so this bounds the noise amplification (≤ 1/0.1).
+MIN_SIGNAL_FRACTION = 0.1
+
+
 def fit_spatial(
     M: np.ndarray,
     b: np.ndarray,
@@ -392,12 +472,41 @@ def fit_spatial(
     kernel_spatial: SpatialFunction,
     bg_spatial: SpatialFunction | None,
     constant_first_term: bool = True,
+    noise: np.ndarray | None = None,
 ) -> tuple[np.ndarray, SpatialDesign, float]:
     """Solve ``Σ_c P_cᵀ M_c P_c θ = Σ_c P_cᵀ b_c``. Returns θ, the :class:`SpatialDesign` and the eigenvalue
-    condition number of the normal matrix."""
+    condition number of the normal matrix.
+
+    ``noise`` (``(nc, N, N)``, :func:`template_noise_matrix`) is the expected template-noise part of each
+    ``M_c``. With it, the spatial normal matrix ``Q`` and its noise part ``Q_n`` are diagonalised together
+    (``Q_n v = α Q v``; ``α`` is the noise fraction of direction ``v``) and ``Q`` is replaced by
+    ``Q − Q_n`` in the directions whose signal fraction ``1 − α`` is at least :data:`MIN_SIGNAL_FRACTION`;
+    directions dominated by noise keep ordinary least squares. ``design.n_noise_corrected`` records how many
+    directions were corrected.
+    """
     design = SpatialDesign(xs, ys, n_basis, kernel_spatial, bg_spatial, constant_first_term)
-    Q, w = design.normal_equations(np.asarray(M, float), np.asarray(b, float))
-    theta = solve_normal_equations(Q, w)
+    M = np.asarray(M, float)
+    Q, w = design.normal_equations(M, np.asarray(b, float))
+    design.n_noise_corrected = 0
+    theta = None
+    if noise is not None and np.any(noise):
+        import scipy.linalg as sla
+
+        full = np.zeros_like(M)
+        full[:, :n_basis, :n_basis] = noise
+        Qn = design.normal_equations(full, np.zeros(M.shape[:2]))[0]
+        try:
+            alpha, V = sla.eigh(0.5 * (Qn + Qn.T), 0.5 * (Q + Q.T))  # Vᵀ Q V = I, Vᵀ Q_n V = diag(α)
+        except (np.linalg.LinAlgError, ValueError):
+            alpha = None  # Q not numerically positive definite: no correction
+        if alpha is not None:
+            frac = 1.0 - alpha
+            fix = frac >= MIN_SIGNAL_FRACTION
+            gain = np.where(fix, 1.0 / np.where(fix, frac, 1.0), 1.0)
+            theta = V @ (gain * (V.T @ w))
+            design.n_noise_corrected = int(np.count_nonzero(fix & (alpha > 1e-9)))
+    if theta is None:
+        theta = solve_normal_equations(Q, w)
     if not np.all(np.isfinite(theta)):
         raise NoKernelCandidatesError("The spatial kernel solution has NaN coefficients; too few usable stars.")
     return theta, design, condition_number(Q)
@@ -471,6 +580,8 @@ def solve_psf_matching(
     candidate_residual_std_max: float = 1.5,
     max_ksum_sigma: float = 3.0,
     constant_variance_weighting: bool = True,
+    template_noise_correction: bool = False,
+    noise_correlation: np.ndarray | None = None,
     regularization: np.ndarray | None = None,
     log: logging.Logger | None = None,
 ) -> KernelSolution:
@@ -478,7 +589,9 @@ def solve_psf_matching(
 
     ``template`` is the image that gets convolved, ``science`` the one it is matched to. Candidates are
     modified in place (status, kernel_sum, residual statistics). ``regularization`` (``λH``, basis-sized) is
-    added to every candidate's normal matrix (delta-function bases). Raises
+    added to every candidate's normal matrix (delta-function bases). ``template_noise_correction`` removes the
+    template's own noise (autocorrelation ``noise_correlation``) from the spatial normal equations
+    (:func:`build_stamp_system`, :func:`fit_spatial`). Raises
     :class:`~diffim.errors.NoKernelCandidatesError` when every candidate is rejected.
     """
     log = log or _log
@@ -502,9 +615,9 @@ def solve_psf_matching(
     system = build_stamp_system(
         basis, template, science, [c.box for c in cands],
         fit_background=fit_for_background, constant_variance_weighting=constant_variance_weighting,
+        template_noise_correction=template_noise_correction, noise_correlation=noise_correlation,
+        regularization=regularization,
     )
-    if regularization is not None:
-        system.M[:, :n_basis, :n_basis] += regularization
     single = solve_single(system)
     smean, srms, schi2 = residual_statistics(system, single, basis)
     ksum = single[:, :n_basis] @ basis.sums
@@ -561,9 +674,10 @@ def solve_psf_matching(
         idx = np.array([index[id(c)] for c in visited])
         ks_fit, bs_fit = _affordable_spatial(len(idx), kspatial, bspatial, bbox, spatial_model_type, log)
         theta, design, cond = fit_spatial(
-            system.M[idx], system.b[idx], xs_all[idx], ys_all[idx], n_basis, ks_fit, bs_fit, constant_first_term
+            system.M[idx], system.b[idx], xs_all[idx], ys_all[idx], n_basis, ks_fit, bs_fit, constant_first_term,
+            noise=None if system.noise is None else system.noise[idx],
         )
-        solution = (theta, idx, cond, ks_fit, bs_fit)
+        solution = (theta, idx, cond, ks_fit, bs_fit, design.n_noise_corrected)
         if it >= max_spatial_iterations:
             break
         # Assess every visited candidate with the spatial kernel at its centre.
@@ -585,7 +699,7 @@ def solve_psf_matching(
             pass  # let the next pass refill the cells or raise
         it += 1
 
-    theta, idx, cond, kspatial, bspatial = solution
+    theta, idx, cond, kspatial, bspatial, n_corrected = solution
     kernel, background = _theta_to_kernel(theta, n_basis, kspatial, bspatial, constant_first_term, basis)
     n_used = len(idx)
     if n_used < 1:
@@ -605,6 +719,8 @@ def solve_psf_matching(
         "nRejectedKernelSum": n_rejected["ksum"],
         "nRejectedSpatial": n_rejected["spatial"],
     }
+    if system.noise is not None:
+        meta["nTemplateNoiseCorrectedModes"] = n_corrected
     log.info(
         "Kernel solved with %d of %d candidates; kernel sum at centre %.5f; condition number %.3g.",
         n_used, len(cands), meta["spatialKernelSum"], cond,

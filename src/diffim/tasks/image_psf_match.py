@@ -22,6 +22,7 @@ from ..model.exposure import Exposure
 from ..model.psf import FWHM_PER_SIGMA, Psf
 from ..psfmatch.basis import make_kernel_basis_list, regularization_matrix
 from ..psfmatch.candidates import detect_kernel_sources, make_kernel_candidates
+from ..psfmatch.noise import noise_correlation
 from ..psfmatch.solve import solve_psf_matching
 from .base import Struct, Task, timeMethod
 
@@ -196,6 +197,14 @@ class ImagePsfMatchConfig(pexConfig.Config):
     )
     anisotropyThreshold = pexConfig.Field(dtype=float, default=0.6,
                                           doc="Kernel axis ratio below which anisotropicBasisDegree applies.")
+    templateNoiseCorrection = pexConfig.Field(
+        dtype=bool, default=True,
+        doc="Not in LSST: remove the expected contribution of the convolved image's own pixel noise (variance "
+            "plane × its measured 5×5 noise autocorrelation) from the spatial kernel fit's normal equations, in "
+            "the directions the candidates measure above that noise (errors-in-variables correction). Without "
+            "it the least-squares kernel is biased towards a wide, smoothing one whenever the convolved image "
+            "is not much deeper than the other (the noise adds a penalty ∝ ‖K‖²).",
+    )
 
     def setDefaults(self):
         super().setDefaults()
@@ -369,6 +378,15 @@ class ImagePsfMatchTask(Task):
                 f"{counts['input']} sources, {counts['outside']} too close to the edge, {counts['masked']} masked, "
                 f"{counts['nonfinite']} with non-finite pixels. Provide more stars or a larger overlap."
             )
+        rho = None
+        if self.config.templateNoiseCorrection:
+            good = None
+            bits = target.mask.bitmask([p for p in kc.badMaskPlanes if target.mask.has_plane(p)])
+            if bits:
+                good = (target.mask.array[bbox.slices(target.xy0)] & bits) == 0
+            tmi = target.masked_image[bbox]
+            rho = noise_correlation(tmi.image, tmi.variance, good)
+            self.metadata["templateNoiseCorrelation1"] = float(0.25 * (rho[1, 2] + rho[3, 2] + rho[2, 1] + rho[2, 3]))
         solution = solve_psf_matching(
             target.masked_image, reference.masked_image, cands, basis, bbox=bbox,
             spatial_kernel_order=kc.spatialKernelOrder, spatial_bg_order=kc.spatialBgOrder,
@@ -378,7 +396,9 @@ class ImagePsfMatchTask(Task):
             kernel_sum_clipping=kc.kernelSumClipping, spatial_kernel_clipping=kc.spatialKernelClipping,
             candidate_residual_mean_max=kc.candidateResidualMeanMax,
             candidate_residual_std_max=kc.candidateResidualStdMax, max_ksum_sigma=kc.maxKsumSigma,
-            constant_variance_weighting=kc.constantVarianceWeighting, regularization=self._regularization(basis),
+            constant_variance_weighting=kc.constantVarianceWeighting,
+            template_noise_correction=self.config.templateNoiseCorrection, noise_correlation=rho,
+            regularization=self._regularization(basis),
             log=self.log,
         )
         self.metadata.update(solution.metadata)
