@@ -367,3 +367,24 @@ def test_ap_corr_models_round_trip(tmp_path):
     x, y = np.array([1000.0, 1050.0, 1079.0]), np.array([950.0, 990.0, 1013.0])
     assert np.array_equal(got(x, y), model(x, y))
     assert np.all(back["base_PsfFlux_instFluxErr"](x, y) == 0.0)
+
+
+def test_every_psf_type_in_the_package_can_be_read_back():
+    """read_exposure resolves every PSFTYPE the package writes (a ZOGY difference's ZOGY_CELLS was unknown to
+    a fresh reader): every class registered with ``@register_psf_type`` in src/ is known after the reader's own
+    imports, in a fresh interpreter."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "diffim"
+    names = set()
+    for path in src.rglob("*.py"):  # classes decorated with @register_psf_type (others write an IMAGE PSF)
+        names |= set(re.findall(r'@register_psf_type\s*\nclass \w+[^\n]*\n(?:[^\n]*\n)*?\s+psf_type = "(\w+)"',
+                                path.read_text()))
+    assert {"GAUSSIAN", "ZOGY_CELLS", "DECORRELATED", "PSFEX"} <= names
+    code = ("from diffim.io.fits import _import_psf_types; from diffim.model.psf import psf_type_registry; "
+            "_import_psf_types(); print(' '.join(sorted(psf_type_registry())))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert names <= set(out), names - set(out)

@@ -392,7 +392,7 @@ def _import_psf_types() -> None:
     """Import the modules that register the spatially varying PSF classes."""
     import importlib
 
-    for name in ("diffim.psf", "diffim.decorrelated_psf", "diffim.testing.psfs", "diffim.warp"):
+    for name in ("diffim.psf", "diffim.decorrelated_psf", "diffim.testing.psfs", "diffim.warp.psf", "diffim.zogy"):
         try:
             importlib.import_module(name)
         except ImportError:  # pragma: no cover - partial installs
