@@ -14,8 +14,8 @@ the pixel's own offset ``D − D0`` and zero on the ``s`` spare taps. So the res
 same samples with the same (quantised) weights as the gather formulation, bit for bit up to float32
 summation order, and the mask footprints are the same too.
 
-The source must be padded along the resampled axis with ``pad ≥ a + s_max`` zeros (zero-weight taps of the
-exact-integer positions at the very edge, and the spare taps of a tile, read them; they must be finite).
+Tiles whose taps reach beyond the source (zero-weight taps of exact-integer positions at the very edge,
+spare taps) read a small zero-padded copy of their region instead.
 """
 
 from __future__ import annotations
@@ -131,57 +131,56 @@ def resample_pass(
     full_masks: list[np.ndarray],
     pabs: np.ndarray,
     axis: int,
-    length: int,
-    pad: int,
     order: int,
     out_planes: list[np.ndarray],
     out_masks: list[np.ndarray],
     out_full: list[np.ndarray],
     perp_offset: int = 0,
     chunk: int | None = None,
-) -> np.ndarray:
-    """Resample lines of the padded source ``planes`` at positions ``pabs / N_PHASE`` into ``out_planes``.
+) -> np.ndarray | None:
+    """Resample lines of the source ``planes`` at positions ``pabs / N_PHASE`` into ``out_planes``.
 
     Output pixel ``(r, c)`` (shape of ``pabs``) lies on source line ``r + perp_offset`` (``axis = 1``: lines are
-    rows, positions are column coordinates) or ``c + perp_offset`` (``axis = 0``: lines are columns). Source
-    coordinate ``t`` along the line is array index ``t + pad``.
+    rows of the source, positions are column coordinates) or ``c + perp_offset`` (``axis = 0``: lines are
+    columns).
 
     Parameters
     ----------
     planes, squared
-        float32 padded source planes; per plane, whether to use squared weights (variance).
+        float32 source planes (all of the same shape); per plane, whether to use squared weights (variance).
     masks, full_masks
-        int32 padded source masks OR-ed over the bilinear, respectively full, footprint.
+        int32 source masks OR-ed over the bilinear, respectively full, footprint.
     pabs
         int64 positions in units of ``1 / N_PHASE`` px (``rint(pos · N_PHASE)``).
-    length
-        Unpadded line length (validity: every tap of non-zero weight inside ``[0, length)``).
     out_planes, out_masks, out_full
-        Outputs (views of shape ``pabs.shape``). Valid pixels are always written; invalid ones may be left
-        untouched. Masks must be zero-initialised (all-zero tiles are skipped).
+        Outputs (shape of ``pabs``). Valid pixels are always written; invalid ones may be left untouched.
+        Masks must be zero-initialised (tiles whose source mask is all zero are skipped).
     chunk
-        Tile length along the axis (default: the whole axis, or shorter when the positions drift relative
-        to the pixel index, e.g. a pixel-scale change).
+        Tile length along the axis (default: enough for ~TILE_PIXELS per tile). A chunk over which one line
+        drifts by more than ``SPREAD_MAX`` offsets (a pixel-scale change) is halved until it does not.
 
     Returns
     -------
     valid
-        Bool array: the taps of non-zero weight lie inside the line.
+        Bool array, True where every tap of non-zero weight lies inside the line; None if all are valid.
     """
     ntap = 2 * order
+    length = planes[0].shape[axis]
     shape = pabs.shape
     n_along = shape[axis]
     idx = np.arange(n_along, dtype=np.int64) * N_PHASE
     prel = pabs - (idx[None, :] if axis == 1 else idx[:, None])
     lo_ok, hi_ok = (order - 1) * N_PHASE, (length - order) * N_PHASE
-    valid = (pabs >= lo_ok) & (pabs < hi_ok)
-    all_valid = bool(valid.all())
-    if not all_valid:
+    valid = None
+    if pabs.size == 0:
+        return valid
+    if not (int(pabs.min()) >= lo_ok and int(pabs.max()) < hi_ok):
+        valid = (pabs >= lo_ok) & (pabs < hi_ok)
         # Exact integer positions need only the sample they land on.
-        cand = ~valid & (pabs % N_PHASE == 0) & (pabs >= 0) & (pabs <= (length - 1) * N_PHASE)
-        valid |= cand
-        all_valid = bool(valid.all())
-        if not valid.any():
+        valid |= (pabs % N_PHASE == 0) & (pabs >= 0) & (pabs <= (length - 1) * N_PHASE)
+        if valid.all():
+            valid = None
+        elif not valid.any():
             return valid
     if chunk is None:
         chunk = max(64, TILE_PIXELS // max(shape[1 - axis], 1))
@@ -194,7 +193,7 @@ def resample_pass(
         # Floor offsets D of each line's extreme pixels (floor division rounds towards −∞; floor is monotonic,
         # so the extreme offsets are those of the extreme positions).
         pr = prel[:, sl_a] if axis == 1 else prel[sl_a, :]
-        if all_valid:
+        if valid is None:
             lo = pr.min(axis=axis) // N_PHASE
             hi = pr.max(axis=axis) // N_PHASE
         else:
@@ -209,32 +208,51 @@ def resample_pass(
         for b0, b1, d0, d1 in _bands(lo, hi, SPREAD_MAX, max_perp):
             if d0 > d1:
                 continue  # no valid pixel in this tile
-            _tile(planes, squared, masks, full_masks, prel, valid, all_valid, axis, pad, order, ntap,
+            _tile(planes, squared, masks, full_masks, prel, valid, axis, order, ntap,
                   out_planes, out_masks, out_full, perp_offset, a0, a1, b0, b1, d0, d1 - d0)
     return valid
 
 
-def _tile(planes, squared, masks, full_masks, prel, valid, all_valid, axis, pad, order, ntap,
+def _tile(planes, squared, masks, full_masks, prel, valid, axis, order, ntap,
           out_planes, out_masks, out_full, perp_offset, a0, a1, b0, b1, d0, spread):
     """Resample one tile: along-axis pixels ``a0:a1`` of lines ``b0:b1``, first-tap origin ``d0``."""
     if axis == 1:
         key = (slice(b0, b1), slice(a0, a1))
     else:
         key = (slice(a0, a1), slice(b0, b1))
-    if not all_valid:
+    if valid is not None:
         vt = valid[key]
         if not vt.all():
-            # Restrict the along-axis extent to the valid pixels, so every slice stays inside the padding.
+            # Restrict the along-axis extent to the valid pixels: their slices stay within a few pixels of
+            # the source (zero-weight taps of exact positions at the very edge), so the padding stays small.
             anyv = np.flatnonzero(vt.any(axis=1 - axis))
             a0, a1 = a0 + int(anyv[0]), a0 + int(anyv[-1]) + 1
             key = (slice(b0, b1), slice(a0, a1)) if axis == 1 else (slice(a0, a1), slice(b0, b1))
     p = prel[key] - d0 * N_PHASE  # position relative to the tile's tap origin; invalid ones clip below
     weights, bil_sel, full_sel = band_tables(order, spread)
     n_m = ntap + spread
-    # Source slice of tap m: along-axis index (i + d0 − a + 1 + m) + pad for output index i.
-    s0 = a0 + d0 - order + 1 + pad
-    s1 = a1 + d0 - order + 1 + pad
+    # Tap m of output index i reads source index i + d0 − a + 1 + m along the line.
+    s0 = a0 + d0 - order + 1
+    s1 = a1 + d0 - order + 1
     lines = slice(b0 + perp_offset, b1 + perp_offset)
+    length = planes[0].shape[axis]
+    lo, hi = s0, s1 + n_m - 1  # source range read by the tile
+    if lo < 0 or hi > length:
+        # Near the edge: a zero-padded copy of the region (zero-weight taps read the padding).
+        def padded(arr):
+            region = np.zeros((b1 - b0, hi - lo) if axis == 1 else (hi - lo, b1 - b0), arr.dtype)
+            c0, c1 = max(lo, 0), min(hi, length)
+            if c1 > c0:
+                if axis == 1:
+                    region[:, c0 - lo : c1 - lo] = arr[lines, c0:c1]
+                else:
+                    region[c0 - lo : c1 - lo, :] = arr[c0:c1, lines]
+            return region
+
+        planes = [padded(a) for a in planes]
+        masks = [padded(a) for a in masks]
+        full_masks = [padded(a) for a in full_masks]
+        s0, s1, lines = 0, s1 - s0, slice(0, b1 - b0)
 
     def src(arr, m):
         if axis == 1:

@@ -166,6 +166,47 @@ class TransformGrid:
         rows = plane[:, ix] * (1.0 - fx) + plane[:, ix + 1] * fx
         return rows[iy] * (1.0 - fy)[:, None] + rows[iy + 1] * fy[:, None]
 
+    def _lerp_range(self, plane: np.ndarray, nodes: np.ndarray, start: int, n: int, axis: int, dtype) -> np.ndarray:
+        """Linear interpolation of the 2-D ``plane`` along ``axis`` (node coordinates ``nodes``) at the
+        consecutive integers ``start … start + n − 1``: one broadcast ``a + t·(b − a)`` per node cell, no
+        gathers. Returns a view with a contiguous last axis."""
+        step = self.step
+        g0 = int(nodes[0])
+        k0 = min(max((start - g0) // step, 0), nodes.size - 2)
+        k1 = min(max((start + n - 1 - g0) // step, k0), nodes.size - 2)
+        off = start - g0 - k0 * step  # position of `start` within cell k0
+        nc = k1 - k0 + 1
+        if off < 0 or off + n > nc * step + 1:  # pragma: no cover - outside the grid: clamped extrapolation
+            pos = np.arange(start, start + n, dtype=float)
+            i, f = self._weights(nodes, pos)
+            pl = np.moveaxis(plane, axis, 0).astype(dtype, copy=False)
+            f = f.astype(dtype)[:, None]
+            return np.ascontiguousarray(np.moveaxis(pl[i] + f * (pl[i + 1] - pl[i]), 0, axis))
+        plane = plane.astype(dtype, copy=False)
+        t = (np.arange(step) / step).astype(dtype)
+        if axis == 1:
+            a = plane[:, k0 : k1 + 1]
+            d = plane[:, k0 + 1 : k1 + 2] - a
+            buf = np.empty((plane.shape[0], nc * step + 1), dtype)
+            v3 = buf[:, : nc * step].reshape(plane.shape[0], nc, step)
+            np.multiply(d[:, :, None], t, out=v3)
+            v3 += a[:, :, None]
+            buf[:, -1] = plane[:, k1 + 1]
+            return buf[:, off : off + n]
+        a = plane[k0 : k1 + 1]
+        d = plane[k0 + 1 : k1 + 2] - a
+        buf = np.empty((nc * step + 1, plane.shape[1]), dtype)
+        v3 = buf[: nc * step].reshape(nc, step, plane.shape[1])
+        np.multiply(d[:, None, :], t[None, :, None], out=v3)
+        v3 += a[:, None, :]
+        buf[-1] = plane[k1 + 1]
+        return buf[off : off + n]
+
+    def interpolate_range(self, plane: np.ndarray, x0: int, nx: int, y0: int, ny: int, dtype=float) -> np.ndarray:
+        """:meth:`interpolate` of ``plane`` at the integer pixels ``x0 … x0+nx−1`` × ``y0 … y0+ny−1`` (faster)."""
+        rows = self._lerp_range(plane, self.gx, x0, nx, 1, dtype)
+        return self._lerp_range(rows, self.gy, y0, ny, 0, dtype)
+
     def __call__(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Source ``(x, y)`` at the grid ``ys × xs`` (arrays of shape ``(len(ys), len(xs))``)."""
         return self.interpolate(self.u, xs, ys), self.interpolate(self.v, xs, ys)
@@ -334,6 +375,7 @@ def warp_masked_image(
     j_all = np.arange(j_all_lo, j_all_hi + 1, dtype=float)
     uj_nodes = _invert_columns(v_nodes, u_nodes, j_all)  # (nj_all, n_node_cols)
 
+    area32 = grid.area.astype(np.float32)
     img_f, var_f, msk_f = img.reshape(-1), var.reshape(-1), msk.reshape(-1)
     full_f = full.reshape(-1) if use_full else None
 
@@ -342,7 +384,7 @@ def warp_masked_image(
         xs = np.arange(xa, xb, dtype=float)
         w = xs.size
         cs = slice(xa - bbox_out.x0, xb - bbox_out.x0)
-        vs = grid.interpolate(v_nodes, xs, ys)  # (ny_d, w): source row coordinate of each destination pixel
+        vs = grid.interpolate_range(v_nodes, xa, w, bbox_out.y0, ys.size)  # (ny_d, w): source row of each pixel
         jlo = max(j_all_lo, int(math.floor(vs.min())) - order + 1)
         jhi = min(j_all_hi, int(math.floor(vs.max())) + order)
         if jlo > jhi:
@@ -353,9 +395,8 @@ def warp_masked_image(
         j = np.arange(jlo, jhi + 1)
         nj = j.size
         # Pass 1: source x where each destination column crosses source row j (linear between node columns).
-        ix, fx = grid._weights(grid.gx, xs)
         uj = uj_nodes[jlo - j_all_lo : jhi - j_all_lo + 1]
-        us = (uj[:, ix] * (1.0 - fx) + uj[:, ix + 1] * fx).reshape(-1)  # (nj, w) flattened
+        us = grid._lerp_range(uj, grid.gx, xa, w, 1, float).reshape(-1)  # (nj, w) flattened
         line = np.repeat(j * nx_s, w)
         (h_img, h_var), h_masks, valid1 = resample_axis(
             [img_f, var_f], line, 1, nx_s, us, order, [False, True], [msk_f], [full_f] if use_full else None
@@ -373,9 +414,9 @@ def warp_masked_image(
         m_out = o_masks[0]
         if len(o_masks) > 1:
             m_out = m_out | o_masks[1]
-        area = grid.interpolate(grid.area, xs, ys).reshape(-1)
-        o_img *= area.astype(np.float32)
-        o_var *= (area * area).astype(np.float32)
+        area = grid.interpolate_range(area32, xa, w, bbox_out.y0, ys.size, np.float32).reshape(-1)
+        o_img *= area
+        o_var *= area * area
         bad_px = ~good
         o_img[bad_px] = np.nan
         o_var[bad_px] = np.inf
@@ -390,18 +431,13 @@ def warp_masked_image(
     if method == "two-pass-gather" or drift > BANDED_MAX_DRIFT:
         return run_strips(do_strip)
 
-    from .banded import SPREAD_MAX, resample_pass
+    from .banded import resample_pass
 
-    pad = order + SPREAD_MAX + 1
-    img_p = _pad_columns(img, pad)
-    var_p = _pad_columns(var, pad)
-    msk_p = _pad_columns(msk, pad) if msk.any() else None
-    full_p = _pad_columns(full, pad) if use_full else None
+    msk_b = msk if msk.any() else None
+    full_b = full if use_full else None
     # Pass-1 pixels whose footprint leaves the source carry this bit (never a NO_DATA/EDGE bit) in the
     # intermediate full-footprint mask; pass 2 ORs it over its footprint, flagging exactly the dependants.
     flag = np.int32(np.iinfo(np.int32).min)
-    area32 = grid.area.astype(np.float32)
-
     local = threading.local()
 
     def buffer(name: str, shape: tuple[int, int], dtype) -> np.ndarray:
@@ -415,11 +451,10 @@ def warp_masked_image(
 
     def banded_strip(xa: int) -> None:
         xb = min(xa + strip_width, bbox_out.x1)
-        xs = np.arange(xa, xb, dtype=float)
-        w = xs.size
+        w = xb - xa
         ny = ys.size
         cs = slice(xa - bbox_out.x0, xb - bbox_out.x0)
-        vs = grid.interpolate(v_nodes, xs, ys)
+        vs = grid.interpolate_range(v_nodes, xa, w, bbox_out.y0, ny)
         jlo = max(j_all_lo, int(math.floor(vs.min())) - order + 1)
         jhi = min(j_all_hi, int(math.floor(vs.max())) + order)
         if jlo > jhi:
@@ -428,37 +463,31 @@ def warp_masked_image(
             out_mask.array[:, cs] = no_data
             return
         nj = jhi - jlo + 1
-        ix, fx = grid._weights(grid.gx, xs)
-        uj = uj_nodes[jlo - j_all_lo : jhi - j_all_lo + 1]
-        us = uj[:, ix] * (1.0 - fx) + uj[:, ix + 1] * fx
+        us = grid._lerp_range(uj_nodes[jlo - j_all_lo : jhi - j_all_lo + 1], grid.gx, xa, w, 1, float)
         us *= N_PHASE
         p1 = np.rint(us, out=us).astype(np.int64)
-        # Intermediate planes with `pad` zero rows above and below for pass 2 (valid pixels of pass 1 are all
-        # written; the rest keeps finite stale values, which only invalid pixels of pass 2 read).
-        hshape = (nj + 2 * pad, w)
-        inner = slice(pad, pad + nj)
+        # Intermediate planes (valid pass-1 pixels are all written; the rest keeps finite stale values, which
+        # only invalid pass-2 pixels read).
+        hshape = (nj, w)
         h_img = buffer("h_img", hshape, np.float32)
         h_var = buffer("h_var", hshape, np.float32)
-        for h in (h_img, h_var):
-            h[:pad] = 0
-            h[pad + nj :] = 0
         h_msk = h_full = None
-        if msk_p is not None:
+        if msk_b is not None:
             h_msk = buffer("h_msk", hshape, np.int32)
             h_msk[...] = 0
-        if full_p is not None:
+        if full_b is not None:
             h_full = buffer("h_full", hshape, np.int32)
             h_full[...] = 0
         valid1 = resample_pass(
-            [img_p, var_p], [False, True], [] if msk_p is None else [msk_p], [] if full_p is None else [full_p],
-            p1, 1, nx_s, pad, order, [h_img[inner], h_var[inner]],
-            [] if h_msk is None else [h_msk[inner]], [] if h_full is None else [h_full[inner]], perp_offset=jlo,
+            [img, var], [False, True], [] if msk_b is None else [msk_b], [] if full_b is None else [full_b],
+            p1, 1, order, [h_img, h_var], [] if h_msk is None else [h_msk], [] if h_full is None else [h_full],
+            perp_offset=jlo,
         )
-        if not valid1.all():
+        if valid1 is not None:
             if h_full is None:
                 h_full = buffer("h_full", hshape, np.int32)
                 h_full[...] = 0
-            h_full[inner][~valid1] |= flag
+            h_full[~valid1] |= flag
         vs *= N_PHASE
         p2 = np.rint(vs, out=vs).astype(np.int64)
         p2 -= jlo * N_PHASE
@@ -476,15 +505,15 @@ def warp_masked_image(
             f_out[...] = 0
         valid2 = resample_pass(
             [h_img, h_var], [False, True], [] if h_msk is None else [h_msk], [] if h_full is None else [h_full],
-            p2, 0, nj, pad, order, [o_img, o_var], [] if o_msk is None else [o_msk],
-            [] if f_out is None else [f_out],
+            p2, 0, order, [o_img, o_var], [] if o_msk is None else [o_msk], [] if f_out is None else [f_out],
         )
-        bad_px = ~valid2
+        bad_px = None if valid2 is None else ~valid2
         if f_out is not None:
-            bad_px |= (f_out & flag) != 0
+            flagged = (f_out & flag) != 0
+            bad_px = flagged if bad_px is None else (bad_px | flagged)
             f_out &= full_bits
             o_msk = f_out if o_msk is None else (o_msk | f_out)
-        area = grid.interpolate(area32, xs, ys, dtype=np.float32)
+        area = grid.interpolate_range(area32, xa, w, bbox_out.y0, ny, np.float32)
         with np.errstate(invalid="ignore", over="ignore"):  # unwritten (invalid) pixels hold stale values
             np.multiply(o_img, area, out=out_img[:, cs])
             area *= area
@@ -492,19 +521,12 @@ def warp_masked_image(
         m_dst = out_mask.array[:, cs]
         if o_msk is not None:
             m_dst[...] = o_msk
-        if bad_px.any():
+        if bad_px is not None and bad_px.any():
             out_img[:, cs][bad_px] = np.nan
             out_var[:, cs][bad_px] = np.inf
             m_dst[bad_px] = no_data
 
     return run_strips(banded_strip)
-
-
-def _pad_columns(a: np.ndarray, pad: int) -> np.ndarray:
-    """``a`` with ``pad`` zero columns on each side (a new C-contiguous array)."""
-    out = np.zeros((a.shape[0], a.shape[1] + 2 * pad), a.dtype)
-    out[:, pad : pad + a.shape[1]] = a
-    return out
 
 
 def _axis_taps(pos: np.ndarray, length: int, order: int):
