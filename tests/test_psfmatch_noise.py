@@ -80,6 +80,13 @@ def test_template_noise_matrix_matches_monte_carlo(correlated):
     scale = np.sqrt(np.outer(np.diag(model), np.diag(model)))
     assert np.abs(emp - model).max() < 0.05 * scale.max()
     assert np.abs((emp - model) / scale).max() < 0.1
+    # The delta-function fast path equals the generic basis-product formula.
+    from diffim.psfmatch.basis import KernelBasis, delta_function_basis
+
+    df = delta_function_basis(7)
+    generic = KernelBasis(df.images.copy())
+    vt = rng.uniform(1.0, 2.0, (3, 19, 19))
+    assert np.allclose(template_noise_matrix(df, vt, w[:3], rho), template_noise_matrix(generic, vt, w[:3], rho))
     # Per-pixel weights give the same matrix when they are constant.
     per_pix = template_noise_matrix(basis, VT[:3], np.full((3, 23, 23), 1 / w[0]), rho)
     assert np.allclose(per_pix, template_noise_matrix(basis, VT[:3], w[:3], rho))

@@ -260,14 +260,29 @@ def template_noise_matrix(basis: KernelBasis, VT: np.ndarray, weight, noise_corr
     else:
         win = sliding_window_view(VT, (hv, wv), axis=(1, 2))  # (nc, w, w, hv, wv)
         Wu = np.einsum("cuvyx,cyx->cuv", win, weight, optimize=True)
+    Wf = Wu.reshape(nc, -1)
+    if basis.kind == "delta-function" and basis.mix is None:
+        # B_i = δ at pixel i: N_ij = ½(W_i + W_j) ρ(pixel j − pixel i), no basis products needed.
+        if noise_correlation is None:
+            out = np.zeros((nc, w * w, w * w))
+            idx = np.arange(w * w)
+            out[:, idx, idx] = Wf
+            return out
+        rho = np.asarray(noise_correlation, dtype=np.float64)
+        r = rho.shape[0] // 2
+        yy, xx = np.divmod(np.arange(w * w), w)
+        dy, dx = yy[None, :] - yy[:, None], xx[None, :] - xx[:, None]
+        inside = (np.abs(dy) <= r) & (np.abs(dx) <= r)
+        R = np.where(inside, rho[np.clip(dy + r, 0, 2 * r), np.clip(dx + r, 0, 2 * r)], 0.0)
+        return 0.5 * (Wf[:, :, None] + Wf[:, None, :]) * R[None]
     Bf = basis.images.reshape(len(basis), -1)
     if noise_correlation is None:
-        return np.einsum("iu,cu,ju->cij", Bf, Wu.reshape(nc, -1), Bf, optimize=True)
+        return np.einsum("iu,cu,ju->cij", Bf, Wf, Bf, optimize=True)
     from scipy.signal import correlate
 
     rho = np.asarray(noise_correlation, dtype=np.float64)
     Br = np.stack([correlate(b, rho, mode="same") for b in basis.images]).reshape(len(basis), -1)
-    out = np.einsum("iu,cu,ju->cij", Bf, Wu.reshape(nc, -1), Br, optimize=True)
+    out = np.einsum("iu,cu,ju->cij", Bf, Wf, Br, optimize=True)
     return 0.5 * (out + out.transpose(0, 2, 1))
 
 
