@@ -129,13 +129,16 @@ class TransformGrid:
         self.gy = y0 + step * np.arange(max(ny, 2), dtype=float)
         gxx, gyy = np.meshgrid(self.gx, self.gy)
         u, v = transform(gxx, gyy)
-        # Jacobian by central differences of ±0.5 px at the nodes: the destination pixel's area in source pixels.
-        ux1, vx1 = transform(gxx + 0.5, gyy)
-        ux0, vx0 = transform(gxx - 0.5, gyy)
-        uy1, vy1 = transform(gxx, gyy + 0.5)
-        uy0, vy0 = transform(gxx, gyy - 0.5)
-        jac = np.stack([ux1 - ux0, uy1 - uy0, vx1 - vx0, vy1 - vy0])  # du/dx, du/dy, dv/dx, dv/dy
-        ok = np.isfinite(u) & np.isfinite(v) & np.all(np.isfinite(jac), axis=0)
+        # Jacobian (the destination pixel's area in source pixels) by second-order finite differences of the
+        # node grid itself: error ≈ step²/6·|∂³u| (< 1e-8 for TAN-SIP distortions of ~10 px over the field),
+        # at no extra WCS evaluations (±0.5 px differences would cost four more per node, ~0.2 s for 4096²).
+        fin = np.isfinite(u) & np.isfinite(v)
+        un, vn = np.where(fin, u, np.nan), np.where(fin, v, np.nan)
+        edge = 2 if min(un.shape) >= 3 else 1
+        du_dy, du_dx = np.gradient(un, self.step, edge_order=edge)
+        dv_dy, dv_dx = np.gradient(vn, self.step, edge_order=edge)
+        jac = np.stack([du_dx, du_dy, dv_dx, dv_dy])
+        ok = fin & np.all(np.isfinite(jac), axis=0)
         if not ok.any():
             raise WcsError(
                 "The WCS transform between the two exposures is not finite anywhere over the destination box; "
