@@ -165,3 +165,20 @@ def test_task_measures_noise_correlation_and_corrects():
     assert "templateNoiseCorrelation1" in out[True][1] and abs(out[True][1]["templateNoiseCorrelation1"]) < 0.03
     assert out[True][0] < out[False][0]
     assert out[True][0] < 1.5
+
+
+def test_correction_uses_the_measured_noise_level():
+    """A template variance plane 2.5× too large: trusting it over-corrects (‖K − K0‖/‖K0‖ > 10 %, worse than no
+    correction), while the measured covariance (``noise_correlation(..., return_scale=True)``: scale ≈ 0.4)
+    keeps the corrected kernel within 2 % of the noiseless one. The scale is measured to ~3 % (robust
+    variance of the background pixels; the source cut and running-mean background bias it slightly low)."""
+    T, S, clean, src = _scene(1)
+    k0, _ = _kernel(clean, clean, src)
+    T2 = MaskedImage(T.image, variance=T.variance * 2.5)
+    rho, scale = noise_correlation(T2.image, T2.variance, return_scale=True)
+    assert scale == pytest.approx(0.4, rel=0.04)
+    err = lambda k: np.linalg.norm(k - k0) / np.linalg.norm(k0)  # noqa: E731
+    trusted, _ = _kernel(T2, S, src, template_noise_correction=True)
+    measured, _ = _kernel(T2, S, src, template_noise_correction=True, noise_correlation=rho * scale)
+    assert err(trusted) > 0.1
+    assert err(measured) < 0.02

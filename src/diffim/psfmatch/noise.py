@@ -24,17 +24,24 @@ def noise_correlation(
     background_box: int = 17,
     clip: float = 3.0,
     max_size: int = 1024,
-) -> np.ndarray:
+    return_scale: bool = False,
+) -> np.ndarray | tuple[np.ndarray, float]:
     """Normalised noise autocorrelation ``ρ`` of ``image`` at lags up to ``radius`` (``(2r+1, 2r+1)``, ρ[r, r] = 1).
 
     The image is scaled by ``1/√variance``; a running mean over ``background_box`` pixels (of the unmasked
-    pixels) is subtracted, and pixels above ``clip`` or in a 5×5 mean above 1 (sources), grown by 4 pixels,
-    are excluded; this is done twice so the source mask no longer biases the background. ``ρ(d)`` is the
+    pixels) is subtracted, and pixels beyond ``clip`` times the measured noise or in a 5×5 mean above one
+    noise σ (sources), grown by 4 pixels, are excluded; this is done twice so the source mask no longer biases
+    the background. ``ρ(d)`` is the
     mean product of the remaining pixel pairs at lag ``d`` divided by the lag-0 mean, symmetrised
     (``ρ(d) = ρ(−d)``). Only the central ``max_size × max_size`` region is used (the estimate's error is
     ~``1/√npix`` already far below what the correction needs).
 
-    Returns the identity (``ρ = δ``) if fewer than 1000 pixels are usable: white noise is then assumed.
+    With ``return_scale`` also the ratio of the measured pixel variance to the variance plane, ``(IQR/1.349)²``
+    of the scaled background pixels (robust, so the clipped tails and the residual faint sources barely move
+    it); ``scale · ρ`` is then the noise covariance in units of the variance plane.
+
+    Returns the identity (``ρ = δ``, scale 1) if fewer than 1000 pixels are usable: white noise as the variance
+    plane says is then assumed.
     """
     r = int(radius)
     img = np.asarray(image, dtype=np.float64)
@@ -49,8 +56,16 @@ def noise_correlation(
     delta = np.zeros((2 * r + 1, 2 * r + 1))
     delta[r, r] = 1.0
     if ok.sum() < 1000:
-        return delta
+        return (delta, 1.0) if return_scale else delta
     x = np.where(ok, img / np.sqrt(np.where(ok, var, 1.0)), 0.0)
+
+    def robust_var(v):
+        q25, q75 = np.percentile(v, [25, 75])
+        return float(((q75 - q25) / 1.349) ** 2)
+
+    # Thresholds are in units of the measured noise, not the variance plane's, so a mis-scaled plane is
+    # clipped like a right one.
+    scale = robust_var(x[ok] - np.median(x[ok]))
     use = ok.copy()
     resid = x
     for _ in range(2):
@@ -58,10 +73,12 @@ def noise_correlation(
         bg = ndimage.uniform_filter(x * w, background_box) / np.maximum(ndimage.uniform_filter(w, background_box),
                                                                          1e-3)
         resid = x - bg
-        src = (np.abs(resid) > clip) | (ndimage.uniform_filter(np.where(ok, resid, 0.0), 5) > 1.0)
+        sd = np.sqrt(scale) if scale > 0 else 1.0
+        src = (np.abs(resid) > clip * sd) | (ndimage.uniform_filter(np.where(ok, resid, 0.0), 5) > sd)
         use = ok & ~ndimage.binary_dilation(src, iterations=4)
-    if use.sum() < 1000:
-        return delta
+        if use.sum() < 1000:
+            return (delta, 1.0) if return_scale else delta
+        scale = robust_var(resid[use])
     z = np.where(use, resid, 0.0)
     H, W = z.shape
     rho = np.zeros((2 * r + 1, 2 * r + 1))
@@ -74,6 +91,7 @@ def noise_correlation(
             n = np.count_nonzero(use[a] & use[b])
             val = float((z[a] * z[b]).sum() / n) if n else 0.0
             rho[r + dy, r + dx] = rho[r - dy, r - dx] = val
-    if not rho[r, r] > 0:
-        return delta
-    return rho / rho[r, r]
+    if not (rho[r, r] > 0 and scale > 0):
+        return (delta, 1.0) if return_scale else delta
+    rho = rho / rho[r, r]
+    return (rho, scale) if return_scale else rho

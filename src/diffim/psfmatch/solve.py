@@ -239,7 +239,8 @@ def template_noise_matrix(basis: KernelBasis, VT: np.ndarray, weight, noise_corr
     noise_correlation
         Normalised noise autocorrelation ``ρ`` (odd square, centre 1; :func:`diffim.psfmatch.noise.noise_correlation`)
         for correlated noise, ``Cov(T(p), T(p + d)) ≈ V_T(p) ρ(d)``: the second basis factor becomes
-        ``Σ_d ρ(d) B_j(u + d)``. None: independent pixels.
+        ``Σ_d ρ(d) B_j(u + d)``; a centre value other than 1 rescales the variance plane (measured noise
+        covariance in its units). None: independent pixels with exactly the variance plane.
 
     Returns
     -------

@@ -200,7 +200,7 @@ class ImagePsfMatchConfig(pexConfig.Config):
     templateNoiseCorrection = pexConfig.Field(
         dtype=bool, default=True,
         doc="Not in LSST: remove the expected contribution of the convolved image's own pixel noise (variance "
-            "plane × its measured 5×5 noise autocorrelation) from the spatial kernel fit's normal equations, in "
+            "plane × its noise covariance measured at 5×5 lags on the background pixels) from the spatial kernel fit's normal equations, in "
             "the directions the candidates measure above that noise (errors-in-variables correction). Without "
             "it the least-squares kernel is biased towards a wide, smoothing one whenever the convolved image "
             "is not much deeper than the other (the noise adds a penalty ∝ ‖K‖²).",
@@ -385,8 +385,12 @@ class ImagePsfMatchTask(Task):
             if bits:
                 good = (target.mask.array[bbox.slices(target.xy0)] & bits) == 0
             tmi = target.masked_image[bbox]
-            rho = noise_correlation(tmi.image, tmi.variance, good)
+            # The covariance is measured, shape and amplitude: the correction needs the actual noise, and a
+            # variance plane off by a factor would make it over- or under-correct by that factor.
+            rho, scale = noise_correlation(tmi.image, tmi.variance, good, return_scale=True)
             self.metadata["templateNoiseCorrelation1"] = float(0.25 * (rho[1, 2] + rho[3, 2] + rho[2, 1] + rho[2, 3]))
+            self.metadata["templateNoiseVarianceRatio"] = scale
+            rho = rho * scale
         solution = solve_psf_matching(
             target.masked_image, reference.masked_image, cands, basis, bbox=bbox,
             spatial_kernel_order=kc.spatialKernelOrder, spatial_bg_order=kc.spatialBgOrder,
