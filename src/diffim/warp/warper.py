@@ -466,9 +466,13 @@ def warp_masked_image(
             out_mask.array[:, cs] = no_data
             return
         nj = jhi - jlo + 1
-        us = grid._lerp_range(uj_nodes[jlo - j_all_lo : jhi - j_all_lo + 1], grid.gx, xa, w, 1, float)
-        us *= N_PHASE
-        p1 = np.rint(us, out=us).astype(np.int64)
+        # Interpolated along the destination columns in transposed layout (long contiguous inner loops),
+        # then transposed into (source row, column) order while converting to integer phase units.
+        us_t = grid._lerp_range(uj_nodes[jlo - j_all_lo : jhi - j_all_lo + 1].T, grid.gx, xa, w, 0, float)
+        us_t *= N_PHASE
+        np.rint(us_t, out=us_t)
+        p1 = np.empty((nj, w), np.int64)
+        np.copyto(p1, us_t.T, casting="unsafe")
         # Intermediate planes (valid pass-1 pixels are all written; the rest keeps finite stale values, which
         # only invalid pass-2 pixels read).
         hshape = (nj, w)
