@@ -182,3 +182,28 @@ def test_correction_uses_the_measured_noise_level():
     measured, _ = _kernel(T2, S, src, template_noise_correction=True, noise_correlation=rho * scale)
     assert err(trusted) > 0.1
     assert err(measured) < 0.02
+
+
+@pytest.mark.parametrize("constant_first_term", [False, True])
+def test_delta_function_noise_spatial_matrix_equals_dense(constant_first_term):
+    """The compact delta-function noise gives the same spatial noise matrix ``Σ_c P_cᵀ N_c P_c`` as the dense
+    ``(nc, N, N)`` stack through :meth:`SpatialDesign.normal_equations` (to rounding), with and without a
+    constant first term and with a background."""
+    from diffim.model import Box
+    from diffim.psfmatch.basis import delta_function_basis
+    from diffim.psfmatch.kernel import SpatialFunction
+    from diffim.psfmatch.solve import DeltaFunctionNoise, SpatialDesign
+
+    rng = np.random.default_rng(0)
+    basis, nc, box = delta_function_basis(5), 12, Box(0, 0, 100, 100)
+    vt, w = rng.uniform(1, 2, (nc, 15, 15)), rng.uniform(1, 2, nc)
+    rho = np.array([[0.1, 0.3, 0.05], [0.35, 1, 0.35], [0.05, 0.3, 0.1]])
+    rho = 0.5 * (rho + rho[::-1, ::-1])
+    design = SpatialDesign(rng.uniform(0, 100, nc), rng.uniform(0, 100, nc), len(basis), SpatialFunction(1, box),
+                           SpatialFunction(2, box), constant_first_term)
+    compact = template_noise_matrix(basis, vt, w, rho, compact=True)
+    assert isinstance(compact, DeltaFunctionNoise)
+    full = np.zeros((nc, 26, 26))
+    full[:, :25, :25] = template_noise_matrix(basis, vt, w, rho)
+    dense = design.normal_equations(full, np.zeros((nc, 26)))[0]
+    assert np.allclose(compact.spatial_matrix(design, 25), dense, rtol=1e-10, atol=1e-10 * np.abs(dense).max())

@@ -116,7 +116,8 @@ class StampSystem:
     M, b
         ``(nc, n, n)`` and ``(nc, n)`` normal equations (float64).
     noise
-        ``(nc, N, N)`` expected template-noise part of ``M[:, :N, :N]``, or None.
+        ``(nc, N, N)`` expected template-noise part of ``M[:, :N, :N]`` (a :class:`DeltaFunctionNoise` for
+        delta-function bases), or None.
     """
 
     def __init__(self, C, S, VS, VT, weight_var, M, b, fit_background, valid_shape):
@@ -217,11 +218,12 @@ def build_stamp_system(
     system = StampSystem(C, S, VS, VT, wv_, M, b, fit_background, (hv, wv))
     if template_noise_correction:
         system.noise = template_noise_matrix(basis, VT, wv_ if wpix is None else wpix.reshape(nc, hv, wv),
-                                             noise_correlation)
+                                             noise_correlation, compact=True)
     return system
 
 
-def template_noise_matrix(basis: KernelBasis, VT: np.ndarray, weight, noise_correlation=None) -> np.ndarray:
+def template_noise_matrix(basis: KernelBasis, VT: np.ndarray, weight, noise_correlation=None,
+                          *, compact: bool = False):
     """Expected noise part of ``CᵀWC`` for stamps of the convolved image with variance ``VT``.
 
     ``C_i(X) = Σ_u B_i(u) T(X + u)``; with independent pixel noise of variance ``V_T``,
@@ -242,14 +244,36 @@ def template_noise_matrix(basis: KernelBasis, VT: np.ndarray, weight, noise_corr
         ``Σ_d ρ(d) B_j(u + d)``; a centre value other than 1 rescales the variance plane (measured noise
         covariance in its units). None: independent pixels with exactly the variance plane.
 
+    compact
+        Delta-function bases only: return a :class:`DeltaFunctionNoise` (the ``(nc, N)`` window sums and one
+        ``(N, N)`` correlation matrix) instead of ``nc`` dense ``N × N`` matrices.
+
     Returns
     -------
     noise
-        ``(nc, N, N)`` matrices.
+        ``(nc, N, N)`` matrices (or a :class:`DeltaFunctionNoise`).
     """
+    Wf = _noise_window_sums(VT, weight, basis.size)
+    nc, w = len(Wf), basis.size
+    if basis.kind == "delta-function" and basis.mix is None:
+        # B_i = δ at pixel i: N_ij = ½(W_i + W_j) ρ(pixel j − pixel i), no basis products needed.
+        compact_noise = DeltaFunctionNoise(Wf, _lag_matrix(w, noise_correlation))
+        return compact_noise if compact else compact_noise.dense()
+    Bf = basis.images.reshape(len(basis), -1)
+    if noise_correlation is None:
+        return np.einsum("iu,cu,ju->cij", Bf, Wf, Bf, optimize=True)
+    from scipy.signal import correlate
+
+    rho = np.asarray(noise_correlation, dtype=np.float64)
+    Br = np.stack([correlate(b, rho, mode="same") for b in basis.images]).reshape(len(basis), -1)
+    out = np.einsum("iu,cu,ju->cij", Bf, Wf, Br, optimize=True)
+    return 0.5 * (out + out.transpose(0, 2, 1))
+
+
+def _noise_window_sums(VT: np.ndarray, weight, w: int) -> np.ndarray:
+    """``(nc, w²)``: ``W(u) = Σ_X w(X) V_T(X + u)`` over the valid region X, for every kernel offset u."""
     VT = np.asarray(VT, dtype=np.float64)
     nc, H, W = VT.shape
-    w = basis.size
     hv, wv = H - w + 1, W - w + 1
     weight = np.asarray(weight, dtype=np.float64)
     if weight.ndim == 1:
@@ -261,30 +285,66 @@ def template_noise_matrix(basis: KernelBasis, VT: np.ndarray, weight, noise_corr
     else:
         win = sliding_window_view(VT, (hv, wv), axis=(1, 2))  # (nc, w, w, hv, wv)
         Wu = np.einsum("cuvyx,cyx->cuv", win, weight, optimize=True)
-    Wf = Wu.reshape(nc, -1)
-    if basis.kind == "delta-function" and basis.mix is None:
-        # B_i = δ at pixel i: N_ij = ½(W_i + W_j) ρ(pixel j − pixel i), no basis products needed.
-        if noise_correlation is None:
-            out = np.zeros((nc, w * w, w * w))
-            idx = np.arange(w * w)
-            out[:, idx, idx] = Wf
-            return out
-        rho = np.asarray(noise_correlation, dtype=np.float64)
-        r = rho.shape[0] // 2
-        yy, xx = np.divmod(np.arange(w * w), w)
-        dy, dx = yy[None, :] - yy[:, None], xx[None, :] - xx[:, None]
-        inside = (np.abs(dy) <= r) & (np.abs(dx) <= r)
-        R = np.where(inside, rho[np.clip(dy + r, 0, 2 * r), np.clip(dx + r, 0, 2 * r)], 0.0)
-        return 0.5 * (Wf[:, :, None] + Wf[:, None, :]) * R[None]
-    Bf = basis.images.reshape(len(basis), -1)
-    if noise_correlation is None:
-        return np.einsum("iu,cu,ju->cij", Bf, Wf, Bf, optimize=True)
-    from scipy.signal import correlate
+    return Wu.reshape(nc, -1)
 
+
+def _lag_matrix(w: int, noise_correlation) -> np.ndarray:
+    """``(w², w²)``: ``ρ(pixel j − pixel i)`` for the kernel pixels (identity for None)."""
+    if noise_correlation is None:
+        return np.eye(w * w)
     rho = np.asarray(noise_correlation, dtype=np.float64)
-    Br = np.stack([correlate(b, rho, mode="same") for b in basis.images]).reshape(len(basis), -1)
-    out = np.einsum("iu,cu,ju->cij", Bf, Wf, Br, optimize=True)
-    return 0.5 * (out + out.transpose(0, 2, 1))
+    r = rho.shape[0] // 2
+    yy, xx = np.divmod(np.arange(w * w), w)
+    dy, dx = yy[None, :] - yy[:, None], xx[None, :] - xx[:, None]
+    inside = (np.abs(dy) <= r) & (np.abs(dx) <= r)
+    return np.where(inside, rho[np.clip(dy + r, 0, 2 * r), np.clip(dx + r, 0, 2 * r)], 0.0)
+
+
+class DeltaFunctionNoise:
+    """Template-noise matrices of a delta-function basis, ``N_c[i, j] = ½(W_c[i] + W_c[j]) R[i, j]``, kept as the
+    ``(nc, N)`` window sums ``W`` and one ``(N, N)`` lag-correlation matrix ``R`` (the dense stack would be
+    as large as the normal matrices themselves)."""
+
+    def __init__(self, W: np.ndarray, R: np.ndarray) -> None:
+        self.W, self.R = np.asarray(W, float), np.asarray(R, float)
+
+    def __len__(self) -> int:
+        return len(self.W)
+
+    def __getitem__(self, idx) -> "DeltaFunctionNoise":
+        return DeltaFunctionNoise(self.W[idx], self.R)
+
+    def any(self) -> bool:
+        return bool(np.any(self.W))
+
+    def dense(self) -> np.ndarray:
+        return 0.5 * (self.W[:, :, None] + self.W[:, None, :]) * self.R[None]
+
+    def spatial_matrix(self, design: "SpatialDesign", n_basis: int) -> np.ndarray:
+        """``Σ_c P_cᵀ N_c P_c`` without forming ``N_c``: with features ``F`` of the bases' group,
+        ``Q[(i,k), (j,l)] = R_ij · ½(G_kl(i) + G_kl(j))``, ``G_kl(i) = Σ_c F_k(c) F_l(c) W_c(i)``."""
+        Q = np.zeros((design.n_theta, design.n_theta))
+        groups = [np.nonzero(design.group[:n_basis] == g)[0] for g in np.unique(design.group[:n_basis])]
+        for ia in groups:
+            ga = design.group[ia[0]]
+            for ib in groups:
+                gb = design.group[ib[0]]
+                Fa, Fb = design.features[ga], design.features[gb]
+                G = np.einsum("ck,cl,ci->kli", Fa, Fb, self.W, optimize=True)  # over all basis pixels i
+                R = self.R[np.ix_(ia, ib)]
+                for k in range(Fa.shape[1]):
+                    rows = design.index[ia, k]
+                    okr = rows >= 0
+                    if not okr.any():
+                        continue
+                    for l in range(Fb.shape[1]):
+                        cols = design.index[ib, l]
+                        okc = cols >= 0
+                        if not okc.any():
+                            continue
+                        block = R * 0.5 * (G[k, l][ia][:, None] + G[k, l][ib][None, :])
+                        Q[np.ix_(rows[okr], cols[okc])] += block[np.ix_(okr, okc)]
+        return Q
 
 
 def solve_normal_equations(M: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -505,12 +565,15 @@ def fit_spatial(
     Q, w = design.normal_equations(M, np.asarray(b, float))
     design.n_noise_corrected = 0
     theta = None
-    if noise is not None and np.any(noise):
+    if noise is not None and (noise.any() if isinstance(noise, DeltaFunctionNoise) else np.any(noise)):
         import scipy.linalg as sla
 
-        full = np.zeros_like(M)
-        full[:, :n_basis, :n_basis] = noise
-        Qn = design.normal_equations(full, np.zeros(M.shape[:2]))[0]
+        if isinstance(noise, DeltaFunctionNoise):
+            Qn = noise.spatial_matrix(design, n_basis)
+        else:
+            full = np.zeros_like(M)
+            full[:, :n_basis, :n_basis] = noise
+            Qn = design.normal_equations(full, np.zeros(M.shape[:2]))[0]
         try:
             alpha, V = sla.eigh(0.5 * (Qn + Qn.T), 0.5 * (Q + Q.T))  # Vᵀ Q V = I, Vᵀ Q_n V = diag(α)
         except (np.linalg.LinAlgError, ValueError):
