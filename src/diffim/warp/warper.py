@@ -304,8 +304,12 @@ def warp_masked_image(
     img = src.image
     var = src.variance
     msk = src.mask.array
-    bad = ~(np.isfinite(img) & np.isfinite(var))
-    if bad.any():
+    # A finite sum proves every pixel finite (NaN and ±inf propagate); only otherwise (or on float32
+    # overflow of a legitimately huge sum) is the per-pixel test needed.
+    with np.errstate(over="ignore", invalid="ignore"):
+        all_finite = bool(np.isfinite(img.sum()) and np.isfinite(var.sum()))
+    bad = None if all_finite else ~(np.isfinite(img) & np.isfinite(var))
+    if bad is not None and bad.any():
         img = np.where(bad, np.float32(0), img)
         var = np.where(bad, np.float32(0), var)
         msk = msk | np.where(bad, no_data, np.int32(0))
@@ -376,11 +380,18 @@ def warp_masked_image(
     if j_all_lo > j_all_hi or max(0, math.floor(u_nodes.min())) > min(nx_s - 1, math.ceil(u_nodes.max())):
         return nothing()
     j_all = np.arange(j_all_lo, j_all_hi + 1, dtype=float)
-    uj_nodes = _invert_columns(v_nodes, u_nodes, j_all)  # (nj_all, n_node_cols)
 
     area32 = grid.area.astype(np.float32)
     img_f, var_f, msk_f = img.reshape(-1), var.reshape(-1), msk.reshape(-1)
     full_f = full.reshape(-1) if use_full else None
+
+    def crossings(xa: int, w: int, jlo: int, jhi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source x where the destination node columns around ``xa … xa+w−1`` cross source rows
+        ``jlo … jhi``, and those node columns' x (computed per strip, so in the worker threads)."""
+        k0 = min(max(int((xa - grid.gx[0]) // grid.step), 0), grid.gx.size - 2)
+        k1 = min(max(int((xa + w - 1 - grid.gx[0]) // grid.step), k0), grid.gx.size - 2)
+        cols = slice(k0, k1 + 2)
+        return _invert_columns(v_nodes[:, cols], u_nodes[:, cols], j_all[jlo - j_all_lo : jhi - j_all_lo + 1]), grid.gx[cols]
 
     def do_strip(xa: int) -> None:
         xb = min(xa + strip_width, bbox_out.x1)
@@ -398,8 +409,8 @@ def warp_masked_image(
         j = np.arange(jlo, jhi + 1)
         nj = j.size
         # Pass 1: source x where each destination column crosses source row j (linear between node columns).
-        uj = uj_nodes[jlo - j_all_lo : jhi - j_all_lo + 1]
-        us = grid._lerp_range(uj, grid.gx, xa, w, 1, float).reshape(-1)  # (nj, w) flattened
+        uj, gx = crossings(xa, w, jlo, jhi)
+        us = grid._lerp_range(uj, gx, xa, w, 1, float).reshape(-1)  # (nj, w) flattened
         line = np.repeat(j * nx_s, w)
         (h_img, h_var), h_masks, valid1 = resample_axis(
             [img_f, var_f], line, 1, nx_s, us, order, [False, True], [msk_f], [full_f] if use_full else None
@@ -468,7 +479,8 @@ def warp_masked_image(
         nj = jhi - jlo + 1
         # Interpolated along the destination columns in transposed layout (long contiguous inner loops),
         # then transposed into (source row, column) order while converting to integer phase units.
-        us_t = grid._lerp_range(uj_nodes[jlo - j_all_lo : jhi - j_all_lo + 1].T, grid.gx, xa, w, 0, float)
+        uj, gx = crossings(xa, w, jlo, jhi)
+        us_t = grid._lerp_range(uj.T, gx, xa, w, 0, float)
         us_t *= N_PHASE
         np.rint(us_t, out=us_t)
         p1 = np.empty((nj, w), np.int64)
