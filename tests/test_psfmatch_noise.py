@@ -52,6 +52,8 @@ def test_noise_correlation_white_and_correlated():
     assert corr[2, 3] == pytest.approx(2 * A / (1 + 4 * A * A), abs=0.03)
     assert np.abs(corr - truth).max() < 0.03
     assert np.allclose(corr, corr[::-1, ::-1])  # symmetric by construction
+    # A noiseless image has no noise to correct for, whatever its variance plane claims.
+    assert noise_correlation(stars, var, return_scale=True)[1] == 0.0
 
 
 @pytest.mark.parametrize("correlated", [False, True])

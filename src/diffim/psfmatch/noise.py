@@ -41,7 +41,7 @@ def noise_correlation(
     it); ``scale · ρ`` is then the noise covariance in units of the variance plane.
 
     Returns the identity (``ρ = δ``, scale 1) if fewer than 1000 pixels are usable: white noise as the variance
-    plane says is then assumed.
+    plane says is then assumed. A noiseless image (every background residual 0) gives scale 0.
     """
     r = int(radius)
     img = np.asarray(image, dtype=np.float64)
@@ -91,7 +91,10 @@ def noise_correlation(
             n = np.count_nonzero(use[a] & use[b])
             val = float((z[a] * z[b]).sum() / n) if n else 0.0
             rho[r + dy, r + dx] = rho[r - dy, r - dx] = val
-    if not (rho[r, r] > 0 and scale > 0):
-        return (delta, 1.0) if return_scale else delta
-    rho = rho / rho[r, r]
+    lag0 = rho[r, r]
+    if not lag0 > 0:  # no noise at all (a noiseless image whatever its variance plane says)
+        return (delta, 0.0) if return_scale else delta
+    if not scale > 0:  # more than half the pixels identical (quantised): the mean square instead
+        scale = float(lag0)
+    rho = rho / lag0
     return (rho, scale) if return_scale else rho
