@@ -176,8 +176,8 @@ def test_banded_tiny_sources(shape):
     rng = np.random.default_rng(6)
     img = rng.normal(0.0, 1.0, shape).astype(np.float32)
     w = make_tan_wcs((shape[1] / 2, shape[0] / 2))
-    out = warp_exposure(Exposure(image=img, variance=np.ones(shape), wcs=w, xy0=(3, -2)), w,
-                        Box(3, -2, 3 + shape[1], -2 + shape[0]))
+    src = Exposure(image=img, variance=np.ones(shape), wcs=w, xy0=(3, -2))
+    out = warp_exposure(src, w, src.bbox)
     np.testing.assert_array_equal(out.image, img)
     wt = make_tan_wcs((shape[1] / 2 + 0.3, shape[0] / 2 - 0.2), rotation_deg=0.35)
     e = Exposure(image=img, variance=np.ones(shape), wcs=wt)
