@@ -137,6 +137,88 @@ def _completeness_at_rate(rows, rate):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The score image's normalisation (analytic; no pipeline)
+# ----------------------------------------------------------------------------------------------------------
+SIG_S, SIG_T, T_SCALE, VAR_S, VAR_T = 1.7, 1.4, 0.7, 100.0, 100.0 * 0.7**2
+
+
+def _gauss(sigma, size=31):
+    from diffim.model.psf import GaussianPsf
+
+    return GaussianPsf(sigma, size=size).compute_kernel_image()
+
+
+def _optimal_snr(flux, p_s, p_t, n=256):
+    """Best S/N of a point source of ``flux`` present in the science only, from both images (ZOGY's S/N):
+    ``flux · √(mean_k |P̂_s|² / (σ²_s + σ²_t |P̂_s|² / (scale² |P̂_t|²)))`` over an n×n DFT grid (Parseval)."""
+    def power(a):
+        pad = np.zeros((n, n))
+        pad[: a.shape[0], : a.shape[1]] = a
+        h = a.shape[0] // 2
+        return np.abs(np.fft.fft2(np.roll(pad, (-h, -h), (0, 1)))) ** 2
+
+    s2, t2 = power(p_s), power(p_t)
+    return flux * np.sqrt(np.mean(s2 / (VAR_S + VAR_T * s2 / (T_SCALE**2 * np.maximum(t2, 1e-300)))))
+
+
+def _score(sci, tmpl, p_s, k_pre):
+    """LSST preconvolution score (lsst_algorithms.md §3.4): φ ⊗ (science ⊗ P − template ⊗ K), V_S·Σ|P̂φ̂|² + …"""
+    from scipy.signal import fftconvolve
+
+    from diffim.decorrelation import decorrelate
+
+    raw = fftconvolve(sci, p_s, mode="same") - fftconvolve(tmpl, k_pre[::-1, ::-1], mode="same")
+    one = np.ones_like(raw)
+    img, var, _ = decorrelate(raw, one, k_pre, VAR_S, VAR_T, template_matched=True, preconv_kernel=p_s[::-1, ::-1],
+                              science_variance=VAR_S * one, template_variance=VAR_T * one)
+    return img, var
+
+
+def test_score_peak_is_the_optimal_snr_and_its_noise_is_unit():
+    """The decorrelated preconvolution score is exactly ZOGY's optimal statistic, normalised by its variance plane.
+
+    Gaussian PSFs (science σ 1.7 px, template 1.4 px on a 0.7 flux scale, template noise equal to the science's
+    in science units, so that the template term matters): the matching kernel K = P_s ⊗ P_s ⊘ P_t / 0.7 is
+    Gaussian. With φ̂ = (σ²_s + σ²_t k²)/(σ²_s + σ²_t |K̂|²/|P̂|²) the score's transfer function |P̂|² φ̂ is
+    proportional to ZOGY's |P̂_s|²/(σ²_s + σ²_t |P̂_s|²/|P̂_t|²), so a pixel-centred point source's peak over
+    √variance must equal the optimal S/N (measured: equal to 1e-6). Matched filters are flat near their optimum:
+    the PSF-smoothed decorrelated difference reaches 0.9982 of it, and so would a score filtered with the plain
+    √φ̂; 5e-4 separates them. A variance plane without Σ|P̂φ̂|², or an unnormalised P, is off by ≫ 1 %. On pure
+    noise (1024², ~2·10⁴ independent PSF areas, σ of the std ≈ 0.5 %) score/√variance has std 1 ± 0.015.
+    """
+    from scipy.signal import fftconvolve
+
+    from diffim.decorrelation import decorrelate
+    from diffim.detection import smooth_for_detection
+
+    p_s, p_t = _gauss(SIG_S), _gauss(SIG_T)
+    k_pre = _gauss(np.sqrt(2 * SIG_S**2 - SIG_T**2)) / T_SCALE
+    k_plain = _gauss(np.sqrt(SIG_S**2 - SIG_T**2)) / T_SCALE
+    n, flux = 256, 2000.0
+    sci = np.zeros((n, n))
+    sci[n // 2 - 15 : n // 2 + 16, n // 2 - 15 : n // 2 + 16] = flux * p_s
+    tmpl = np.zeros((n, n))
+    opt = _optimal_snr(flux, p_s, p_t)
+    img, var = _score(sci, tmpl, p_s, k_pre)
+    score_snr = img.max() / np.sqrt(var[n // 2, n // 2])
+    one = np.ones_like(sci)
+    d, dv, _ = decorrelate(sci - fftconvolve(tmpl, k_plain[::-1, ::-1], mode="same"), one, k_plain, VAR_S, VAR_T,
+                           template_matched=True, science_variance=VAR_S * one, template_variance=VAR_T * one)
+    sm = smooth_for_detection(d.astype(np.float32), dv.astype(np.float32), None, SIG_S)
+    plain_snr = float(np.nanmax(sm.image / np.sqrt(sm.variance)))
+    print(f"optimal S/N {opt:.4f}: score {score_snr:.4f}, PSF-smoothed decorrelated difference {plain_snr:.4f}")
+    assert abs(score_snr / opt - 1.0) < 5e-4
+    assert 0.99 < plain_snr / opt <= 1.0 + 1e-6
+
+    rng = np.random.default_rng(3)
+    m = 1024
+    img, var = _score(rng.normal(0.0, np.sqrt(VAR_S), (m, m)), rng.normal(0.0, np.sqrt(VAR_T), (m, m)), p_s, k_pre)
+    z = (img / np.sqrt(var))[40:-40, 40:-40]
+    print(f"score/√variance on pure noise: std {z.std():.4f}")
+    assert abs(z.std() - 1.0) < 0.015
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Default tests (1024² and 768², < 60 s together)
 # ----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -194,10 +276,15 @@ def test_score_detection_of_faint_transients_768():
 
     A 768² mixed-seeing scene with ~170 transients of S/N 4–9 (≈ 85 isolated ones at 5–7). The false rate is
     that of plain detection at 4.5σ; each image's threshold is the lowest giving no more. On Gaussian PSFs both
-    detectors are matched filters of the centre PSF, so they agree within a few per cent in S/N; measured here,
-    the score is *not* better (0.77 against 0.89; the score's transient peaks are 1.3 % lower relative to the
-    true S/N and its noise peaks slightly higher). The test guards that the score stays within 0.15 of plain and
-    finds ≥ 60 %: a score image with a wrong variance, PSF or template match loses far more.
+    detectors are matched filters of (nearly) the same PSF: the score is exactly the optimal statistic
+    (test_score_peak_is_the_optimal_snr_and_its_noise_is_unit) and the PSF-smoothed decorrelated difference
+    reaches 0.998 of it, so at equal false rate they must agree within the binomial error. What separates them
+    here is not the score's normalisation but its false detections: residuals of bright stars, which are larger
+    in the score because its pre-convolved AL fit takes kernel candidates detected on the pre-convolved science
+    (correlated noise read as white: faint stars enter at ~4× their S/N and the kernel is fitted on them), and a
+    −0.1σ offset of the score from the AL differential-background fit (see test_score_against_plain_detection_
+    several_seeds). The test guards that the score stays within 0.15 of plain and finds ≥ 60 %: a score image
+    with a wrong variance, PSF or template match loses far more.
     """
     pair = _pair(768, n_transients=300, transient_snr_range=(4.0, 9.0), n_transient_pairs=0)
     cfg, res = _run(pair, ["useScoreImageDetection=True"])
@@ -212,6 +299,89 @@ def test_score_detection_of_faint_transients_768():
     assert n >= 40
     assert c_score >= c_plain - 0.15
     assert c_score >= 0.6
+
+
+def _faint_peak_statistics(pair, res):
+    """Per detection image: significances of its false peaks and, per isolated S/N 5–7 field transient, the
+    largest significance of a peak within the match radius (0 if none). Detection as in the pipeline (score
+    unsmoothed, decorrelated difference smoothed with the PSF-σ Gaussian), at 3.5σ so that any higher threshold
+    can be applied afterwards; the masks of the false-detection rule are the union of both images' masks."""
+    from scipy.spatial import cKDTree
+
+    from diffim.pipeline import make_config
+    from diffim.tasks.detection import SourceDetectionTask
+
+    truth = pair.truth
+    fwhm = pair.science.psf.fwhm()
+    sigma = pair.science.psf.determinant_radius(*pair.science.psf_position())
+    union = res.subtractedExposure.mask.copy()
+    union.array |= res.scoreExposure.mask.array
+    snr = np.asarray(truth["snr"], float)
+    host = np.asarray(truth["host"], int)
+    faint = np.nonzero(metrics.isolated_transients(truth, fwhm, union) & (host < 0) & (snr >= 5) & (snr < 7))[0]
+    txy = np.column_stack([np.asarray(truth["x"], float)[faint], np.asarray(truth["y"], float)[faint]])
+    out = {"n": faint.size}
+    dcfg = make_config([]).detection.value
+    dcfg.thresholdValue = 3.5
+    for name, exp, smooth in (("score", res.scoreExposure, False), ("plain", res.subtractedExposure, True)):
+        det = SourceDetectionTask(config=dcfg).run(exp.copy(), doSmooth=smooth, sigma=sigma)
+        pk = np.array([(p.x, p.y, abs(p.significance)) for fp in det.sources for p in fp.peaks], float).reshape(-1, 3)
+        _, false = metrics.false_detection_flags({"x": pk[:, 0], "y": pk[:, 1]}, truth, fwhm, union)
+        out[name + "_false"] = pk[false, 2]
+        best = np.zeros(faint.size)
+        if pk.size and faint.size:
+            for k, nb in enumerate(cKDTree(pk[:, :2]).query_ball_point(txy, metrics.match_radius(fwhm))):
+                best[k] = max((pk[j, 2] for j in nb), default=0.0)
+        out[name + "_best"] = best
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the pre-convolved AL fit detects its kernel candidates on the pre-convolved "
+                   "science (correlated noise read as white): bright-star residuals in the score. Fixed by passing "
+                   "candidates found on the un-convolved science (ImageDifferenceTask._al_score_image); then remove "
+                   "this marker.")
+def test_score_against_plain_detection_several_seeds():
+    """Score against plain detection of S/N 5–7 transients at equal false-positive counts, pooled over 4 scenes.
+
+    Four 768² mixed-seeing scenes (seeds 41–44, ~300 transients of S/N 4–9 each; ≈ 340 isolated field
+    transients at S/N 5–7, 2.1 Mpix). Plain detection's false count at 4.5σ sets the rate; each method's
+    threshold is the lowest with no more false peaks. For Gaussian PSFs the two are matched filters of nearly
+    the same PSF (the score is the optimal statistic, the Gaussian-smoothed decorrelated difference 0.998 of it),
+    so with a correct score their completeness agrees within the binomial error (σ ≈ 0.025 for the difference
+    of two correlated completenesses at n ≈ 340 is generous) and the transients' best-peak significances agree
+    on average to 1 %. Measured on 6 seeds (3.1 Mpix, n = 508) at 19 false detections (6.1/Mpix): score 0.228 ±
+    0.019 (it needs 6.2σ: bright-star residuals), plain 0.780 ± 0.018; with the kernel candidates detected on the
+    un-convolved science: score 0.778 ± 0.018, plain 0.795 ± 0.018, significance ratio 0.9999. The score cannot
+    win on Gaussian PSFs; it can where the PSF is not Gaussian (Moffat β = 3: its transient peaks are 3–5 %
+    higher than the Gaussian-smoothed difference's).
+    """
+    stats = []
+    for seed in (41, 42, 43, 44):
+        from diffim.sim import simulate_pair
+
+        pair = simulate_pair(size=768, seed=seed, template_psf="mixed", n_transients=300,
+                             transient_snr_range=(4.0, 9.0), n_transient_pairs=0)
+        stats.append(_faint_peak_statistics(pair, _run(pair, ["useScoreImageDetection=True"])[1]))
+    n = sum(s["n"] for s in stats)
+    pooled = {k: np.concatenate([s[k] for s in stats]) for k in ("score_false", "score_best", "plain_false",
+                                                                  "plain_best")}
+    target = int((pooled["plain_false"] >= 4.5).sum())
+    ts = np.arange(3.5, 8.0, 0.01)
+    comp = {}
+    for m in ("score", "plain"):
+        ok = [t for t in ts if (pooled[m + "_false"] >= t).sum() <= target]
+        t = ok[0] if ok else np.inf
+        comp[m] = (t, float((pooled[m + "_best"] >= t).mean()))
+    err = {m: np.sqrt(c * (1 - c) / n) for m, (_, c) in comp.items()}
+    both = (pooled["score_best"] > 0) & (pooled["plain_best"] > 0)
+    ratio = float(np.mean(pooled["score_best"][both] / pooled["plain_best"][both]))
+    print(f"S/N 5–7, n={n}, {target} false peaks: score {comp['score'][1]:.3f}±{err['score']:.3f} "
+          f"(threshold {comp['score'][0]:.2f}), plain {comp['plain'][1]:.3f}±{err['plain']:.3f} "
+          f"(threshold {comp['plain'][0]:.2f}); best-peak significance score/plain {ratio:.4f}")
+    assert n >= 250
+    assert abs(ratio - 1.0) <= 0.01
+    assert comp["score"][1] >= comp["plain"][1] - 0.05
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,8 +441,9 @@ def test_mixed_seeing_2048_preconvolution(mixed_2048):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="4 false detections on the 4.0 Mpix interior (1.0007/Mpix): one residual "
-                   "of a 1e6-count star in the score, three ~5σ score peaks")
+@pytest.mark.xfail(strict=False, reason="4 false detections on the 4.0 Mpix interior (1.0007/Mpix): the residual of "
+                   "a 1.0e6-count unsaturated star in the score (+6.0σ, 3 px from it) and three 5.2–5.4σ noise peaks "
+                   "(pure noise through the score gives 0.5 peaks/Mpix above 5σ, both signs: ≈ 2 expected)")
 def test_mixed_seeing_2048_preconvolution_false_rate(mixed_2048):
     """Issue 7: preconvolution (detection on the score) with ≤ 1 false detection per Mpix at 2048²."""
     _, _, rows = mixed_2048
