@@ -400,7 +400,8 @@ def warp_masked_image(
         k0 = min(max(int((xa - grid.gx[0]) // grid.step), 0), grid.gx.size - 2)
         k1 = min(max(int((xa + w - 1 - grid.gx[0]) // grid.step), k0), grid.gx.size - 2)
         cols = slice(k0, k1 + 2)
-        return _invert_columns(v_nodes[:, cols], u_nodes[:, cols], j_all[jlo - j_all_lo : jhi - j_all_lo + 1]), grid.gx[cols]
+        rows = j_all[jlo - j_all_lo : jhi - j_all_lo + 1]
+        return _invert_columns(v_nodes[:, cols], u_nodes[:, cols], rows), grid.gx[cols]
 
     def do_strip(xa: int) -> None:
         xb = min(xa + strip_width, bbox_out.x1)
