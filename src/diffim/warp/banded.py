@@ -36,6 +36,9 @@ SPREAD_MAX = 2
 #: enough that a tile's operands stay in the L2 cache.
 TILE_PIXELS = 1 << 15
 
+#: Fixed cost of one tile (numpy call overheads) in pixel-taps; see :func:`_bands`.
+MERGE_TAPS = 32768
+
 _INVALID_HI = np.iinfo(np.int64).max // 4
 _INVALID_LO = -_INVALID_HI
 
@@ -93,12 +96,12 @@ def _runs(lo: np.ndarray, hi: np.ndarray) -> list[tuple[int, int, int, int]]:
     return list(zip(starts.tolist(), stops.tolist(), lo[starts].tolist(), hi[starts].tolist()))
 
 
-def _bands(lo: np.ndarray, hi: np.ndarray, smax: int, max_len: int, min_run: int = 8):
-    """Group consecutive lines into bands whose offsets span at most ``smax`` (lines without a valid pixel,
-    ``lo > hi``, join any band). A run is merged into the current band if that does not widen the band's
-    spread, or if either is short (< ``min_run`` lines) and the merged spread stays ≤ ``smax``: long runs of
-    a single offset keep the minimal ``2a`` taps, while isolated transition lines do not become tiny tiles."""
-    out = []
+def _bands(lo: np.ndarray, hi: np.ndarray, smax: int, max_len: int, along: int) -> list[tuple[int, int, int, int]]:
+    """Group consecutive lines into bands ``(start, stop, D_min, D_max)`` whose offsets span at most ``smax``
+    (lines without a valid pixel, ``lo > hi``, join any band). Greedy: a run of lines joins the current band
+    when the extra taps that costs (every pixel of the band pays ``2a + spread`` taps) are cheaper than the
+    fixed cost of another tile, ``MERGE_TAPS`` pixel-taps (``along`` pixels per line)."""
+    out: list[tuple[int, int, int, int]] = []
     cur = None
     for a, b, l, h in _runs(lo, hi):
         if cur is None:
@@ -111,10 +114,11 @@ def _bands(lo: np.ndarray, hi: np.ndarray, smax: int, max_len: int, min_run: int
             nl, nh = l, h
         else:
             nl, nh = min(cl, l), max(ch, h)
-        length = b - cur[0]
-        widened = (nh - nl) > max(ch - cl, 0) if cl <= ch else False
-        short = (b - a) < min_run or (cur[1] - cur[0]) < min_run
-        if length <= max_len and (nh - nl) <= smax and (not widened or short):
+        ns = nh - nl
+        bs = max(ch - cl, 0)
+        rs = max(h - l, 0)
+        extra = ((ns - bs) * (cur[1] - cur[0]) + (ns - rs) * (b - a)) * along
+        if b - cur[0] <= max_len and ns <= smax and extra <= MERGE_TAPS:
             cur[1], cur[2], cur[3] = b, nl, nh
         else:
             out.append(tuple(cur))
@@ -205,7 +209,7 @@ def resample_pass(
             mid = (a0 + a1) // 2
             pending += [(a0, mid), (mid, a1)]
             continue
-        for b0, b1, d0, d1 in _bands(lo, hi, SPREAD_MAX, max_perp):
+        for b0, b1, d0, d1 in _bands(lo, hi, SPREAD_MAX, max_perp, a1 - a0):
             if d0 > d1:
                 continue  # no valid pixel in this tile
             _tile(planes, squared, masks, full_masks, prel, valid, axis, order, ntap,
