@@ -11,8 +11,12 @@ pixels along it. The output is therefore cut into tiles over which ``D`` spans a
 of the source, and only the weights differ per pixel. They come from a table indexed by the position
 relative to ``D0`` in units of ``1 / N_PHASE`` px (:func:`band_tables`): the ordinary Lanczos row, placed at
 the pixel's own offset ``D − D0`` and zero on the ``s`` spare taps. So the result is the same sum over the
-same samples with the same (quantised) weights as the gather formulation, bit for bit up to float32
-summation order, and the mask footprints are the same too.
+same samples with the same (quantised) weights, in the same order, as the gather formulation: bit for bit
+(the spare taps add exact zeros). The mask footprints are the same too, up to which zero-weight taps count
+in the full footprint of a position within ``1 / (2·N_PHASE)`` px of an integer.
+
+Tiles: the axis is cut into chunks (≈ ``TILE_PIXELS`` per tile, halved where one line alone drifts by more
+than ``SPREAD_MAX`` offsets), and consecutive lines into bands by :func:`_bands`.
 
 Tiles whose taps reach beyond the source (zero-weight taps of exact-integer positions at the very edge,
 spare taps) read a small zero-padded copy of their region instead.
