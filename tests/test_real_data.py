@@ -261,23 +261,27 @@ def proper_run(tmp_path_factory):
 
 
 def false_per_mpix(diff, catalog) -> tuple[int, float]:
-    """(count, count per 10⁶ px) of DIA sources off BAD/SAT/EDGE/NO_DATA pixels and > 6 FWHM from the edge."""
+    """(count, count per 10⁶ px) of false DIA sources as ``metrics.md`` defines them, with nothing true in the
+    scene: sky sources dropped; not within 6 FWHM of the edge; no BAD/SAT/CR/EDGE/NO_DATA pixel in the
+    5 × 5 box (:func:`diffim.metrics.false_detection_flags` with an empty truth table)."""
+    from astropy.table import Table
+
+    from diffim.metrics import false_detection_flags
+
     fwhm = float(diff.psf.fwhm())
+    truth = Table({"kind": np.array([], dtype="U16"), "x": np.array([], float), "y": np.array([], float)})
+    cat = catalog
+    if "sky_source" in cat.colnames:
+        cat = cat[~np.asarray(cat["sky_source"], bool)]
+    _, false = false_detection_flags(cat, truth, fwhm, diff)
     ny, nx = diff.image.shape
     b = 6.0 * fwhm
-    bad = diff.mask.get(BAD_PLANES, ignore_missing=True)
-    x = np.asarray(catalog["x"], float) - diff.xy0[0]
-    y = np.asarray(catalog["y"], float) - diff.xy0[1]
-    xi = np.clip(np.round(x).astype(int), 0, nx - 1)
-    yi = np.clip(np.round(y).astype(int), 0, ny - 1)
-    ok = (x >= b) & (x < nx - b) & (y >= b) & (y < ny - b) & ~bad[yi, xi]
     area = (nx - 2 * b) * (ny - 2 * b) / 1e6
-    return int(ok.sum()), float(ok.sum() / area)
+    return int(false.sum()), float(false.sum() / area)
 
 
 def test_properimage_null_pair_runs(proper_run):
-    """The null pair runs end to end with a unit noise ratio, and its false detections stay below the level
-    measured after the io/pipeline fixes (regression bound 20 per Mpix; 14 measured, 66 before them)."""
+    """The null pair runs end to end with a unit noise ratio and writes every output."""
     out, res, wall = proper_run
     _check_outputs(out)
     diff = _difference(out)
@@ -286,16 +290,20 @@ def test_properimage_null_pair_runs(proper_run):
             "wall_s": wall}
     _report("properimage", figs)
     assert abs(figs["noise_ratio"] - 1.0) <= 0.1
-    assert per <= 20.0
 
 
-@pytest.mark.xfail(strict=True, reason="cosmic-ray tracks smeared by the registration resampling and "
-                   "dipoles on near-saturated stars remain (≈14 per Mpix); see docs/real_data.md")
 def test_properimage_false_detections_per_mpix(proper_run):
-    """Issue 4/6 target for the null pair: ≤ 1 false detection per megapixel (definition in the module doc)."""
+    """Issue 5/6/7 target for the null pair: ≤ 1 false detection per megapixel (metrics.md definition), i.e.
+    none on its 0.64 Mpix interior. Before the static-star residual variance, the likelihood-ratio ray finder
+    and the significance test of the correlated-noise factor there were 6 (9.4 / Mpix): four tip-tilt dipoles
+    on S/N ≈ 1000 stars, a ray smeared by the registration and a 5.05σ noise peak (detected because the
+    registered frame's noise is 3 % correlated)."""
     out, _, _ = proper_run
-    _, per = false_per_mpix(_difference(out), _catalog(out))
-    assert per <= 1.0
+    md = json.loads((out / "metadata.json").read_text())
+    n, per = false_per_mpix(_difference(out), _catalog(out))
+    assert per <= 1.0, n
+    # The mechanism, not luck: the tip-tilt scatter was resolved (0.02–0.03 px measured on ≈ 100 stars).
+    assert 0.01 < md["starResidualShiftSigma"] < 0.05 and md["starResidualNStars"] >= 50
 
 
 # ----------------------------------------------------------------------------------------------------------

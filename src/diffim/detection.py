@@ -769,9 +769,17 @@ def detect_footprints_smoothed(
     exclude_bits: int = 0,
     smooth_mask: bool = False,
     xy0: tuple[int, int] = (0, 0),
+    extra_variance: np.ndarray | None = None,
 ) -> tuple[list[Footprint], list[Footprint], Smoothed, np.ndarray, np.ndarray]:
     """:func:`detect_footprints` also returning the :class:`Smoothed` planes and the positive and negative
-    detection maps (grown footprints, booleans of the image shape). Same parameters."""
+    detection maps (grown footprints, booleans of the image shape). Same parameters, and:
+
+    extra_variance
+        Variance to add to the *smoothed* image's (e.g. static-star residuals,
+        :func:`diffim.star_residuals.residual_variance`), same shape. With ``thresholdType='stdev'`` the
+        level becomes ``t·√(stdev² + extra)`` (the threshold is then applied as ``pixel_stdev`` on that
+        variance).
+    """
     if polarity not in POLARITIES:
         raise DiffimValueError(f"Unknown threshold polarity {polarity!r}; use one of {POLARITIES}.")
     if threshold_type not in THRESHOLD_TYPES:
@@ -809,6 +817,19 @@ def detect_footprints_smoothed(
                 "Cannot compute the clipped standard deviation of the detection image (no good pixels); "
                 "check statsMask or use thresholdType='pixel_stdev'."
             )
+    if extra_variance is not None and threshold_type != "variance":
+        extra = np.asarray(extra_variance, dtype=np.float32)
+        if extra.shape != image.shape:
+            from .errors import ShapeMismatchError
+
+            raise ShapeMismatchError(f"extra_variance {extra.shape} must have the image's shape {image.shape}.")
+        if threshold_type == "stdev":
+            sm.variance = np.float32(scale * scale) + extra
+            threshold_type, scale = "pixel_stdev", 1.0
+        else:
+            if not do_smooth:  # the unsmoothed variance is shared with the caller: do not add in place
+                sm.variance = np.array(sm.variance, dtype=np.float32, copy=True)
+            sm.variance += extra
     n_grow = n_grow_pixels(psf_sigma, n_sigma_to_grow) if np.isfinite(psf_sigma) else 0
     common = dict(
         threshold_type=threshold_type, threshold_scale=scale, min_pixels=min_pixels,

@@ -129,8 +129,12 @@ class SourceDetectionTask(Task):
 
     @timeMethod
     def run(self, exposure: Exposure, doSmooth: bool = True, sigma: float | None = None,
-            clearMask: bool = True) -> Struct:
+            clearMask: bool = True, extraVariance: np.ndarray | None = None) -> Struct:
         """Detect sources and return them as footprints.
+
+        ``extraVariance`` (diffim extension, not in LSST): variance added to that of the smoothed image before
+        thresholding, e.g. what static stars' registration residuals add
+        (:func:`diffim.star_residuals.residual_variance`).
 
         Returns
         -------
@@ -139,13 +143,14 @@ class SourceDetectionTask(Task):
             ``negative``, ``numPos``, ``numNeg``, ``numPosPeaks``, ``numNegPeaks``, ``smoothed``
             (:class:`diffim.detection.Smoothed`), ``background`` (subtracted array or None), ``sigma``.
         """
-        result = self.detectFootprints(exposure, doSmooth=doSmooth, sigma=sigma, clearMask=clearMask)
+        result = self.detectFootprints(exposure, doSmooth=doSmooth, sigma=sigma, clearMask=clearMask,
+                                       extraVariance=extraVariance)
         result.sources = list(result.negative) + list(result.positive)
         return result
 
     @timeMethod
     def detectFootprints(self, exposure: Exposure, doSmooth: bool = True, sigma: float | None = None,
-                         clearMask: bool = True) -> Struct:
+                         clearMask: bool = True, extraVariance: np.ndarray | None = None) -> Struct:
         """LSST ``detectFootprints``: smooth, threshold, find peaks, grow, set the mask planes."""
         cfg = self.config
         mask = exposure.mask
@@ -179,6 +184,7 @@ class SourceDetectionTask(Task):
             stats_bits=mask.bitmask(list(cfg.statsMask), ignore_missing=True),
             exclude_bits=mask.bitmask(list(cfg.excludeMaskPlanes), ignore_missing=True),
             xy0=exposure.xy0,
+            extra_variance=extraVariance,
         )
         self.metadata["doSmooth"] = bool(doSmooth)
         self.metadata["sigma"] = sigma

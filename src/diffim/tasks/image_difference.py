@@ -44,16 +44,22 @@ __all__ = ["ImageDifferenceConfig", "ImageDifferenceTask", "MIN_SELECTED_KERNEL_
 #: With ``doSelectSources``, fewer selected kernel stars than this fall back to the AL task's own candidates.
 MIN_SELECTED_KERNEL_SOURCES = 25
 
-#: The PSF-smoothed S/N of white noise scatters by 1; above this factor the noise is taken as correlated.
-CORRELATED_NOISE_TOLERANCE = 1.05
+#: The PSF-smoothed S/N of white noise scatters by 1; the measured scatter is taken as correlated noise only
+#: when it exceeds 1 by this many of its own standard errors (see :func:`correlated_noise_factor`).
+CORRELATED_NOISE_NSIGMA = 3.0
+#: Relative standard error of a MAD-based σ from n independent Gaussian values is ≈ this / √n (37 % efficiency).
+_MAD_SIGMA_ERROR = 1.17
 
 
-def correlated_noise_factor(exposure, *, smooth: bool = True, max_size: int = 1024) -> float:
+def correlated_noise_factor(exposure, *, smooth: bool = True, max_size: int = 1024,
+                            return_tolerance: bool = False) -> float | tuple[float, float]:
     """Robust scatter of the (PSF-smoothed, if ``smooth``) S/N of ``exposure`` on unmasked pixels.
 
     1 for white noise whose variance plane is right; larger when the noise is correlated on the PSF scale.
     Evaluated on a central cut-out of at most ``max_size``² pixels (it is a global property), with sources
-    rejected by a 5σ clip.
+    rejected by a 5σ clip. With ``return_tolerance``, also the level ``1 + CORRELATED_NOISE_NSIGMA·ε`` above
+    which the excess is significant, ``ε = 1.17/√n_eff`` the estimate's relative standard error and
+    ``n_eff`` the number of pixels used divided by the smoothed noise's correlation area ``4πσ²``.
     """
     from ..detection import smooth_for_detection
     from ..model.box import Box
@@ -80,10 +86,15 @@ def correlated_noise_factor(exposure, *, smooth: bool = True, max_size: int = 10
         z = img / np.sqrt(var)
     z = z[~bad & np.isfinite(z) & (var > 0)]
     if z.size < 1000:
-        return 1.0
+        return (1.0, np.inf) if return_tolerance else 1.0
     z = z[np.abs(z) < 5.0]
     med = np.median(z)
-    return float(1.4826 * np.median(np.abs(z - med)))
+    r = float(1.4826 * np.median(np.abs(z - med)))
+    if not return_tolerance:
+        return r
+    psf_sigma = float(exposure.require_psf().sigma(*exposure.psf_position()))
+    n_eff = z.size / max(1.0, 4.0 * np.pi * psf_sigma ** 2)
+    return r, 1.0 + CORRELATED_NOISE_NSIGMA * _MAD_SIGMA_ERROR / np.sqrt(n_eff)
 
 #: g−r limits of LSST's ``DiaCatalogSourceSelector`` (grMin, grMax): reference stars outside are "extreme colour"
 #: (doSelectDcrCatalog adds them to the control sample).
@@ -254,6 +265,16 @@ class ImageDifferenceConfig(pexConfig.Config):
         "(if doDetection=True).",
     )
 
+    # ---- diffim extensions (not on the seed page) -------------------------------------------------------------
+    doStarResidualVariance = pexConfig.Field(
+        dtype=bool,
+        default=True,
+        doc="Add to the detection variance what static stars' residuals add: fit each bright isolated star's "
+        "residual shift and flux mismatch in the difference, estimate their scatter (noise removed), and add "
+        "sigma_shift^2 |grad M|^2 + sigma_flux^2 M^2 of the smoothed static model M (ZOGY's astrometric-noise "
+        "term, Zackay et al. 2016). Zero for pairs registered as well as their noise allows. diffim extension.",
+    )
+
     def setDefaults(self) -> None:
         super().setDefaults()
         # Difference-image detection: both polarities, 5σ per pixel after decorrelation, no background
@@ -399,6 +420,7 @@ class ImageDifferenceTask(Task):
         cfg = self.config
         self.metadata["psfMatchingAlgorithm"] = cfg.subtract.name
         self._science_sources = None
+        self._noise_factor = 1.0
         science = exposure
         if cfg.doAddCalexpBackground and calexpBackgroundExposure is not None:
             bg = calexpBackgroundExposure
@@ -738,16 +760,22 @@ class ImageDifferenceTask(Task):
             # the matching kernel) leaves in place: the PSF-smoothed S/N then scatters more than 1 and a
             # per-pixel-variance threshold floods with noise detections. Measure that scatter and, where it
             # exceeds 1, detect (and quote PSF-flux errors) with the variance scaled by its square.
-            r = correlated_noise_factor(detExp, smooth=not useScore)
+            r, tol = correlated_noise_factor(detExp, smooth=not useScore, return_tolerance=True)
             self.metadata["correlatedNoiseFactor"] = r
+            self.metadata["correlatedNoiseTolerance"] = float(tol)
+            self._noise_factor = r if r > tol else 1.0
             target = detExp
-            if r > CORRELATED_NOISE_TOLERANCE:
+            if r > tol:
                 self.log.warning("The PSF-smoothed difference scatters %.2f× its variance plane (correlated noise "
                                  "in the inputs): detection threshold and PSF-flux errors scaled by it.", r)
                 mi = detExp.masked_image
                 target = detExp.copy(deep=False)
                 target.masked_image = type(mi)(mi.image, mi.mask, mi.variance * np.float32(r * r), mi.xy0)
-            det = self.detection.run(target, doSmooth=not useScore)
+            extra = None
+            if cfg.doStarResidualVariance and not useScore:
+                extra = self._star_residual_variance(science, target, diffExp, matchedExposure, warpedExposure)
+            det = self.detection.run(target, doSmooth=not useScore, extraVariance=extra)
+            del extra
             if useScore:  # detection masks travel to the difference that is measured
                 for plane in ("DETECTED", "DETECTED_NEGATIVE", "EDGE"):
                     if detExp.mask.has_plane(plane):
@@ -808,8 +836,8 @@ class ImageDifferenceTask(Task):
         if cfg.doMeasurement and is_sky.any():
             self._force_sky_positions(columns, diffExp, footprints, is_sky)
         columns["sky_source"] = is_sky
-        r = self.metadata.get("correlatedNoiseFactor", 1.0)
-        if r > CORRELATED_NOISE_TOLERANCE and "psfFluxErr" in columns:
+        r = getattr(self, "_noise_factor", 1.0)
+        if r > 1.0 and "psfFluxErr" in columns:
             columns["psfFluxErr"] = np.asarray(columns["psfFluxErr"], float) * r
         table = build_dia_source_table(
             columns, exposure=diffExp, science_photo_calib=science.photo_calib,
@@ -832,6 +860,93 @@ class ImageDifferenceTask(Task):
                 self._match_sources(table, science, selectSources)
         self._count_metadata(table)
         return table
+
+    #: Keys of the static-star residual scatters in the difference exposure's metadata (provenance; also
+    #: what a later run with doSubtract=False on that difference re-uses).
+    RESIDUAL_KEYS = ("DIFFIM STARRESID SHIFT", "DIFFIM STARRESID FLUX", "DIFFIM STARRESID NSTARS")
+
+    def _star_residual_variance(self, science, det, diffExp, matched, warped):
+        """Variance that static stars' registration and flux-matching residuals add to the smoothed detection
+        image ``det`` (:mod:`diffim.star_residuals`), or None when no residual scatter is resolved.
+
+        The scatters are fitted on ``det`` with the inverse-variance-weighted mean of the two PSF-matched
+        images as static model (AL subtraction in this run); a given difference (``doSubtract=False``) re-uses
+        the scatters stored in its metadata. Otherwise (ZOGY, or a difference without them) the science is the
+        model, and the part of its noise that is also in the difference (measured on empty sky) is taken out
+        of the flux fit.
+        """
+        from .. import star_residuals as sr
+        from ..detection import correlate_separable, gaussian_kernel_1d, smoothing_kernel_width
+
+        if not (science.shape == det.shape and science.xy0 == det.xy0):
+            return None
+        where = det.psf_position()
+        sigma = float(det.require_psf().determinant_radius(*where))
+        fwhm = float(det.psf.fwhm(*where))
+        if not (np.isfinite(sigma) and sigma > 0):
+            return None
+        k = gaussian_kernel_1d(sigma, smoothing_kernel_width(sigma, self.detection.config.nSigmaForKernel))
+        k_shift, k_flux, k_n = self.RESIDUAL_KEYS
+        md = diffExp.metadata if isinstance(diffExp.metadata, dict) else {}
+        sky = self._sky_subtracted(science).image
+        if matched is not None:
+            pos, neg = (science, matched) if self._conv_template else (matched, warped)
+            stats = self._fit_star_residuals(pos, neg, det, k, fwhm)
+        elif k_shift in md and k_flux in md:
+            stats = (float(md[k_shift]), float(md[k_flux]), int(md.get(k_n, 0)))
+        else:
+            stats = self._fit_star_residuals(science, None, det, k, fwhm)
+        shift, flux, n = stats
+        if isinstance(diffExp.metadata, dict):
+            diffExp.metadata.update({k_shift: shift, k_flux: flux, k_n: n})
+        self.metadata["starResidualNStars"] = int(n)
+        self.metadata["starResidualShiftSigma"] = float(shift)
+        self.metadata["starResidualFluxSigma"] = float(flux)
+        if shift <= 0 and flux <= 0:
+            return None
+        self.log.info("Static-star residuals (%d stars): shift scatter %.4f px, flux scatter %.4f; added to the "
+                      "detection variance.", n, shift, flux)
+        return sr.residual_variance(correlate_separable(sky, k, threads=2), shift, flux)
+
+    def _fit_star_residuals(self, pos, neg, det, k, fwhm) -> tuple[float, float, int]:
+        """(σ_shift, σ_flux, number of stars) fitted on ``det`` (see :meth:`_star_residual_variance`)."""
+        from .. import star_residuals as sr
+        from ..background import estimate_background
+        from ..detection import correlate_separable
+
+        bad = det.mask.get(["BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT"], ignore_missing=True)
+        if neg is None:
+            model = np.array(self._sky_subtracted(pos).image, dtype=np.float32, copy=True)
+            model_var = np.array(pos.variance, dtype=np.float32, copy=True)
+            unusable = bad | ~np.isfinite(model) | ~(model_var > 0)
+        else:
+            # The inverse-variance-weighted mean of the two matched images: its noise is uncorrelated with the
+            # difference's (module docstring of diffim.star_residuals).
+            vp, vn = pos.variance, neg.variance
+            with np.errstate(divide="ignore", invalid="ignore"):
+                model = (vn * pos.image + vp * neg.image) / (vp + vn)
+                model_var = vp * vn / (vp + vn)
+            unusable = bad | ~np.isfinite(model) | ~(model_var > 0)
+            model[unusable] = 0.0
+            try:
+                model -= estimate_background(model, unusable, bin_size=128)
+            except Exception:  # tiny images: a median is enough
+                model -= np.float32(np.median(model[~unusable])) if (~unusable).any() else np.float32(0.0)
+        model[unusable] = 0.0
+        model_var[unusable] = 0.0
+        model_s = correlate_separable(model, k, threads=2)
+        var_s = correlate_separable(model_var, k * k, threads=2)
+        stars = sr.bright_star_positions(model_s, var_s, bad=bad, isolation=int(np.ceil(3 * fwhm)))
+        del var_s, model_s
+        sky = ~(unusable | det.mask.get(["DETECTED", "DETECTED_NEGATIVE", "CR", "INTRP"], ignore_missing=True))
+        sky &= ~pos.mask.get(["DETECTED"], ignore_missing=True)
+        beta = sr.shared_noise_slope(det.image, model, model_var, sky)
+        self.metadata["starResidualSharedNoise"] = beta
+        res = sr.fit_star_residuals(det.image, det.variance, model, stars, radius=max(3, int(round(1.5 * fwhm))),
+                                    bad=bad, max_bad_fraction=0.0, noise_cov=beta * model_var)
+        del model_var
+        res = sr.residual_scatter(res)
+        return float(res.sigma_shift), float(res.sigma_flux), int(res.x.size)
 
     @staticmethod
     def _force_sky_positions(columns, diffExp, footprints, is_sky):

@@ -1,0 +1,282 @@
+"""Residuals that static stars leave in a difference image, and the variance they add to detection.
+
+A difference image of an unchanged star is zero only if the two images are registered and flux-matched
+exactly. Two frames taken minutes apart are not: atmospheric tip-tilt moves every star independently by a few
+hundredths of a pixel, and the matching kernel (smooth across the field) cannot follow. A star at S/N ≈ 1000
+shifted by δ leaves a dipole ``−δ·∇M`` whose amplitude is ≈ 1000·δ/σ_PSF in units of the noise: 0.02 px is a
+10 σ "source". Zackay, Ofek & Gal-Yam (2016, §3.5) add this astrometric noise to the variance of their score
+image (``S_corr``); this module does the same for the PSF-smoothed difference that plain detection thresholds.
+
+Model (per static star ``i``, in the difference ``D = P − N`` of two PSF-matched images ``P`` and ``N``, and the
+static-sky model ``M = (V_N·P + V_P·N)/(V_P + V_N)``, their inverse-variance-weighted mean, whose noise is
+uncorrelated with ``D``'s — with ``M = P`` a regression of ``D`` on ``M`` would pick up ``P``'s own noise as a
+flux residual of order 1/S/N²):
+
+    D ≈ a_i·M − δx_i·∂M/∂x − δy_i·∂M/∂y + c_i
+
+``δ`` is the star's residual shift, ``a`` its residual flux-matching error (relative). Fitted by weighted
+least squares on a stamp around each bright isolated star, the scatters
+
+    σ_δ² = E[δ²] − noise,   σ_a² = E[a²] − noise
+
+are estimated from each star's value and its own noise error with a median (so that real dipoles and variable
+stars, up to half the sample, do not count). Because the smoothing that detection applies is linear, the smoothed difference of a
+static star is ``a·M_s − δ·∇M_s`` with ``M_s`` the smoothed model, so the variance the residuals add to every
+smoothed pixel is exactly
+
+    V_extra = σ_δ² (|∂M_s/∂x|² + |∂M_s/∂y|²) + σ_a² M_s².
+
+It is large only on bright static sources; on empty sky (and for images registered as well as their noise
+allows, σ_δ = σ_a = 0) it vanishes and detection is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["StarResiduals", "bright_star_positions", "fit_star_residuals", "residual_scatter",
+           "residual_variance", "shared_noise_slope"]
+
+
+@dataclass
+class StarResiduals:
+    """Per-star residual fits and the scatters derived from them.
+
+    Attributes
+    ----------
+    x, y
+        Star positions (array indices of the arrays given, float).
+    shift_x, shift_y, shift_err
+        Fitted residual shifts δ (pixels) and their 1σ noise error (per axis).
+    flux, flux_err
+        Fitted relative flux residual ``a`` and its error.
+    sigma_shift, sigma_flux
+        Intrinsic scatters σ_δ (pixels, per axis) and σ_a (relative), noise removed; 0 when unresolved.
+    n_used
+        Stars kept after outlier clipping.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    shift_x: np.ndarray
+    shift_y: np.ndarray
+    shift_err: np.ndarray
+    flux: np.ndarray
+    flux_err: np.ndarray
+    sigma_shift: float = 0.0
+    sigma_flux: float = 0.0
+    n_used: int = 0
+
+
+def bright_star_positions(smoothed: np.ndarray, smoothed_variance: np.ndarray, *, min_snr: float = 50.0,
+                          isolation: int = 8, bad: np.ndarray | None = None, max_stars: int = 300) -> np.ndarray:
+    """Integer (y, x) of local maxima of a smoothed image with S/N ≥ ``min_snr``, brightest first.
+
+    A peak with a brighter peak within ``isolation`` pixels is dropped (blends bias the shift fit); peaks on
+    ``bad`` pixels are ignored. At most ``max_stars`` are returned.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = smoothed / np.sqrt(smoothed_variance)
+    cand = np.isfinite(snr) & (snr >= min_snr)
+    if bad is not None:
+        cand &= ~bad
+    ys, xs = np.nonzero(cand)
+    if ys.size == 0:
+        return np.zeros((0, 2), int)
+    vals = smoothed[ys, xs]
+    ny, nx = smoothed.shape
+    # 3×3 local maxima among the candidates only (no full-image maximum filter).
+    pad = np.pad(np.where(np.isfinite(smoothed), smoothed, -np.inf), 1, constant_values=-np.inf)
+    is_max = np.ones(ys.size, bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                is_max &= vals >= pad[ys + 1 + dy, xs + 1 + dx]
+    ys, xs, vals = ys[is_max], xs[is_max], vals[is_max]
+    order = np.argsort(-vals, kind="stable")
+    ys, xs, vals = ys[order], xs[order], vals[order]
+    # Isolation against *all* significant peaks (not only the bright ones): any peak above 5σ that is
+    # brighter and near disqualifies; a fainter neighbour above ~10 % of the star also does.
+    keep = np.ones(ys.size, bool)
+    if ys.size > 1:
+        d2 = (ys[:, None] - ys[None, :]) ** 2 + (xs[:, None] - xs[None, :]) ** 2
+        near = (d2 <= isolation * isolation) & ~np.eye(ys.size, dtype=bool)
+        keep = ~near.any(axis=1)
+    ys, xs = ys[keep], xs[keep]
+    return np.column_stack([ys, xs])[:max_stars]
+
+
+def _stamps(array: np.ndarray, ys: np.ndarray, xs: np.ndarray, r: int) -> np.ndarray:
+    off = np.arange(-r, r + 1)
+    return array[(ys[:, None, None] + off[None, :, None]), (xs[:, None, None] + off[None, None, :])]
+
+
+def shared_noise_slope(difference: np.ndarray, model: np.ndarray, model_variance: np.ndarray,
+                       sky: np.ndarray) -> float:
+    """``β = cov(D, M)/var(M)`` per pixel, measured on empty-sky pixels ``sky``: how much of the model's own
+    noise is in the difference (1-ish for the science as model of ``science − template``, 0 for the
+    inverse-variance-weighted mean of the two matched images). The same-pixel covariance is then
+    ``β·V_M``; it biases a regression of ``D`` on ``M`` (see :func:`fit_star_residuals`)."""
+    d = np.asarray(difference, np.float64)[sky]
+    m = np.asarray(model, np.float64)[sky]
+    v = np.asarray(model_variance, np.float64)[sky]
+    ok = np.isfinite(d) & np.isfinite(m) & (v > 0)
+    if ok.sum() < 100:
+        return 0.0
+    d, m, v = d[ok], m[ok], v[ok]
+    # Weighted by 1/V_M so that the slope is that of the standardised noise; clipped against residual sources.
+    z = m / np.sqrt(v)
+    keep = np.abs(z) < 5
+    return float(np.sum(d[keep] * m[keep] / v[keep]) / np.sum(m[keep] ** 2 / v[keep]))
+
+
+def fit_star_residuals(difference: np.ndarray, variance: np.ndarray, model: np.ndarray, positions: np.ndarray,
+                       radius: int, bad: np.ndarray | None = None, max_bad_fraction: float = 0.1,
+                       noise_cov: np.ndarray | None = None) -> StarResiduals:
+    """Fit ``D ≈ a·M − δx·∂xM − δy·∂yM + c`` on a ``(2·radius+1)²`` stamp around each position.
+
+    Parameters
+    ----------
+    difference, variance
+        Difference image and its variance.
+    model
+        Static-sky model with (about) the difference's PSF, background removed (e.g. the sky-subtracted
+        science). Its gradient is taken by central differences.
+    positions
+        Integer (y, x) star centres (array indices).
+    radius
+        Stamp half-width in pixels (≈ 2 FWHM).
+    bad
+        Pixels given zero weight; stars with more than ``max_bad_fraction`` of their stamp bad are skipped.
+    noise_cov
+        Same-pixel covariance of the difference's and the model's noise (``β·V_M``, :func:`shared_noise_slope`),
+        or None for independent noise. A model whose noise is also in the difference (the science, in
+        ``science − template``) makes the flux coefficient positive by ``Σ w·c / Σ w·M²`` (≈ 1/S/N²
+        per stamp pixel): that expectation is subtracted. The shift coefficients are not biased (central
+        differences do not use the pixel itself).
+
+    Returns
+    -------
+    StarResiduals
+        Per-star fits (scatters not yet estimated: see :func:`residual_scatter`).
+    """
+    pos = np.asarray(positions, int).reshape(-1, 2)
+    ny, nx = difference.shape
+    r = int(radius)
+    inside = (pos[:, 0] >= r + 1) & (pos[:, 0] < ny - r - 1) & (pos[:, 1] >= r + 1) & (pos[:, 1] < nx - r - 1)
+    pos = pos[inside]
+    empty = np.zeros(0)
+    if pos.shape[0] == 0:
+        return StarResiduals(empty, empty, empty, empty, empty, empty, empty)
+    ys, xs = pos[:, 0], pos[:, 1]
+    big = _stamps(np.asarray(model, np.float64), ys, xs, r + 1)
+    m = big[:, 1:-1, 1:-1]
+    gx = 0.5 * (big[:, 1:-1, 2:] - big[:, 1:-1, :-2])
+    gy = 0.5 * (big[:, 2:, 1:-1] - big[:, :-2, 1:-1])
+    d = _stamps(np.asarray(difference, np.float64), ys, xs, r)
+    v = _stamps(np.asarray(variance, np.float64), ys, xs, r)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where((v > 0) & np.isfinite(v) & np.isfinite(d) & np.isfinite(m), 1.0 / v, 0.0)
+    if bad is not None:
+        w[_stamps(bad, ys, xs, r)] = 0.0
+    good_frac = (w > 0).mean(axis=(1, 2))
+    d, m, gx, gy = (np.nan_to_num(a) for a in (d, m, gx, gy))
+    design = np.stack([m, -gx, -gy, np.ones_like(m)], axis=-1).reshape(len(ys), -1, 4)
+    wf = w.reshape(len(ys), -1)
+    ata = np.einsum("npi,np,npj->nij", design, wf, design)
+    atb = np.einsum("npi,np,np->ni", design, wf, d.reshape(len(ys), -1))
+    ok = good_frac >= 1.0 - max_bad_fraction
+    ok &= np.linalg.cond(ata) < 1e12
+    coef = np.full((len(ys), 4), np.nan)
+    cov_diag = np.full((len(ys), 4), np.nan)
+    if noise_cov is not None:
+        c = np.nan_to_num(_stamps(np.asarray(noise_cov, np.float64), ys, xs, r)).reshape(len(ys), -1)
+        atb[:, 0] -= np.sum(wf * c, axis=1)  # E[Σ w·ε·η] of the model column: the shared noise
+    if ok.any():
+        inv = np.linalg.inv(ata[ok])
+        coef[ok] = np.einsum("nij,nj->ni", inv, atb[ok])
+        cov_diag[ok] = np.diagonal(inv, axis1=1, axis2=2)
+    err = np.sqrt(cov_diag)
+    keep = ok & np.all(np.isfinite(coef), axis=1)
+    return StarResiduals(
+        x=xs[keep].astype(float), y=ys[keep].astype(float),
+        shift_x=coef[keep, 1], shift_y=coef[keep, 2], shift_err=np.sqrt(0.5 * (err[keep, 1] ** 2 + err[keep, 2] ** 2)),
+        flux=coef[keep, 0], flux_err=err[keep, 0],
+    )
+
+
+#: Median of the χ² distribution with one degree of freedom.
+_CHI2_1_MEDIAN = 0.45493642311957283
+
+
+def _median_scatter(values: np.ndarray, errors: np.ndarray) -> tuple[float, np.ndarray]:
+    """Intrinsic scatter ``s`` of zero-mean ``values`` with Gaussian noise ``errors``: the root of
+    ``median(v²/(s² + e²)) = 0.455`` (the median of χ²₁), 0 if the noise alone explains the values.
+
+    A median, so up to half the values may be outliers (real dipoles and variable stars are not registration
+    residuals). Returns ``(s, kept)`` with ``kept`` the values within 4σ of the result.
+    """
+    v = np.asarray(values, float)
+    e2 = np.asarray(errors, float) ** 2
+    ok = np.isfinite(v) & np.isfinite(e2) & (e2 > 0)
+    if ok.sum() < 3:
+        return 0.0, ok
+    v2, e2 = v[ok] ** 2, e2[ok]
+
+    def excess(s2: float) -> float:
+        return float(np.median(v2 / (s2 + e2))) - _CHI2_1_MEDIAN
+
+    s2 = 0.0
+    if excess(0.0) > 0:
+        hi = float(np.max(v2)) + 1e-30
+        lo = 0.0
+        for _ in range(100):  # bisection: excess decreases monotonically with s²
+            mid = 0.5 * (lo + hi)
+            if excess(mid) > 0:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo <= 1e-6 * hi:
+                break
+        s2 = 0.5 * (lo + hi)
+    kept = np.zeros(v.shape, bool)
+    kept[np.nonzero(ok)[0]] = v2 <= 16.0 * (s2 + e2)
+    return float(np.sqrt(s2)), kept
+
+
+def residual_scatter(res: StarResiduals, *, min_stars: int = 5) -> StarResiduals:
+    """Estimate σ_δ and σ_a (noise removed; median-based, so robust to real dipoles and variable stars) in
+    place; 0 when fewer than ``min_stars`` fits. ``n_used``: stars within 4σ of the result in both.
+
+    Both are taken about zero (a common residual offset or flux-scale error is as much a mismatch as the
+    scatter); the two axes enter as independent samples of one σ_δ.
+    """
+    n = res.x.size
+    if n < min_stars:
+        res.sigma_shift = res.sigma_flux = 0.0
+        res.n_used = int(n)
+        return res
+    shifts = np.concatenate([res.shift_x, res.shift_y])
+    errs = np.concatenate([res.shift_err, res.shift_err])
+    s_shift, keep_s = _median_scatter(shifts, errs)
+    s_flux, keep_f = _median_scatter(res.flux, res.flux_err)
+    res.sigma_shift, res.sigma_flux = s_shift, s_flux
+    res.n_used = int(min(keep_s[:n].sum(), keep_s[n:].sum(), keep_f.sum()))
+    return res
+
+
+def residual_variance(model_smoothed: np.ndarray, sigma_shift: float, sigma_flux: float) -> np.ndarray:
+    """``σ_δ²·|∇M_s|² + σ_a²·M_s²`` (float32): the variance static stars' residuals add to the smoothed
+    difference (``M_s``: the static model smoothed with the detection kernel)."""
+    ms = np.nan_to_num(np.asarray(model_smoothed, np.float32))
+    out = np.zeros(ms.shape, np.float32)
+    if sigma_shift > 0:
+        gy, gx = np.gradient(ms)
+        out += np.float32(sigma_shift ** 2) * (gx * gx + gy * gy)
+        del gx, gy
+    if sigma_flux > 0:
+        out += np.float32(sigma_flux ** 2) * ms * ms
+    return out
