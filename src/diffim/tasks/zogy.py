@@ -50,7 +50,9 @@ class ZogyConfig(pexConfig.Config):
         dtype=bool, default=False, doc="Split the exposure into cells, each with the PSFs at its centre.",
     )
     gridInnerSize = pexConfig.Field(
-        dtype=float, default=8.0, doc="Inner cell size in units of the border size (only with doSpatialGrid).",
+        dtype=float, default=8.0,
+        doc="Inner cell size in units of 1.5·10 PSF σ (LSST: of the border size, which also grows with the PSF "
+        "stamp; the same for Gaussian stamps) (only with doSpatialGrid).",
     )
     growMaskPlanes = pexConfig.ListField(
         dtype=str, default=("SAT", "BAD", "CR", "NO_DATA", "EDGE", "INTRP", "SUSPECT"),
