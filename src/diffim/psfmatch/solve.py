@@ -213,9 +213,11 @@ def build_stamp_system(
                 cw = cc * wpix[c]
                 M[c] = cw @ cc.T
                 b[c] = cw @ S[c]
+    yy = (S * S).sum(axis=1) / wv_ if wpix is None else (wpix * S * S).sum(axis=1)
     if regularization is not None:
         M[:, :N, :N] += regularization
     system = StampSystem(C, S, VS, VT, wv_, M, b, fit_background, (hv, wv))
+    system.yy = yy  # weighted Σ S² per candidate: with M and b it gives any fit's residual sum of squares
     if template_noise_correction:
         system.noise = template_noise_matrix(basis, VT, wv_ if wpix is None else wpix.reshape(nc, hv, wv),
                                              noise_correlation, compact=True)
@@ -539,6 +541,28 @@ def spatial_design(xs, ys, n_basis, kernel_spatial, bg_spatial, constant_first_t
 MIN_SIGNAL_FRACTION = 0.1
 
 
+def _correction_gains(frac: np.ndarray, c: np.ndarray, s2: float | None) -> np.ndarray:
+    """Gain applied to each generalised-eigen direction's least-squares coefficient (1 = plain least squares).
+
+    In the basis ``V`` with ``VᵀQV = I`` and ``VᵀQ_nV = diag(α)`` the least-squares coefficients are
+    ``c = Vᵀw = f·φ + ε`` (``f = 1 − α`` the signal fraction, ``φ`` the true coefficient, ``Var ε ≈ s²``).
+    A gain ``g`` costs, in squared residual of the candidates' noiseless signal (``Vᵀ Q_s V = diag(f)``),
+    ``f [(g f − 1)² φ² + g² s²]``: plain least squares (``g = 1``) pays the bias, the full correction
+    (``g = 1/f``) pays ``s²/f`` of amplified noise. The minimum is at ``g = f φ² / (f² φ² + s²)``; with the
+    unbiased estimate ``f² φ² ≈ c² − s²`` that is ``(1 − s²/c²)/f``, kept within ``[1, 1/f]`` (never less than
+    plain least squares, never more than the full correction). So a direction is corrected to the extent that
+    the bias it removes is measured above the noise it amplifies; ``s2=None`` gives the full correction.
+    """
+    fix = frac >= MIN_SIGNAL_FRACTION
+    full = 1.0 / np.where(fix, frac, 1.0)
+    if s2 is None or not np.isfinite(s2) or s2 <= 0:
+        g = full
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g = full * np.clip(1.0 - s2 / np.maximum(c * c, 1e-300), 0.0, 1.0)
+    return np.where(fix, np.clip(g, 1.0, full), 1.0)
+
+
 def fit_spatial(
     M: np.ndarray,
     b: np.ndarray,
@@ -549,16 +573,20 @@ def fit_spatial(
     bg_spatial: SpatialFunction | None,
     constant_first_term: bool = True,
     noise: np.ndarray | None = None,
+    yy: np.ndarray | None = None,
+    npix: int | None = None,
 ) -> tuple[np.ndarray, SpatialDesign, float]:
     """Solve ``Σ_c P_cᵀ M_c P_c θ = Σ_c P_cᵀ b_c``. Returns θ, the :class:`SpatialDesign` and the eigenvalue
     condition number of the normal matrix.
 
     ``noise`` (``(nc, N, N)``, :func:`template_noise_matrix`) is the expected template-noise part of each
     ``M_c``. With it, the spatial normal matrix ``Q`` and its noise part ``Q_n`` are diagonalised together
-    (``Q_n v = α Q v``; ``α`` is the noise fraction of direction ``v``) and ``Q`` is replaced by
-    ``Q − Q_n`` in the directions whose signal fraction ``1 − α`` is at least :data:`MIN_SIGNAL_FRACTION`;
-    directions dominated by noise keep ordinary least squares. ``design.n_noise_corrected`` records how many
-    directions were corrected.
+    (``Q_n v = α Q v``; ``α`` is the noise fraction of direction ``v``) and the least-squares solution is
+    divided by the signal fraction ``f = 1 − α`` in the directions where ``f`` ≥ :data:`MIN_SIGNAL_FRACTION`
+    and the bias this removes is measured above the noise it amplifies (:func:`_correction_gains`; the noise
+    ``s²`` of the coefficients is the least-squares residual variance per unit weight, from ``yy`` — each
+    candidate's weighted ``Σ S²`` — and ``npix`` pixels per candidate; without them the full correction).
+    ``design.n_noise_corrected`` records how many directions were corrected.
     """
     design = SpatialDesign(xs, ys, n_basis, kernel_spatial, bg_spatial, constant_first_term)
     M = np.asarray(M, float)
@@ -580,10 +608,15 @@ def fit_spatial(
             alpha = None  # Q not numerically positive definite: no correction
         if alpha is not None:
             frac = 1.0 - alpha
-            fix = frac >= MIN_SIGNAL_FRACTION
-            gain = np.where(fix, 1.0 / np.where(fix, frac, 1.0), 1.0)
-            theta = V @ (gain * (V.T @ w))
-            design.n_noise_corrected = int(np.count_nonzero(fix & (alpha > 1e-9)))
+            c = V.T @ w
+            s2 = None
+            if yy is not None and npix:
+                dof = len(M) * int(npix) - len(w)
+                # Least-squares residual sum of squares Σyy − θᵀw with θ = V c (so θᵀw = ‖c‖²).
+                s2 = float(np.sum(yy) - c @ c) / dof if dof > 0 else None
+            gain = _correction_gains(frac, c, s2)
+            theta = V @ (gain * c)
+            design.n_noise_corrected = int(np.count_nonzero((gain > 1.0) & (alpha > 1e-9)))
     if theta is None:
         theta = solve_normal_equations(Q, w)
     if not np.all(np.isfinite(theta)):
@@ -754,7 +787,8 @@ def solve_psf_matching(
         ks_fit, bs_fit = _affordable_spatial(len(idx), kspatial, bspatial, bbox, spatial_model_type, log)
         theta, design, cond = fit_spatial(
             system.M[idx], system.b[idx], xs_all[idx], ys_all[idx], n_basis, ks_fit, bs_fit, constant_first_term,
-            noise=None if system.noise is None else system.noise[idx],
+            noise=None if system.noise is None else system.noise[idx], yy=system.yy[idx],
+            npix=system.S.shape[1],
         )
         solution = (theta, idx, cond, ks_fit, bs_fit, design.n_noise_corrected)
         if it >= max_spatial_iterations:
