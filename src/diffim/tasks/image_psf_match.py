@@ -200,8 +200,9 @@ class ImagePsfMatchConfig(pexConfig.Config):
     templateNoiseCorrection = pexConfig.Field(
         dtype=bool, default=True,
         doc="Not in LSST: remove the expected contribution of the convolved image's own pixel noise (variance "
-            "plane × its noise covariance measured at 5×5 lags on the background pixels) from the spatial kernel fit's normal equations, in "
-            "the directions the candidates measure above that noise (errors-in-variables correction). Without "
+            "plane × its noise covariance measured at 5×5 lags on the background pixels) from the spatial kernel fit's normal equations "
+            "(errors-in-variables correction), each kernel direction to the extent that the bias removed is measured "
+            "above the noise amplified. Without "
             "it the least-squares kernel is biased towards a wide, smoothing one whenever the convolved image "
             "is not much deeper than the other (the noise adds a penalty ∝ ‖K‖²).",
     )
