@@ -61,3 +61,25 @@ def test_far_apart_opposite_lobes_split_close_ones_stay_a_dipole():
     children, _ = split_footprints([_footprint(mover, peaks)], snr, max_dipole_separation=10.0)
     assert len(children) == 2
     assert sorted(c.is_negative for c in children) == [False, True]
+
+
+def test_transient_beside_a_dipole_is_its_own_source():
+    """A bright star's dipole residual and a transient 16 px away (a saddle of ~0 between them) share one
+    merged footprint: the dipole stays one source (both lobes) and the transient becomes a second one
+    (it used to be swallowed, as a footprint with peaks of both signs was never split)."""
+    img = _scene([(30, 32), (50, 40)], [1.0, 0.4]) - _scene([(33, 32)], [1.0])
+    snr = img / np.abs(img).max() * 60
+    peaks = [Peak(29, 32, snr[32, 29], snr[32, 29]), Peak(50, 40, snr[40, 50], snr[40, 50]),
+             Peak(34, 32, snr[32, 34], snr[32, 34], is_negative=True)]
+    children, parents = split_footprints([_footprint(img, peaks)], snr, min_separation=4.7, min_significance=5,
+                                         max_dipole_separation=10.0)
+    assert len(children) == 2 and list(parents) == [0, 0]
+    dipole = next(c for c in children if len(c.peaks) > 1)
+    assert {p.is_negative for p in dipole.peaks} == {False, True}
+    single = next(c for c in children if len(c.peaks) == 1)
+    assert (single.peaks[0].x, single.peaks[0].y) == (50, 40) and not single.is_negative
+    # A wiggle on the dipole's own positive lobe (no saddle) is not split off.
+    peaks_w = peaks[:1] + [Peak(27, 32, snr[32, 27], snr[32, 27])] + peaks[2:]
+    children, _ = split_footprints([_footprint(img, peaks_w)], snr, min_separation=1.0, min_significance=5,
+                                   max_dipole_separation=10.0)
+    assert len(children) == 1

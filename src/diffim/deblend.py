@@ -33,6 +33,27 @@ def _dip_significance(snr_image: np.ndarray, xy0, a: Peak, b: Peak, sign: float)
     return float(ends - np.nanmin(profile))
 
 
+def _kept_peaks(order: list[Peak], snr_image: np.ndarray, xy0, sign: float, min_separation: float, min_dip: float,
+                min_significance: float, radius: float, max_peaks: int) -> list[Peak]:
+    """The peaks of one sign (``order``: strongest first) that are sources of their own: the strongest, then
+    each that is significant, not within ``min_separation`` of a kept one, and separated from every kept one
+    within ``radius`` by a saddle at least ``min_dip`` σ deep."""
+    kept: list[Peak] = [order[0]]
+    kx, ky = [float(order[0].x)], [float(order[0].y)]
+    for p in order[1:max_peaks]:
+        if not (p.significance >= min_significance):
+            continue
+        d = np.hypot(np.asarray(kx) - p.x, np.asarray(ky) - p.y)
+        if np.any(d < min_separation):
+            continue
+        close = np.nonzero(d < radius)[0]
+        if all(_dip_significance(snr_image, xy0, kept[j], p, sign) >= min_dip for j in close):
+            kept.append(p)
+            kx.append(float(p.x))
+            ky.append(float(p.y))
+    return kept
+
+
 def split_footprints(
     footprints: list[Footprint],
     snr_image: np.ndarray | None,
@@ -96,26 +117,33 @@ def split_footprints(
                 children.extend(sub)
                 parents.extend([i] * len(sub))
                 continue
+        radius = 3.0 * min_separation if dip_radius is None else dip_radius
+        if snr_image is not None and len(signs) > 1:
+            # A dipole candidate: its strongest positive and negative peaks stay one source; any other peak of
+            # either sign that is a source of its own by the same tests (a transient beside a bright star's
+            # residual) is split off rather than swallowed.
+            top = max((p for p in fp.peaks if not p.is_negative), key=lambda p: p.value)
+            bottom = min((p for p in fp.peaks if p.is_negative), key=lambda p: p.value)
+            extra = []
+            for lobe, sign in ((top, 1.0), (bottom, -1.0)):
+                order = sorted((p for p in fp.peaks if p.is_negative == (sign < 0)), key=lambda p: -sign * p.value)
+                extra += _kept_peaks(order, snr_image, xy0, sign, min_separation, min_dip, min_significance,
+                                     radius, max_peaks)[1:]
+            children.append(replace(fp, peaks=[p for p in fp.peaks if not any(p is e for e in extra)]))
+            parents.append(i)
+            for e in extra:
+                flags = ({"is_negative": True, "from_positive": False} if e.is_negative
+                         else {"is_negative": False, "from_negative": False})
+                children.append(replace(fp, peaks=[e], **flags))
+                parents.append(i)
+            continue
         if snr_image is None or len(fp.peaks) < 2 or len(signs) > 1:
             children.append(fp)
             parents.append(i)
             continue
         sign = -1.0 if fp.peaks[0].is_negative else 1.0
         order = sorted(fp.peaks, key=lambda p: -sign * p.value)
-        kept: list[Peak] = [order[0]]
-        kx, ky = [float(order[0].x)], [float(order[0].y)]
-        radius = 3.0 * min_separation if dip_radius is None else dip_radius
-        for p in order[1:max_peaks]:
-            if not (p.significance >= min_significance):
-                continue
-            d = np.hypot(np.asarray(kx) - p.x, np.asarray(ky) - p.y)
-            if np.any(d < min_separation):
-                continue
-            close = np.nonzero(d < radius)[0]
-            if all(_dip_significance(snr_image, xy0, kept[j], p, sign) >= min_dip for j in close):
-                kept.append(p)
-                kx.append(float(p.x))
-                ky.append(float(p.y))
+        kept = _kept_peaks(order, snr_image, xy0, sign, min_separation, min_dip, min_significance, radius, max_peaks)
         if len(kept) == 1:
             children.append(replace(fp, peaks=[kept[0]] + [p for p in fp.peaks if p is not kept[0]]))
             parents.append(i)
