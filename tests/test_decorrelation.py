@@ -420,3 +420,36 @@ def test_accepts_the_al_spatial_kernel_object():
     a, va, _ = decorrelate_spatial(D, V, spatial, 1.0, 30.0, cell_step=128)
     b, vb, _ = decorrelate_spatial(D, V, blend, 1.0, 30.0, cell_step=128)
     assert np.allclose(a, b, atol=1e-5) and np.allclose(va, vb, rtol=1e-5)
+
+
+def test_constant_filter_variance_plane_follows_the_local_kernel():
+    """A kernel whose noise gain differs across the field (sharp on the left: Σκ² = 0.16; broad on the right,
+    where the centre is: 0.011), decorrelated with the centre filter: the variance plane uses the local
+    kernel's factor, so D/√V has unit std on both halves (to 4 %, ≈ 20 000 pixels each), while the centre
+    factor alone understates the left half's noise by > 30 %."""
+    n = 256
+    rng = np.random.default_rng(3)
+    svar, tvar = 1.0, 9.0
+    sci = rng.normal(0, np.sqrt(svar), (n, n))
+    tmpl = rng.normal(0, np.sqrt(tvar), (n, n))
+    k_left, k_right = gaussian_kernel(0.7, 21), gaussian_kernel(2.5, 21)
+    matched = np.where(np.arange(n)[None, :] < n // 2, periodic_correlate(tmpl, k_left),
+                       periodic_correlate(tmpl, k_right))
+    diff = Exposure(image=(sci - matched).astype(np.float32), variance=np.full((n, n), 1.0, np.float32),
+                    psf=GaussianPsf(2.0, 25))
+    science = Exposure(image=sci.astype(np.float32), variance=np.full((n, n), svar, np.float32), psf=GaussianPsf(2.0, 25))
+    template = Exposure(image=tmpl.astype(np.float32), variance=np.full((n, n), tvar, np.float32),
+                        psf=GaussianPsf(1.0, 25))
+
+    class HalfKernel:
+        def kernel_image(self, x, y):
+            return k_left if x < n // 2 else k_right
+
+    ratios = {}
+    for name, kernel in (("local", HalfKernel()), ("centre", k_right)):
+        out = DecorrelateALKernelTask().run(science, template, diff.copy(), kernel, xcen=n / 2 + 10, ycen=n / 2)
+        d = out.correctedExposure
+        z = d.image / np.sqrt(d.variance)
+        ratios[name] = (float(np.std(z[32:-32, 24:n // 2 - 24])), float(np.std(z[32:-32, n // 2 + 24:-24])))
+    assert abs(ratios["local"][0] - 1) < 0.04 and abs(ratios["local"][1] - 1) < 0.04, ratios
+    assert ratios["centre"][0] > 1.3, ratios

@@ -155,6 +155,8 @@ class DecorrelateALKernelTask(Task):
             science_variance=_variance_on(scienceExposure, bbox),
             template_variance=_variance_on(templateExposure, bbox),
             complete_variance=self.config.completeVarPlanePropagation,
+            kernel_at=psfMatchingKernel if hasattr(psfMatchingKernel, "kernel_image") else None,
+            origin=(bbox.x0, bbox.y0),
         )
         subtractedExposure.image[...] = image
         subtractedExposure.variance[...] = variance
