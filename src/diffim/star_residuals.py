@@ -7,10 +7,9 @@ shifted by δ leaves a dipole ``−δ·∇M`` whose amplitude is ≈ 1000·δ/σ
 10 σ "source". Zackay, Ofek & Gal-Yam (2016, §3.5) add this astrometric noise to the variance of their score
 image (``S_corr``); this module does the same for the PSF-smoothed difference that plain detection thresholds.
 
-Model (per static star ``i``, in the difference ``D = P − N`` of two PSF-matched images ``P`` and ``N``, and the
-static-sky model ``M = (V_N·P + V_P·N)/(V_P + V_N)``, their inverse-variance-weighted mean, whose noise is
-uncorrelated with ``D``'s — with ``M = P`` a regression of ``D`` on ``M`` would pick up ``P``'s own noise as a
-flux residual of order 1/S/N²):
+Model (per static star ``i``, in the difference ``D`` and a static-sky model ``M`` on the same grid — the
+template side of the subtraction, which holds no science transient; its noise is also in ``D``, with the
+opposite sign, and the part that is, measured on empty sky, is taken out of the flux fit):
 
     D ≈ a_i·M − δx_i·∂M/∂x − δy_i·∂M/∂y + c_i
 

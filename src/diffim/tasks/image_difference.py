@@ -269,10 +269,11 @@ class ImageDifferenceConfig(pexConfig.Config):
     doStarResidualVariance = pexConfig.Field(
         dtype=bool,
         default=True,
-        doc="Add to the detection variance what static stars' residuals add: fit each bright isolated star's "
-        "residual shift and flux mismatch in the difference, estimate their scatter (noise removed), and add "
-        "sigma_shift^2 |grad M|^2 + sigma_flux^2 M^2 of the smoothed static model M (ZOGY's astrometric-noise "
-        "term, Zackay et al. 2016). Zero for pairs registered as well as their noise allows. diffim extension.",
+        doc="Add to the detection variance what static stars' registration residuals add: fit each bright "
+        "isolated star's residual shift (and, for the record, flux mismatch) in the difference against the "
+        "template side, estimate the shift scatter (noise removed), and add sigma_shift^2 |grad M|^2 of the "
+        "smoothed static model M (ZOGY's astrometric-noise term, Zackay et al. 2016). Zero for pairs registered "
+        "as well as their noise allows. diffim extension.",
     )
 
     def setDefaults(self) -> None:
@@ -421,6 +422,7 @@ class ImageDifferenceTask(Task):
         self.metadata["psfMatchingAlgorithm"] = cfg.subtract.name
         self._science_sources = None
         self._noise_factor = 1.0
+        self._score_pair = None
         science = exposure
         if cfg.doAddCalexpBackground and calexpBackgroundExposure is not None:
             bg = calexpBackgroundExposure
@@ -519,6 +521,7 @@ class ImageDifferenceTask(Task):
         self._quality_metadata(subtractedExposure)
         self._sky_cache = None
         self._science_sources = None
+        self._score_pair = None
         return Struct(
             subtractedExposure=subtractedExposure,
             scoreExposure=scoreExposure,
@@ -717,7 +720,17 @@ class ImageDifferenceTask(Task):
             science_in = science
         pre = convolve_exposure(science_in, pre_kernel, copy_edge=True, fill_mask_planes=())
         pre.psf = _preconvolved_psf(psf, pre_kernel, pos)
+        if kernelSources is None:
+            # Kernel stars are found on the science itself: the candidate finder assumes white noise, which
+            # the pre-convolved image is not (its smoothed S/N comes out ~5× too high, and hundreds of noise
+            # peaks become "stars" that the kernel is then fitted to).
+            from ..psfmatch.candidates import detect_kernel_sources
+
+            sel = self.subtract.config.selectDetection
+            kernelSources = detect_kernel_sources(science.masked_image, psf.sigma(*pos), threshold=sel.detThreshold,
+                                                  bad_mask_planes=tuple(sel.badMaskPlanes))
         res = self.subtract.subtractExposures(template, pre, candidateList=kernelSources, convolveTemplate=True)
+        self._score_pair = (pre, res.matchedExposure)  # the score's static model (doStarResidualVariance)
         score = res.subtractedExposure
         if cfg.doDecorrelation:
             score = self.decorrelate.run(
@@ -772,8 +785,10 @@ class ImageDifferenceTask(Task):
                 target = detExp.copy(deep=False)
                 target.masked_image = type(mi)(mi.image, mi.mask, mi.variance * np.float32(r * r), mi.xy0)
             extra = None
-            if cfg.doStarResidualVariance and not useScore:
-                extra = self._star_residual_variance(science, target, diffExp, matchedExposure, warpedExposure)
+            score_pair = getattr(self, "_score_pair", None)
+            if cfg.doStarResidualVariance and (not useScore or score_pair is not None):
+                extra = self._star_residual_variance(science, target, diffExp, matchedExposure, warpedExposure,
+                                                     score_pair=score_pair if useScore else None)
             det = self.detection.run(target, doSmooth=not useScore, extraVariance=extra)
             del extra
             if useScore:  # detection masks travel to the difference that is measured
@@ -865,15 +880,17 @@ class ImageDifferenceTask(Task):
     #: what a later run with doSubtract=False on that difference re-uses).
     RESIDUAL_KEYS = ("DIFFIM STARRESID SHIFT", "DIFFIM STARRESID FLUX", "DIFFIM STARRESID NSTARS")
 
-    def _star_residual_variance(self, science, det, diffExp, matched, warped):
-        """Variance that static stars' registration and flux-matching residuals add to the smoothed detection
-        image ``det`` (:mod:`diffim.star_residuals`), or None when no residual scatter is resolved.
+    def _star_residual_variance(self, science, det, diffExp, matched, warped, score_pair=None):
+        """Variance that static stars' registration and flux-matching residuals add to the detection image
+        ``det`` (:mod:`diffim.star_residuals`), or None when no residual scatter is resolved.
 
-        The scatters are fitted on ``det`` with the inverse-variance-weighted mean of the two PSF-matched
-        images as static model (AL subtraction in this run); a given difference (``doSubtract=False``) re-uses
-        the scatters stored in its metadata. Otherwise (ZOGY, or a difference without them) the science is the
-        model, and the part of its noise that is also in the difference (measured on empty sky) is taken out
-        of the flux fit.
+        The static model is the template side of the subtraction — the matched template (or, when the science
+        was convolved, the template itself; ZOGY: the warped template) — never the science, whose transients
+        would raise the variance on themselves. Its noise is also in the difference (with the opposite sign);
+        the part that is, measured on empty sky, is taken out of the flux fit. With ``score_pair`` (the
+        pre-convolved science and its matched template, whose difference the AL score ``det`` is) the fit and
+        the variance are in the score's own (already matched-filtered) domain. A given difference
+        (``doSubtract=False``) re-uses the scatters stored in its metadata, or else falls back to the science.
         """
         from .. import star_residuals as sr
         from ..detection import correlate_separable, gaussian_kernel_1d, smoothing_kernel_width
@@ -885,68 +902,79 @@ class ImageDifferenceTask(Task):
         fwhm = float(det.psf.fwhm(*where))
         if not (np.isfinite(sigma) and sigma > 0):
             return None
-        k = gaussian_kernel_1d(sigma, smoothing_kernel_width(sigma, self.detection.config.nSigmaForKernel))
-        k_shift, k_flux, k_n = self.RESIDUAL_KEYS
-        md = diffExp.metadata if isinstance(diffExp.metadata, dict) else {}
-        sky = self._sky_subtracted(science).image
-        if matched is not None:
-            pos, neg = (science, matched) if self._conv_template else (matched, warped)
-            stats = self._fit_star_residuals(pos, neg, det, k, fwhm)
-        elif k_shift in md and k_flux in md:
-            stats = (float(md[k_shift]), float(md[k_flux]), int(md.get(k_n, 0)))
+        md = self.metadata
+        if score_pair is not None:
+            shift, flux, n, model = self._fit_star_residuals(score_pair[1], det, None, fwhm * np.sqrt(2.0))
+            md["scoreResidualShiftSigma"], md["scoreResidualFluxSigma"], md["scoreResidualNStars"] = shift, flux, n
+            label = "in the score"
         else:
-            stats = self._fit_star_residuals(science, None, det, k, fwhm)
-        shift, flux, n = stats
-        if isinstance(diffExp.metadata, dict):
-            diffExp.metadata.update({k_shift: shift, k_flux: flux, k_n: n})
-        self.metadata["starResidualNStars"] = int(n)
-        self.metadata["starResidualShiftSigma"] = float(shift)
-        self.metadata["starResidualFluxSigma"] = float(flux)
-        if shift <= 0 and flux <= 0:
+            k = gaussian_kernel_1d(sigma, smoothing_kernel_width(sigma, self.detection.config.nSigmaForKernel))
+            k_shift, k_flux, k_n = self.RESIDUAL_KEYS
+            stored = diffExp.metadata if isinstance(diffExp.metadata, dict) else {}
+            static = matched if (matched is not None and self._conv_template) else warped
+            if static is None and k_shift in stored and k_flux in stored:
+                shift, flux, n = float(stored[k_shift]), float(stored[k_flux]), int(stored.get(k_n, 0))
+                model = self._static_model(science, det)[0]
+            else:
+                shift, flux, n, model = self._fit_star_residuals(static if static is not None else science, det,
+                                                                 k, fwhm)
+            model = correlate_separable(model, k, threads=2)
+            if isinstance(diffExp.metadata, dict):
+                diffExp.metadata.update({k_shift: shift, k_flux: flux, k_n: n})
+            md["starResidualShiftSigma"], md["starResidualFluxSigma"], md["starResidualNStars"] = shift, flux, n
+            label = ""
+        if shift <= 0:
             return None
-        self.log.info("Static-star residuals (%d stars): shift scatter %.4f px, flux scatter %.4f; added to the "
-                      "detection variance.", n, shift, flux)
-        return sr.residual_variance(correlate_separable(sky, k, threads=2), shift, flux)
+        # Only the shift term enters the variance (as in ZOGY). The flux scatter is reported, not added: σ_a·M
+        # would raise the threshold on every galaxy in proportion to its brightness, while a PSF-matching error
+        # leaves residuals only at the PSF's scale — transients on hosts would be lost to it.
+        self.log.info("Static-star residuals %s(%d stars): shift scatter %.4f px (added to the detection variance), "
+                      "flux scatter %.4f.", label + " " if label else "", n, shift, flux)
+        return sr.residual_variance(model, shift, 0.0)
 
-    def _fit_star_residuals(self, pos, neg, det, k, fwhm) -> tuple[float, float, int]:
-        """(σ_shift, σ_flux, number of stars) fitted on ``det`` (see :meth:`_star_residual_variance`)."""
-        from .. import star_residuals as sr
+    @staticmethod
+    def _static_model(static, det):
+        """(background-subtracted image, variance, unusable pixels) of the static-sky exposure ``static``."""
         from ..background import estimate_background
-        from ..detection import correlate_separable
 
         bad = det.mask.get(["BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT"], ignore_missing=True)
-        if neg is None:
-            model = np.array(self._sky_subtracted(pos).image, dtype=np.float32, copy=True)
-            model_var = np.array(pos.variance, dtype=np.float32, copy=True)
-            unusable = bad | ~np.isfinite(model) | ~(model_var > 0)
-        else:
-            # The inverse-variance-weighted mean of the two matched images: its noise is uncorrelated with the
-            # difference's (module docstring of diffim.star_residuals).
-            vp, vn = pos.variance, neg.variance
-            with np.errstate(divide="ignore", invalid="ignore"):
-                model = (vn * pos.image + vp * neg.image) / (vp + vn)
-                model_var = vp * vn / (vp + vn)
-            unusable = bad | ~np.isfinite(model) | ~(model_var > 0)
-            model[unusable] = 0.0
-            try:
-                model -= estimate_background(model, unusable, bin_size=128)
-            except Exception:  # tiny images: a median is enough
-                model -= np.float32(np.median(model[~unusable])) if (~unusable).any() else np.float32(0.0)
+        model = np.array(static.image, dtype=np.float32, copy=True)
+        model_var = np.array(static.variance, dtype=np.float32, copy=True)
+        unusable = bad | ~np.isfinite(model) | ~(model_var > 0)
+        model[unusable] = 0.0
+        try:
+            model -= estimate_background(model, unusable, bin_size=128)
+        except Exception:  # tiny images: a median is enough
+            model -= np.float32(np.median(model[~unusable])) if (~unusable).any() else np.float32(0.0)
         model[unusable] = 0.0
         model_var[unusable] = 0.0
-        model_s = correlate_separable(model, k, threads=2)
-        var_s = correlate_separable(model_var, k * k, threads=2)
+        return model, model_var, unusable
+
+    def _fit_star_residuals(self, static, det, k, fwhm):
+        """(σ_shift, σ_flux, number of stars, static model image) fitted on ``det`` with ``static`` as the
+        static-sky model (see :meth:`_star_residual_variance`). ``k``: the detection smoothing kernel (None:
+        ``det`` is not smoothed for detection, e.g. a score, and stars are found on the model itself)."""
+        from .. import star_residuals as sr
+        from ..detection import correlate_separable
+
+        model, model_var, unusable = self._static_model(static, det)
+        bad = det.mask.get(["BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT"], ignore_missing=True)
+        if k is not None:
+            model_s = correlate_separable(model, k, threads=2)
+            var_s = correlate_separable(model_var, k * k, threads=2)
+        else:
+            model_s, var_s = model, model_var
         stars = sr.bright_star_positions(model_s, var_s, bad=bad, isolation=int(np.ceil(3 * fwhm)))
         del var_s, model_s
         sky = ~(unusable | det.mask.get(["DETECTED", "DETECTED_NEGATIVE", "CR", "INTRP"], ignore_missing=True))
-        sky &= ~pos.mask.get(["DETECTED"], ignore_missing=True)
+        sky &= ~static.mask.get(["DETECTED"], ignore_missing=True)
         beta = sr.shared_noise_slope(det.image, model, model_var, sky)
         self.metadata["starResidualSharedNoise"] = beta
         res = sr.fit_star_residuals(det.image, det.variance, model, stars, radius=max(3, int(round(1.5 * fwhm))),
                                     bad=bad, max_bad_fraction=0.0, noise_cov=beta * model_var)
         del model_var
         res = sr.residual_scatter(res)
-        return float(res.sigma_shift), float(res.sigma_flux), int(res.x.size)
+        return float(res.sigma_shift), float(res.sigma_flux), int(res.x.size), model
 
     @staticmethod
     def _force_sky_positions(columns, diffExp, footprints, is_sky):
