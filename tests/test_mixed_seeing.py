@@ -442,7 +442,10 @@ def test_mixed_seeing_2048_zogy(mixed_2048):
 @pytest.mark.slow
 def test_mixed_seeing_2048_preconvolution(mixed_2048):
     """Issue 7, preconvolution at 2048²: difference χ² p95 ≤ 1.5, score χ² p95 ≤ 1.25 × its noise-only value,
-    completeness ≥ 98 %; plain AL must do worse in the direction that deconvolves most (convolveScience).
+    completeness ≥ 98 %; plain AL in the direction that deconvolves most (convolveScience) is reported beside
+    it and does worse on false detections (7.8 per Mpix against 0.75). Its star χ² used to be > 2; with the
+    template-noise correction and the local-kernel decorrelation variance it is 1.38, so that is no longer
+    the contrast.
     """
     pair, runs, rows = mixed_2048
     floor = _score_noise_floor(pair)
@@ -451,14 +454,13 @@ def test_mixed_seeing_2048_preconvolution(mixed_2048):
     assert p["star_chi2_p95"] <= 1.5
     assert p["score_chi2_p95"] <= 1.25 * floor
     assert p["completeness_snr7"] >= 0.98
-    assert rows["AL convolveScience"]["star_chi2_p95"] > 2.0 > p["star_chi2_p95"]
+    assert rows["AL convolveScience"]["false_per_mpix"] > 2.0 > 1.0 >= p["false_per_mpix"]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="4 false detections on the 4.0 Mpix interior (1.0007/Mpix): the residual of "
-                   "a 1.0e6-count unsaturated star in the score (+6.0σ, 3 px from it) and three 5.2–5.4σ noise peaks "
-                   "(pure noise through the score gives 0.5 peaks/Mpix above 5σ, both signs: ≈ 2 expected)")
 def test_mixed_seeing_2048_preconvolution_false_rate(mixed_2048):
-    """Issue 7: preconvolution (detection on the score) with ≤ 1 false detection per Mpix at 2048²."""
+    """Issue 7: preconvolution (detection on the score) with ≤ 1 false detection per Mpix at 2048² (0.75
+    measured: 3 on the 4 Mpix interior, where pure noise through the score gives ≈ 0.5 per Mpix above 5σ; it
+    was 4 before the score's kernel candidates came from the science and the score-domain static-star term)."""
     _, _, rows = mixed_2048
     assert rows["AL preconvolution"]["false_per_mpix"] <= 1.0
