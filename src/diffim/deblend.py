@@ -127,8 +127,12 @@ def split_footprints(
             extra = []
             for lobe, sign in ((top, 1.0), (bottom, -1.0)):
                 order = sorted((p for p in fp.peaks if p.is_negative == (sign < 0)), key=lambda p: -sign * p.value)
-                extra += _kept_peaks(order, snr_image, xy0, sign, min_separation, min_dip, min_significance,
-                                     radius, max_peaks)[1:]
+                kept = _kept_peaks(order, snr_image, xy0, sign, min_separation, min_dip, min_significance,
+                                   radius, max_peaks)[1:]
+                # Only peaks beyond the PSF's reach of both lobes: structure within it (the rings and wings of
+                # a bright star's residual) belongs to the dipole.
+                extra += [p for p in kept if min(np.hypot(p.x - top.x, p.y - top.y),
+                                                  np.hypot(p.x - bottom.x, p.y - bottom.y)) >= radius]
             children.append(replace(fp, peaks=[p for p in fp.peaks if not any(p is e for e in extra)]))
             parents.append(i)
             for e in extra:

@@ -11,19 +11,24 @@ Model (per static star ``i``, in the difference ``D`` and a static-sky model ``M
 template side of the subtraction, which holds no science transient; its noise is also in ``D``, with the
 opposite sign, and the part that is, measured on empty sky, is taken out of the flux fit):
 
-    D ≈ a_i·M − δx_i·∂M/∂x − δy_i·∂M/∂y + c_i
+    D ≈ a_i·M − δx_i·∂M/∂x − δy_i·∂M/∂y + b_i·∇²M + c_i
 
-``δ`` is the star's residual shift, ``a`` its residual flux-matching error (relative). Fitted by weighted
-least squares on a stamp around each bright isolated star, the scatters
+``δ`` is the star's residual shift, ``a`` its residual flux-matching error (relative) and ``b`` its residual
+width mismatch (a Gaussian PSF broader by ``dσ`` differs from it by ``σ·dσ·∇²P``: the core-and-ring a seeing
+or PSF-matching error leaves). Fitted by weighted least squares on a stamp around each bright isolated star,
+the scatters
 
-    σ_δ² = E[δ²] − noise,   σ_a² = E[a²] − noise
+    σ_δ² = E[δ²] − noise,   σ_a² = E[a²] − noise,   σ_w² = E[b²] − noise
 
 are estimated from each star's value and its own noise error with a median (so that real dipoles and variable
 stars, up to half the sample, do not count). Because the smoothing that detection applies is linear, the smoothed difference of a
-static star is ``a·M_s − δ·∇M_s`` with ``M_s`` the smoothed model, so the variance the residuals add to every
+static star is ``a·M_s − δ·∇M_s + b·∇²M_s`` with ``M_s`` the smoothed model, so the variance the residuals add to every
 smoothed pixel is exactly
 
-    V_extra = σ_δ² (|∂M_s/∂x|² + |∂M_s/∂y|²) + σ_a² M_s².
+    V_extra = σ_δ² (|∂M_s/∂x|² + |∂M_s/∂y|²) + σ_w² (∇²M_s)²   [+ σ_a² M_s², not used by the task].
+
+The flux term would raise the threshold on every galaxy in proportion to its brightness; the Laplacian term
+follows what a PSF mismatch really leaves — large on stars, small on smooth extended light.
 
 It is large only on bright static sources; on empty sky (and for images registered as well as their noise
 allows, σ_δ = σ_a = 0) it vanishes and detection is unchanged.
@@ -37,7 +42,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["StarResiduals", "bright_star_positions", "fit_star_residuals", "residual_scatter",
-           "residual_variance", "shared_noise_slope"]
+           "residual_variance", "shared_noise_slope", "laplacian"]
 
 
 @dataclass
@@ -65,8 +70,11 @@ class StarResiduals:
     shift_err: np.ndarray
     flux: np.ndarray
     flux_err: np.ndarray
+    width: np.ndarray | None = None
+    width_err: np.ndarray | None = None
     sigma_shift: float = 0.0
     sigma_flux: float = 0.0
+    sigma_width: float = 0.0
     n_used: int = 0
 
 
@@ -113,28 +121,39 @@ def _stamps(array: np.ndarray, ys: np.ndarray, xs: np.ndarray, r: int) -> np.nda
     return array[(ys[:, None, None] + off[None, :, None]), (xs[:, None, None] + off[None, None, :])]
 
 
+def laplacian(image: np.ndarray) -> np.ndarray:
+    """5-point Laplacian (the stencil the fit uses), float32; 0 on the outer frame."""
+    a = np.asarray(image, np.float32)
+    out = np.zeros(a.shape, np.float32)
+    out[1:-1, 1:-1] = a[1:-1, 2:] + a[1:-1, :-2] + a[2:, 1:-1] + a[:-2, 1:-1] - 4.0 * a[1:-1, 1:-1]
+    return out
+
+
 def shared_noise_slope(difference: np.ndarray, model: np.ndarray, model_variance: np.ndarray,
-                       sky: np.ndarray) -> float:
-    """``β = cov(D, M)/var(M)`` per pixel, measured on empty-sky pixels ``sky``: how much of the model's own
-    noise is in the difference (1-ish for the science as model of ``science − template``, 0 for the
-    inverse-variance-weighted mean of the two matched images). The same-pixel covariance is then
-    ``β·V_M``; it biases a regression of ``D`` on ``M`` (see :func:`fit_star_residuals`)."""
+                       sky: np.ndarray) -> tuple[float, float]:
+    """How much of the model's own noise is in the difference, measured on empty-sky pixels ``sky``:
+    ``(β, β_L)`` with ``E[D·M] = β·V_M`` and ``E[D·∇²M] = β_L·V_M`` per pixel (β ≈ −1 for a template-side
+    model of ``science − template``, whose noise enters ``D`` with the opposite sign). ``β_L`` is not
+    ``−4β``: a convolved model's noise is correlated with its neighbours', which the Laplacian also reads.
+    These expectations bias a regression of ``D`` on ``M`` and ``∇²M`` (see :func:`fit_star_residuals`)."""
+    lap = laplacian(model)
     d = np.asarray(difference, np.float64)[sky]
     m = np.asarray(model, np.float64)[sky]
+    lp = lap[sky].astype(np.float64)
     v = np.asarray(model_variance, np.float64)[sky]
-    ok = np.isfinite(d) & np.isfinite(m) & (v > 0)
+    ok = np.isfinite(d) & np.isfinite(m) & np.isfinite(lp) & (v > 0)
     if ok.sum() < 100:
-        return 0.0
-    d, m, v = d[ok], m[ok], v[ok]
-    # Weighted by 1/V_M so that the slope is that of the standardised noise; clipped against residual sources.
-    z = m / np.sqrt(v)
-    keep = np.abs(z) < 5
-    return float(np.sum(d[keep] * m[keep] / v[keep]) / np.sum(m[keep] ** 2 / v[keep]))
+        return 0.0, 0.0
+    d, m, lp, v = d[ok], m[ok], lp[ok], v[ok]
+    keep = np.abs(m / np.sqrt(v)) < 5  # residual sources out
+    vs = float(np.sum(v[keep]))
+    return float(np.sum(d[keep] * m[keep]) / vs), float(np.sum(d[keep] * lp[keep]) / vs)
 
 
 def fit_star_residuals(difference: np.ndarray, variance: np.ndarray, model: np.ndarray, positions: np.ndarray,
                        radius: int, bad: np.ndarray | None = None, max_bad_fraction: float = 0.1,
-                       noise_cov: np.ndarray | None = None) -> StarResiduals:
+                       noise_cov: np.ndarray | None = None,
+                       noise_cov_laplacian: np.ndarray | None = None) -> StarResiduals:
     """Fit ``D ≈ a·M − δx·∂xM − δy·∂yM + c`` on a ``(2·radius+1)²`` stamp around each position.
 
     Parameters
@@ -150,12 +169,12 @@ def fit_star_residuals(difference: np.ndarray, variance: np.ndarray, model: np.n
         Stamp half-width in pixels (≈ 2 FWHM).
     bad
         Pixels given zero weight; stars with more than ``max_bad_fraction`` of their stamp bad are skipped.
-    noise_cov
-        Same-pixel covariance of the difference's and the model's noise (``β·V_M``, :func:`shared_noise_slope`),
-        or None for independent noise. A model whose noise is also in the difference (the science, in
-        ``science − template``) makes the flux coefficient positive by ``Σ w·c / Σ w·M²`` (≈ 1/S/N²
-        per stamp pixel): that expectation is subtracted. The shift coefficients are not biased (central
-        differences do not use the pixel itself).
+    noise_cov, noise_cov_laplacian
+        Expected products ``E[D·ε_M]`` and ``E[D·∇²ε_M]`` of the difference's noise with the model's
+        (``β·V_M`` and ``β_L·V_M``, :func:`shared_noise_slope`), or None for independent noise. A model whose
+        noise is also in the difference biases the flux and width coefficients by these (≈ 1/S/N² per stamp
+        pixel): the expectations are subtracted. The shift coefficients are not biased (central differences
+        of a symmetric noise correlation cancel).
 
     Returns
     -------
@@ -175,6 +194,7 @@ def fit_star_residuals(difference: np.ndarray, variance: np.ndarray, model: np.n
     m = big[:, 1:-1, 1:-1]
     gx = 0.5 * (big[:, 1:-1, 2:] - big[:, 1:-1, :-2])
     gy = 0.5 * (big[:, 2:, 1:-1] - big[:, :-2, 1:-1])
+    lap = big[:, 1:-1, 2:] + big[:, 1:-1, :-2] + big[:, 2:, 1:-1] + big[:, :-2, 1:-1] - 4.0 * m
     d = _stamps(np.asarray(difference, np.float64), ys, xs, r)
     v = _stamps(np.asarray(variance, np.float64), ys, xs, r)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -182,18 +202,19 @@ def fit_star_residuals(difference: np.ndarray, variance: np.ndarray, model: np.n
     if bad is not None:
         w[_stamps(bad, ys, xs, r)] = 0.0
     good_frac = (w > 0).mean(axis=(1, 2))
-    d, m, gx, gy = (np.nan_to_num(a) for a in (d, m, gx, gy))
-    design = np.stack([m, -gx, -gy, np.ones_like(m)], axis=-1).reshape(len(ys), -1, 4)
+    d, m, gx, gy, lap = (np.nan_to_num(a) for a in (d, m, gx, gy, lap))
+    design = np.stack([m, -gx, -gy, lap, np.ones_like(m)], axis=-1).reshape(len(ys), -1, 5)
     wf = w.reshape(len(ys), -1)
     ata = np.einsum("npi,np,npj->nij", design, wf, design)
     atb = np.einsum("npi,np,np->ni", design, wf, d.reshape(len(ys), -1))
     ok = good_frac >= 1.0 - max_bad_fraction
     ok &= np.linalg.cond(ata) < 1e12
-    coef = np.full((len(ys), 4), np.nan)
-    cov_diag = np.full((len(ys), 4), np.nan)
-    if noise_cov is not None:
-        c = np.nan_to_num(_stamps(np.asarray(noise_cov, np.float64), ys, xs, r)).reshape(len(ys), -1)
-        atb[:, 0] -= np.sum(wf * c, axis=1)  # E[Σ w·ε·η] of the model column: the shared noise
+    coef = np.full((len(ys), 5), np.nan)
+    cov_diag = np.full((len(ys), 5), np.nan)
+    for column, cov in ((0, noise_cov), (3, noise_cov_laplacian)):
+        if cov is not None:  # E[Σ w·ε·η] of that column: the shared noise
+            c = np.nan_to_num(_stamps(np.asarray(cov, np.float64), ys, xs, r)).reshape(len(ys), -1)
+            atb[:, column] -= np.sum(wf * c, axis=1)
     if ok.any():
         inv = np.linalg.inv(ata[ok])
         coef[ok] = np.einsum("nij,nj->ni", inv, atb[ok])
@@ -203,7 +224,7 @@ def fit_star_residuals(difference: np.ndarray, variance: np.ndarray, model: np.n
     return StarResiduals(
         x=xs[keep].astype(float), y=ys[keep].astype(float),
         shift_x=coef[keep, 1], shift_y=coef[keep, 2], shift_err=np.sqrt(0.5 * (err[keep, 1] ** 2 + err[keep, 2] ** 2)),
-        flux=coef[keep, 0], flux_err=err[keep, 0],
+        flux=coef[keep, 0], flux_err=err[keep, 0], width=coef[keep, 3], width_err=err[keep, 3],
     )
 
 
@@ -247,11 +268,11 @@ def _median_scatter(values: np.ndarray, errors: np.ndarray) -> tuple[float, np.n
 
 
 def residual_scatter(res: StarResiduals, *, min_stars: int = 5) -> StarResiduals:
-    """Estimate σ_δ and σ_a (noise removed; median-based, so robust to real dipoles and variable stars) in
-    place; 0 when fewer than ``min_stars`` fits. ``n_used``: stars within 4σ of the result in both.
+    """Estimate σ_δ, σ_a and σ_w (noise removed; median-based, so robust to real dipoles and variable stars)
+    in place; 0 when fewer than ``min_stars`` fits. ``n_used``: stars within 4σ of σ_δ and σ_a.
 
-    Both are taken about zero (a common residual offset or flux-scale error is as much a mismatch as the
-    scatter); the two axes enter as independent samples of one σ_δ.
+    All are taken about zero (a common residual offset, flux-scale or width error is as much a mismatch as
+    the scatter); the two axes enter as independent samples of one σ_δ.
     """
     n = res.x.size
     if n < min_stars:
@@ -262,14 +283,17 @@ def residual_scatter(res: StarResiduals, *, min_stars: int = 5) -> StarResiduals
     errs = np.concatenate([res.shift_err, res.shift_err])
     s_shift, keep_s = _median_scatter(shifts, errs)
     s_flux, keep_f = _median_scatter(res.flux, res.flux_err)
+    if res.width is not None:
+        res.sigma_width = _median_scatter(res.width, res.width_err)[0]
     res.sigma_shift, res.sigma_flux = s_shift, s_flux
     res.n_used = int(min(keep_s[:n].sum(), keep_s[n:].sum(), keep_f.sum()))
     return res
 
 
-def residual_variance(model_smoothed: np.ndarray, sigma_shift: float, sigma_flux: float) -> np.ndarray:
-    """``σ_δ²·|∇M_s|² + σ_a²·M_s²`` (float32): the variance static stars' residuals add to the smoothed
-    difference (``M_s``: the static model smoothed with the detection kernel)."""
+def residual_variance(model_smoothed: np.ndarray, sigma_shift: float, sigma_flux: float,
+                      sigma_width: float = 0.0) -> np.ndarray:
+    """``σ_δ²·|∇M_s|² + σ_a²·M_s² + σ_w²·(∇²M_s)²`` (float32): the variance static stars' residuals add to the
+    smoothed difference (``M_s``: the static model smoothed with the detection kernel)."""
     ms = np.nan_to_num(np.asarray(model_smoothed, np.float32))
     out = np.zeros(ms.shape, np.float32)
     if sigma_shift > 0:
@@ -278,4 +302,7 @@ def residual_variance(model_smoothed: np.ndarray, sigma_shift: float, sigma_flux
         del gx, gy
     if sigma_flux > 0:
         out += np.float32(sigma_flux ** 2) * ms * ms
+    if sigma_width > 0:
+        lap = laplacian(ms)
+        out += np.float32(sigma_width ** 2) * lap * lap
     return out

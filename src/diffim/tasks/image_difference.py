@@ -269,11 +269,12 @@ class ImageDifferenceConfig(pexConfig.Config):
     doStarResidualVariance = pexConfig.Field(
         dtype=bool,
         default=True,
-        doc="Add to the detection variance what static stars' registration residuals add: fit each bright "
-        "isolated star's residual shift (and, for the record, flux mismatch) in the difference against the "
-        "template side, estimate the shift scatter (noise removed), and add sigma_shift^2 |grad M|^2 of the "
-        "smoothed static model M (ZOGY's astrometric-noise term, Zackay et al. 2016). Zero for pairs registered "
-        "as well as their noise allows. diffim extension.",
+        doc="Add to the detection variance what static stars' residuals add: fit each bright isolated star's "
+        "residual shift, width mismatch (and, for the record, flux mismatch) in the difference against the "
+        "template side, estimate their scatter (noise removed), and add sigma_shift^2 |grad M|^2 + "
+        "sigma_width^2 (lap M)^2 of the smoothed static model M (the first is ZOGY's astrometric-noise term, "
+        "Zackay et al. 2016). Zero for pairs registered and PSF-matched as well as their noise allows. "
+        "diffim extension.",
     )
 
     def setDefaults(self) -> None:
@@ -878,7 +879,8 @@ class ImageDifferenceTask(Task):
 
     #: Keys of the static-star residual scatters in the difference exposure's metadata (provenance; also
     #: what a later run with doSubtract=False on that difference re-uses).
-    RESIDUAL_KEYS = ("DIFFIM STARRESID SHIFT", "DIFFIM STARRESID FLUX", "DIFFIM STARRESID NSTARS")
+    RESIDUAL_KEYS = ("DIFFIM STARRESID SHIFT", "DIFFIM STARRESID FLUX", "DIFFIM STARRESID WIDTH",
+                     "DIFFIM STARRESID NSTARS")
 
     def _star_residual_variance(self, science, det, diffExp, matched, warped, score_pair=None):
         """Variance that static stars' registration and flux-matching residuals add to the detection image
@@ -904,33 +906,37 @@ class ImageDifferenceTask(Task):
             return None
         md = self.metadata
         if score_pair is not None:
-            shift, flux, n, model = self._fit_star_residuals(score_pair[1], det, None, fwhm * np.sqrt(2.0))
+            shift, flux, width, n, model = self._fit_star_residuals(score_pair[1], det, None, fwhm * np.sqrt(2.0))
             md["scoreResidualShiftSigma"], md["scoreResidualFluxSigma"], md["scoreResidualNStars"] = shift, flux, n
+            md["scoreResidualWidthSigma"] = width
             label = "in the score"
         else:
             k = gaussian_kernel_1d(sigma, smoothing_kernel_width(sigma, self.detection.config.nSigmaForKernel))
-            k_shift, k_flux, k_n = self.RESIDUAL_KEYS
+            k_shift, k_flux, k_width, k_n = self.RESIDUAL_KEYS
             stored = diffExp.metadata if isinstance(diffExp.metadata, dict) else {}
             static = matched if (matched is not None and self._conv_template) else warped
             if static is None and k_shift in stored and k_flux in stored:
-                shift, flux, n = float(stored[k_shift]), float(stored[k_flux]), int(stored.get(k_n, 0))
+                shift, flux = float(stored[k_shift]), float(stored[k_flux])
+                width, n = float(stored.get(k_width, 0.0)), int(stored.get(k_n, 0))
                 model = self._static_model(science, det)[0]
             else:
-                shift, flux, n, model = self._fit_star_residuals(static if static is not None else science, det,
-                                                                 k, fwhm)
+                shift, flux, width, n, model = self._fit_star_residuals(
+                    static if static is not None else science, det, k, fwhm)
             model = correlate_separable(model, k, threads=2)
             if isinstance(diffExp.metadata, dict):
-                diffExp.metadata.update({k_shift: shift, k_flux: flux, k_n: n})
+                diffExp.metadata.update({k_shift: shift, k_flux: flux, k_width: width, k_n: n})
             md["starResidualShiftSigma"], md["starResidualFluxSigma"], md["starResidualNStars"] = shift, flux, n
+            md["starResidualWidthSigma"] = width
             label = ""
-        if shift <= 0:
+        if shift <= 0 and width <= 0:
             return None
-        # Only the shift term enters the variance (as in ZOGY). The flux scatter is reported, not added: σ_a·M
-        # would raise the threshold on every galaxy in proportion to its brightness, while a PSF-matching error
-        # leaves residuals only at the PSF's scale — transients on hosts would be lost to it.
-        self.log.info("Static-star residuals %s(%d stars): shift scatter %.4f px (added to the detection variance), "
-                      "flux scatter %.4f.", label + " " if label else "", n, shift, flux)
-        return sr.residual_variance(model, shift, 0.0)
+        # The shift term (as in ZOGY) and the width term enter the variance. The flux scatter is reported, not
+        # added: σ_a·M would raise the threshold on every galaxy in proportion to its brightness, while a
+        # PSF-matching error leaves residuals only at the PSF's scale — which the Laplacian term follows
+        # (it vanishes on smooth extended light).
+        self.log.info("Static-star residuals %s(%d stars): shift scatter %.4f px, width scatter %.4f px² (added to "
+                      "the detection variance), flux scatter %.4f.", label + " " if label else "", n, shift, width, flux)
+        return sr.residual_variance(model, shift, 0.0, width)
 
     @staticmethod
     def _static_model(static, det):
@@ -968,13 +974,14 @@ class ImageDifferenceTask(Task):
         del var_s, model_s
         sky = ~(unusable | det.mask.get(["DETECTED", "DETECTED_NEGATIVE", "CR", "INTRP"], ignore_missing=True))
         sky &= ~static.mask.get(["DETECTED"], ignore_missing=True)
-        beta = sr.shared_noise_slope(det.image, model, model_var, sky)
+        beta, beta_lap = sr.shared_noise_slope(det.image, model, model_var, sky)
         self.metadata["starResidualSharedNoise"] = beta
         res = sr.fit_star_residuals(det.image, det.variance, model, stars, radius=max(3, int(round(1.5 * fwhm))),
-                                    bad=bad, max_bad_fraction=0.0, noise_cov=beta * model_var)
+                                    bad=bad, max_bad_fraction=0.0, noise_cov=beta * model_var,
+                                    noise_cov_laplacian=beta_lap * model_var)
         del model_var
         res = sr.residual_scatter(res)
-        return float(res.sigma_shift), float(res.sigma_flux), int(res.x.size), model
+        return float(res.sigma_shift), float(res.sigma_flux), float(res.sigma_width), int(res.x.size), model
 
     @staticmethod
     def _force_sky_positions(columns, diffExp, footprints, is_sky):
