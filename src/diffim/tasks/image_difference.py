@@ -788,7 +788,9 @@ class ImageDifferenceTask(Task):
             extra = None
             score_pair = getattr(self, "_score_pair", None)
             if cfg.doStarResidualVariance and (not useScore or score_pair is not None):
-                extra = self._star_residual_variance(science, target, diffExp, matchedExposure, warpedExposure,
+                # Fitted on the difference with its own variance plane: the per-star noise errors are per-pixel
+                # ones, which the correlated-noise factor (a property of the smoothed image) would overstate.
+                extra = self._star_residual_variance(science, detExp, diffExp, matchedExposure, warpedExposure,
                                                      score_pair=score_pair if useScore else None)
             det = self.detection.run(target, doSmooth=not useScore, extraVariance=extra)
             del extra
