@@ -82,36 +82,39 @@ def bright_star_positions(smoothed: np.ndarray, smoothed_variance: np.ndarray, *
                           isolation: int = 8, bad: np.ndarray | None = None, max_stars: int = 300) -> np.ndarray:
     """Integer (y, x) of local maxima of a smoothed image with S/N ≥ ``min_snr``, brightest first.
 
-    A peak with a brighter peak within ``isolation`` pixels is dropped (blends bias the shift fit); peaks on
-    ``bad`` pixels are ignored. At most ``max_stars`` are returned.
+    Two peaks within ``isolation`` pixels of each other are both dropped (blends bias the shift fit); peaks
+    on ``bad`` pixels are ignored. ``smoothed_variance`` may be an array or a scalar. At most ``max_stars``
+    (the brightest) are returned.
     """
     with np.errstate(invalid="ignore", divide="ignore"):
-        snr = smoothed / np.sqrt(smoothed_variance)
-    cand = np.isfinite(snr) & (snr >= min_snr)
+        cand = smoothed >= np.float32(min_snr) * np.sqrt(smoothed_variance)
+    cand &= np.isfinite(smoothed)
     if bad is not None:
         cand &= ~bad
+    ny, nx = smoothed.shape
+    cand[0], cand[-1], cand[:, 0], cand[:, -1] = False, False, False, False  # 3×3 maxima need all neighbours
     ys, xs = np.nonzero(cand)
     if ys.size == 0:
         return np.zeros((0, 2), int)
     vals = smoothed[ys, xs]
-    ny, nx = smoothed.shape
-    # 3×3 local maxima among the candidates only (no full-image maximum filter).
-    pad = np.pad(np.where(np.isfinite(smoothed), smoothed, -np.inf), 1, constant_values=-np.inf)
+    # 3×3 local maxima among the candidates only (no full-image filter or padded copy).
     is_max = np.ones(ys.size, bool)
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
             if dy or dx:
-                is_max &= vals >= pad[ys + 1 + dy, xs + 1 + dx]
+                nb = smoothed[ys + dy, xs + dx]
+                is_max &= ~(nb > vals)
     ys, xs, vals = ys[is_max], xs[is_max], vals[is_max]
     order = np.argsort(-vals, kind="stable")
-    ys, xs, vals = ys[order], xs[order], vals[order]
-    # Isolation against *all* significant peaks (not only the bright ones): any peak above 5σ that is
-    # brighter and near disqualifies; a fainter neighbour above ~10 % of the star also does.
+    ys, xs = ys[order], xs[order]
+    # Isolation: no other significant peak within ``isolation`` pixels (blends bias the shift fit).
     keep = np.ones(ys.size, bool)
     if ys.size > 1:
-        d2 = (ys[:, None] - ys[None, :]) ** 2 + (xs[:, None] - xs[None, :]) ** 2
-        near = (d2 <= isolation * isolation) & ~np.eye(ys.size, dtype=bool)
-        keep = ~near.any(axis=1)
+        from scipy.spatial import cKDTree
+
+        pairs = cKDTree(np.column_stack([xs, ys])).query_pairs(float(isolation), output_type="ndarray")
+        if pairs.size:
+            keep[pairs.ravel()] = False
     ys, xs = ys[keep], xs[keep]
     return np.column_stack([ys, xs])[:max_stars]
 
@@ -130,30 +133,40 @@ def laplacian(image: np.ndarray) -> np.ndarray:
 
 
 def shared_noise_slope(difference: np.ndarray, model: np.ndarray, model_variance: np.ndarray,
-                       sky: np.ndarray) -> tuple[float, float]:
+                       sky: np.ndarray, step: int = 3) -> tuple[float, float]:
     """How much of the model's own noise is in the difference, measured on empty-sky pixels ``sky``:
     ``(β, β_L)`` with ``E[D·M] = β·V_M`` and ``E[D·∇²M] = β_L·V_M`` per pixel (β ≈ −1 for a template-side
     model of ``science − template``, whose noise enters ``D`` with the opposite sign). ``β_L`` is not
     ``−4β``: a convolved model's noise is correlated with its neighbours', which the Laplacian also reads.
-    These expectations bias a regression of ``D`` on ``M`` and ``∇²M`` (see :func:`fit_star_residuals`)."""
-    lap = laplacian(model)
-    d = np.asarray(difference, np.float64)[sky]
-    m = np.asarray(model, np.float64)[sky]
-    lp = lap[sky].astype(np.float64)
-    v = np.asarray(model_variance, np.float64)[sky]
-    ok = np.isfinite(d) & np.isfinite(m) & np.isfinite(lp) & (v > 0)
+    These expectations bias a regression of ``D`` on ``M`` and ``∇²M`` (see :func:`fit_star_residuals`).
+    Every ``step``-th pixel along each axis is used (a few 10⁵ samples are plenty; no image-sized copies)."""
+    ny, nx = np.shape(model)
+    yy, xx = np.mgrid[1 : ny - 1 : step, 1 : nx - 1 : step]
+    yy, xx = yy.ravel(), xx.ravel()
+    keep = np.asarray(sky)[yy, xx]
+    yy, xx = yy[keep], xx[keep]
+    if yy.size < 100:
+        return 0.0, 0.0
+    m = np.asarray(model)
+    mc = m[yy, xx].astype(np.float64)
+    lp = (m[yy, xx + 1].astype(np.float64) + m[yy, xx - 1] + m[yy + 1, xx] + m[yy - 1, xx]) - 4.0 * mc
+    d = np.asarray(difference)[yy, xx].astype(np.float64)
+    v = np.asarray(model_variance)[yy, xx].astype(np.float64)
+    ok = np.isfinite(d) & np.isfinite(mc) & np.isfinite(lp) & (v > 0)
     if ok.sum() < 100:
         return 0.0, 0.0
-    d, m, lp, v = d[ok], m[ok], lp[ok], v[ok]
-    keep = np.abs(m / np.sqrt(v)) < 5  # residual sources out
-    vs = float(np.sum(v[keep]))
-    return float(np.sum(d[keep] * m[keep]) / vs), float(np.sum(d[keep] * lp[keep]) / vs)
+    mc = mc - np.median(mc[ok])  # the model may carry its sky level
+    ok &= np.abs(mc) < 5 * np.sqrt(np.where(v > 0, v, 0.0))  # residual sources out
+    if ok.sum() < 100:
+        return 0.0, 0.0
+    vs = float(np.sum(v[ok]))
+    return float(np.sum(d[ok] * mc[ok]) / vs), float(np.sum(d[ok] * lp[ok]) / vs)
 
 
 def fit_star_residuals(difference: np.ndarray, variance: np.ndarray, model: np.ndarray, positions: np.ndarray,
                        radius: int, bad: np.ndarray | None = None, max_bad_fraction: float = 0.1,
-                       noise_cov: np.ndarray | None = None,
-                       noise_cov_laplacian: np.ndarray | None = None) -> StarResiduals:
+                       model_variance: np.ndarray | None = None,
+                       shared: tuple[float, float] | None = None) -> StarResiduals:
     """Fit ``D ≈ a·M − δx·∂xM − δy·∂yM + c`` on a ``(2·radius+1)²`` stamp around each position.
 
     Parameters
@@ -169,12 +182,12 @@ def fit_star_residuals(difference: np.ndarray, variance: np.ndarray, model: np.n
         Stamp half-width in pixels (≈ 2 FWHM).
     bad
         Pixels given zero weight; stars with more than ``max_bad_fraction`` of their stamp bad are skipped.
-    noise_cov, noise_cov_laplacian
-        Expected products ``E[D·ε_M]`` and ``E[D·∇²ε_M]`` of the difference's noise with the model's
-        (``β·V_M`` and ``β_L·V_M``, :func:`shared_noise_slope`), or None for independent noise. A model whose
-        noise is also in the difference biases the flux and width coefficients by these (≈ 1/S/N² per stamp
-        pixel): the expectations are subtracted. The shift coefficients are not biased (central differences
-        of a symmetric noise correlation cancel).
+    model_variance, shared
+        The model's variance ``V_M`` and ``(β, β_L)`` of :func:`shared_noise_slope`: the expected products
+        ``E[D·ε_M] = β·V_M`` and ``E[D·∇²ε_M] = β_L·V_M`` of the difference's noise with the model's. A model
+        whose noise is also in the difference biases the flux and width coefficients by these (≈ 1/S/N² per
+        stamp pixel): the expectations are subtracted. The shift coefficients are not biased (central
+        differences of a symmetric noise correlation cancel). None: independent noise.
 
     Returns
     -------
@@ -190,13 +203,13 @@ def fit_star_residuals(difference: np.ndarray, variance: np.ndarray, model: np.n
     if pos.shape[0] == 0:
         return StarResiduals(empty, empty, empty, empty, empty, empty, empty)
     ys, xs = pos[:, 0], pos[:, 1]
-    big = _stamps(np.asarray(model, np.float64), ys, xs, r + 1)
+    big = _stamps(np.asarray(model), ys, xs, r + 1).astype(np.float64)  # stamps first: no image-sized copies
     m = big[:, 1:-1, 1:-1]
     gx = 0.5 * (big[:, 1:-1, 2:] - big[:, 1:-1, :-2])
     gy = 0.5 * (big[:, 2:, 1:-1] - big[:, :-2, 1:-1])
     lap = big[:, 1:-1, 2:] + big[:, 1:-1, :-2] + big[:, 2:, 1:-1] + big[:, :-2, 1:-1] - 4.0 * m
-    d = _stamps(np.asarray(difference, np.float64), ys, xs, r)
-    v = _stamps(np.asarray(variance, np.float64), ys, xs, r)
+    d = _stamps(np.asarray(difference), ys, xs, r).astype(np.float64)
+    v = _stamps(np.asarray(variance), ys, xs, r).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         w = np.where((v > 0) & np.isfinite(v) & np.isfinite(d) & np.isfinite(m), 1.0 / v, 0.0)
     if bad is not None:
@@ -211,10 +224,11 @@ def fit_star_residuals(difference: np.ndarray, variance: np.ndarray, model: np.n
     ok &= np.linalg.cond(ata) < 1e12
     coef = np.full((len(ys), 5), np.nan)
     cov_diag = np.full((len(ys), 5), np.nan)
-    for column, cov in ((0, noise_cov), (3, noise_cov_laplacian)):
-        if cov is not None:  # E[Σ w·ε·η] of that column: the shared noise
-            c = np.nan_to_num(_stamps(np.asarray(cov, np.float64), ys, xs, r)).reshape(len(ys), -1)
-            atb[:, column] -= np.sum(wf * c, axis=1)
+    if shared is not None and model_variance is not None:
+        vm = np.nan_to_num(_stamps(np.asarray(model_variance), ys, xs, r).astype(np.float64)).reshape(len(ys), -1)
+        wv = np.sum(wf * vm, axis=1)
+        atb[:, 0] -= shared[0] * wv  # E[Σ w·ε·η] of the model column: the shared noise
+        atb[:, 3] -= shared[1] * wv  # ... and of the Laplacian column
     if ok.any():
         inv = np.linalg.inv(ata[ok])
         coef[ok] = np.einsum("nij,nj->ni", inv, atb[ok])

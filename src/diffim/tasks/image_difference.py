@@ -920,11 +920,10 @@ class ImageDifferenceTask(Task):
             if static is None and k_shift in stored and k_flux in stored:
                 shift, flux = float(stored[k_shift]), float(stored[k_flux])
                 width, n = float(stored.get(k_width, 0.0)), int(stored.get(k_n, 0))
-                model = self._static_model(science, det)[0]
+                model = correlate_separable(self._static_model(science, det)[0], k, threads=2)
             else:
                 shift, flux, width, n, model = self._fit_star_residuals(
                     static if static is not None else science, det, k, fwhm)
-            model = correlate_separable(model, k, threads=2)
             if isinstance(diffExp.metadata, dict):
                 diffExp.metadata.update({k_shift: shift, k_flux: flux, k_width: width, k_n: n})
             md["starResidualShiftSigma"], md["starResidualFluxSigma"], md["starResidualNStars"] = shift, flux, n
@@ -942,48 +941,50 @@ class ImageDifferenceTask(Task):
 
     @staticmethod
     def _static_model(static, det):
-        """(background-subtracted image, variance, unusable pixels) of the static-sky exposure ``static``."""
+        """(background-subtracted image with unusable pixels zeroed, its variance, unusable pixels) of the
+        static-sky exposure (the variance plane is shared, not copied)."""
         from ..background import estimate_background
 
         bad = det.mask.get(["BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT"], ignore_missing=True)
-        model = np.array(static.image, dtype=np.float32, copy=True)
-        model_var = np.array(static.variance, dtype=np.float32, copy=True)
-        unusable = bad | ~np.isfinite(model) | ~(model_var > 0)
-        model[unusable] = 0.0
+        unusable = bad | ~np.isfinite(static.image) | ~(static.variance > 0)
         try:
-            model -= estimate_background(model, unusable, bin_size=128)
+            bg = estimate_background(static.image, unusable, bin_size=128)
         except Exception:  # tiny images: a median is enough
-            model -= np.float32(np.median(model[~unusable])) if (~unusable).any() else np.float32(0.0)
+            bg = np.float32(np.median(static.image[~unusable])) if (~unusable).any() else np.float32(0.0)
+        model = np.subtract(static.image, bg, dtype=np.float32)
         model[unusable] = 0.0
-        model_var[unusable] = 0.0
-        return model, model_var, unusable
+        return model, static.variance, unusable
 
     def _fit_star_residuals(self, static, det, k, fwhm):
-        """(σ_shift, σ_flux, number of stars, static model image) fitted on ``det`` with ``static`` as the
-        static-sky model (see :meth:`_star_residual_variance`). ``k``: the detection smoothing kernel (None:
-        ``det`` is not smoothed for detection, e.g. a score, and stars are found on the model itself)."""
+        """(σ_shift, σ_flux, σ_width, number of stars, smoothed static model) fitted on ``det`` with ``static``
+        as the static-sky model (see :meth:`_star_residual_variance`). ``k``: the detection smoothing kernel
+        (None: ``det`` is not smoothed for detection, e.g. a score, and stars are found on the model itself)."""
         from .. import star_residuals as sr
         from ..detection import correlate_separable
 
         model, model_var, unusable = self._static_model(static, det)
         bad = det.mask.get(["BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT"], ignore_missing=True)
+        # Stars: S/N of the smoothed model against the typical (median) noise — they are bright, an exact
+        # per-pixel noise would only move the S/N-50 cut a little.
+        sample = np.asarray(model_var)[::8, ::8]
+        sample = sample[np.isfinite(sample) & (sample > 0)]
+        v_typ = float(np.median(sample)) if sample.size else 1.0
         if k is not None:
             model_s = correlate_separable(model, k, threads=2)
-            var_s = correlate_separable(model_var, k * k, threads=2)
+            v_s = v_typ * float(np.sum(k * k)) ** 2
         else:
-            model_s, var_s = model, model_var
-        stars = sr.bright_star_positions(model_s, var_s, bad=bad, isolation=int(np.ceil(3 * fwhm)))
-        del var_s, model_s
+            model_s, v_s = model, v_typ
+        stars = sr.bright_star_positions(model_s, np.float32(v_s), bad=bad, isolation=int(np.ceil(3 * fwhm)))
         sky = ~(unusable | det.mask.get(["DETECTED", "DETECTED_NEGATIVE", "CR", "INTRP"], ignore_missing=True))
         sky &= ~static.mask.get(["DETECTED"], ignore_missing=True)
         beta, beta_lap = sr.shared_noise_slope(det.image, model, model_var, sky)
+        del sky
         self.metadata["starResidualSharedNoise"] = beta
         res = sr.fit_star_residuals(det.image, det.variance, model, stars, radius=max(3, int(round(1.5 * fwhm))),
-                                    bad=bad, max_bad_fraction=0.0, noise_cov=beta * model_var,
-                                    noise_cov_laplacian=beta_lap * model_var)
-        del model_var
+                                    bad=bad, max_bad_fraction=0.0, model_variance=model_var,
+                                    shared=(beta, beta_lap))
         res = sr.residual_scatter(res)
-        return float(res.sigma_shift), float(res.sigma_flux), float(res.sigma_width), int(res.x.size), model
+        return float(res.sigma_shift), float(res.sigma_flux), float(res.sigma_width), int(res.x.size), model_s
 
     @staticmethod
     def _force_sky_positions(columns, diffExp, footprints, is_sky):
