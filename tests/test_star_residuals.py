@@ -87,7 +87,7 @@ def test_width_scatter_is_recovered():
     vs = correlate_separable(np.full(tmp.shape, NOISE**2), k * k)
     stars = sr.bright_star_positions(ms, vs, isolation=10)
     res = sr.residual_scatter(sr.fit_star_residuals(sci - tmp, 2 * var, tmp, stars, radius=4, model_variance=var,
-                                                    shared=(-1.0, 4.0)))
+                                                    shared=(-1.0, 4.0, 20.0)))
     # Noise-free calibration of the discrete fit (5-point Laplacian, 4-px stamp): b per unit dσ.
     one = _stars((41, 41), [20.0], [20.0], [1e5])
     cal = sr.fit_star_residuals(_stars((41, 41), [20.0], [20.0], [1e5], sigma=SIGMA + 0.03) - one, np.ones((41, 41)),
@@ -233,13 +233,14 @@ def test_shared_noise_slope_of_a_template_side_model():
     t = rng.normal(0, 1, shape)
     s = rng.normal(0, 1, shape)
     sky = np.ones(shape, bool)
-    beta, beta_l = sr.shared_noise_slope(s - t, t, np.ones(shape), sky, step=1)
+    beta, beta_l, lam = sr.shared_noise_slope(s - t, t, np.ones(shape), sky, step=1)
     assert beta == pytest.approx(-1.0, abs=0.02) and beta_l == pytest.approx(4.0, abs=0.1)
+    assert lam == pytest.approx(20.0, rel=0.03)  # Var of the 5-point Laplacian of white noise: 16 + 4
     k = gaussian_kernel_1d(1.5, smoothing_kernel_width(1.5))
     ts = correlate_separable(t, k)
     var_ts = float(np.nanvar(ts))
     ok = np.isfinite(ts)
     d = np.where(ok, s - ts, 0.0)
-    beta, beta_l = sr.shared_noise_slope(d, np.where(ok, ts, 0.0), np.full(shape, var_ts), ok, step=1)
+    beta, beta_l, lam = sr.shared_noise_slope(d, np.where(ok, ts, 0.0), np.full(shape, var_ts), ok, step=1)
     assert beta == pytest.approx(-1.0, abs=0.03)
     assert 0.2 < beta_l < 1.5  # white noise would give 4

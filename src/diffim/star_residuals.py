@@ -133,11 +133,12 @@ def laplacian(image: np.ndarray) -> np.ndarray:
 
 
 def shared_noise_slope(difference: np.ndarray, model: np.ndarray, model_variance: np.ndarray,
-                       sky: np.ndarray, step: int = 3) -> tuple[float, float]:
+                       sky: np.ndarray, step: int = 3) -> tuple[float, float, float]:
     """How much of the model's own noise is in the difference, measured on empty-sky pixels ``sky``:
-    ``(β, β_L)`` with ``E[D·M] = β·V_M`` and ``E[D·∇²M] = β_L·V_M`` per pixel (β ≈ −1 for a template-side
-    model of ``science − template``, whose noise enters ``D`` with the opposite sign). ``β_L`` is not
-    ``−4β``: a convolved model's noise is correlated with its neighbours', which the Laplacian also reads.
+    ``(β, β_L, λ_L)`` with ``E[D·M] = β·V_M``, ``E[D·∇²M] = β_L·V_M`` and ``Var(∇²ε_M) = λ_L·V_M`` per pixel
+    (β ≈ −1 for a template-side model of ``science − template``, whose noise enters ``D`` with the opposite
+    sign). ``β_L`` is not ``−4β`` nor ``λ_L`` 20: a convolved model's noise is correlated with its
+    neighbours', which the Laplacian also reads.
     These expectations bias a regression of ``D`` on ``M`` and ``∇²M`` (see :func:`fit_star_residuals`).
     Every ``step``-th pixel along each axis is used (a few 10⁵ samples are plenty; no image-sized copies)."""
     ny, nx = np.shape(model)
@@ -146,7 +147,7 @@ def shared_noise_slope(difference: np.ndarray, model: np.ndarray, model_variance
     keep = np.asarray(sky)[yy, xx]
     yy, xx = yy[keep], xx[keep]
     if yy.size < 100:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     m = np.asarray(model)
     mc = m[yy, xx].astype(np.float64)
     lp = (m[yy, xx + 1].astype(np.float64) + m[yy, xx - 1] + m[yy + 1, xx] + m[yy - 1, xx]) - 4.0 * mc
@@ -154,19 +155,20 @@ def shared_noise_slope(difference: np.ndarray, model: np.ndarray, model_variance
     v = np.asarray(model_variance)[yy, xx].astype(np.float64)
     ok = np.isfinite(d) & np.isfinite(mc) & np.isfinite(lp) & (v > 0)
     if ok.sum() < 100:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     mc = mc - np.median(mc[ok])  # the model may carry its sky level
     ok &= np.abs(mc) < 5 * np.sqrt(np.where(v > 0, v, 0.0))  # residual sources out
     if ok.sum() < 100:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     vs = float(np.sum(v[ok]))
-    return float(np.sum(d[ok] * mc[ok]) / vs), float(np.sum(d[ok] * lp[ok]) / vs)
+    return (float(np.sum(d[ok] * mc[ok]) / vs), float(np.sum(d[ok] * lp[ok]) / vs),
+            float(np.sum(lp[ok] ** 2) / vs))
 
 
 def fit_star_residuals(difference: np.ndarray, variance: np.ndarray, model: np.ndarray, positions: np.ndarray,
                        radius: int, bad: np.ndarray | None = None, max_bad_fraction: float = 0.1,
                        model_variance: np.ndarray | None = None,
-                       shared: tuple[float, float] | None = None) -> StarResiduals:
+                       shared: tuple[float, ...] | None = None) -> StarResiduals:
     """Fit ``D ≈ a·M − δx·∂xM − δy·∂yM + c`` on a ``(2·radius+1)²`` stamp around each position.
 
     Parameters
@@ -183,11 +185,13 @@ def fit_star_residuals(difference: np.ndarray, variance: np.ndarray, model: np.n
     bad
         Pixels given zero weight; stars with more than ``max_bad_fraction`` of their stamp bad are skipped.
     model_variance, shared
-        The model's variance ``V_M`` and ``(β, β_L)`` of :func:`shared_noise_slope`: the expected products
-        ``E[D·ε_M] = β·V_M`` and ``E[D·∇²ε_M] = β_L·V_M`` of the difference's noise with the model's. A model
-        whose noise is also in the difference biases the flux and width coefficients by these (≈ 1/S/N² per
-        stamp pixel): the expectations are subtracted. The shift coefficients are not biased (central
-        differences of a symmetric noise correlation cancel). None: independent noise.
+        The model's variance ``V_M`` and ``(β, β_L[, λ_L])`` of :func:`shared_noise_slope`: the expected
+        products ``E[D·ε_M] = β·V_M`` and ``E[D·∇²ε_M] = β_L·V_M`` of the difference's noise with the
+        model's. A model whose noise is also in the difference biases the flux and width coefficients by
+        these (≈ 1/S/N² per stamp pixel): the expectations are subtracted. The shift coefficients are not
+        biased (central differences of a symmetric noise correlation cancel). With ``λ_L``, the scatter of
+        that product about its expectation (``λ_L·V_M·V_D + β_L²·V_M²`` per pixel; independent of the star's
+        brightness) is added to the width error. None: independent noise.
 
     Returns
     -------
@@ -233,6 +237,12 @@ def fit_star_residuals(difference: np.ndarray, variance: np.ndarray, model: np.n
         inv = np.linalg.inv(ata[ok])
         coef[ok] = np.einsum("nij,nj->ni", inv, atb[ok])
         cov_diag[ok] = np.diagonal(inv, axis1=1, axis2=2)
+        if shared is not None and model_variance is not None and len(shared) > 2:
+            # The Laplacian column's noise times the difference's: its scatter about the expectation removed
+            # above enters the width coefficient like extra data noise (Var(XY) = Var X·Var Y + Cov²).
+            vd = v.reshape(len(ys), -1)
+            s_prod = np.sum(wf * wf * (shared[2] * vm * vd + shared[1] ** 2 * vm * vm), axis=1)
+            cov_diag[ok, 3] += inv[:, 3, 3] ** 2 * s_prod[ok]
     err = np.sqrt(cov_diag)
     keep = ok & np.all(np.isfinite(coef), axis=1)
     return StarResiduals(

@@ -977,12 +977,12 @@ class ImageDifferenceTask(Task):
         stars = sr.bright_star_positions(model_s, np.float32(v_s), bad=bad, isolation=int(np.ceil(3 * fwhm)))
         sky = ~(unusable | det.mask.get(["DETECTED", "DETECTED_NEGATIVE", "CR", "INTRP"], ignore_missing=True))
         sky &= ~static.mask.get(["DETECTED"], ignore_missing=True)
-        beta, beta_lap = sr.shared_noise_slope(det.image, model, model_var, sky)
+        beta, beta_lap, lam_lap = sr.shared_noise_slope(det.image, model, model_var, sky)
         del sky
         self.metadata["starResidualSharedNoise"] = beta
         res = sr.fit_star_residuals(det.image, det.variance, model, stars, radius=max(3, int(round(1.5 * fwhm))),
                                     bad=bad, max_bad_fraction=0.0, model_variance=model_var,
-                                    shared=(beta, beta_lap))
+                                    shared=(beta, beta_lap, lam_lap))
         res = sr.residual_scatter(res)
         return float(res.sigma_shift), float(res.sigma_flux), float(res.sigma_width), int(res.x.size), model_s
 
