@@ -238,22 +238,6 @@ def decorrelation_variance_factors(
     return mu, _full_mean(phi2, shape)
 
 
-def _linear_weights(n_out: int, nodes: np.ndarray) -> np.ndarray:
-    """``(n_out, len(nodes))`` linear-interpolation weights of pixels 0…n_out−1 on ascending ``nodes``
-    (constant beyond the end nodes)."""
-    x = np.arange(n_out, dtype=np.float64)
-    w = np.zeros((n_out, nodes.size), dtype=np.float32)
-    if nodes.size == 1:
-        w[:, 0] = 1.0
-        return w
-    j = np.clip(np.searchsorted(nodes, x, side="right") - 1, 0, nodes.size - 2)
-    t = np.clip((x - nodes[j]) / (nodes[j + 1] - nodes[j]), 0.0, 1.0)
-    rows = np.arange(n_out)
-    w[rows, j] = 1.0 - t
-    w[rows, j + 1] += t
-    return w
-
-
 def _local_factor_map(kappa: np.ndarray, svar: float, tvar: float, template_matched: bool, kernel_at: Any,
                       size: tuple[int, int], origin: tuple[int, int], n_grid: int, preconv_kernel,
                       workers: int) -> np.ndarray:
@@ -273,8 +257,9 @@ def _local_factor_map(kappa: np.ndarray, svar: float, tvar: float, template_matc
         for j, x in enumerate(xs):
             k = kernel_image_at(kernel_at, origin[0] + x, origin[1] + y)
             grid[i, j] = decorrelation_variance_factors(phi, k, small, preconv_kernel, workers=workers)[1] / centre
-    # Separable bilinear interpolation as two small matrix products (no per-pixel gathers).
-    return (_linear_weights(ny, ys) @ grid) @ _linear_weights(nx, xs).T
+    # Separable bilinear interpolation as two small matrix products (no per-pixel gathers); the nodes span
+    # the whole image, so the hat weights never extrapolate.
+    return ((_tent_matrix(ny, ys).astype(np.float32) @ grid) @ _tent_matrix(nx, xs).astype(np.float32).T)
 
 
 def _filter(work: np.ndarray, phi: np.ndarray, shape: tuple[int, int], workers: int,
