@@ -58,6 +58,7 @@ __all__ = [
     "n_grow_pixels",
     "detection_level",
     "detect_footprints_smoothed",
+    "local_maxima",
 ]
 
 THRESHOLD_TYPES = ("pixel_stdev", "stdev", "value", "variance")
@@ -65,6 +66,19 @@ POLARITIES = ("positive", "negative", "both")
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+def local_maxima(image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Which of the pixels ``(ys, xs)`` are 3×3 local maxima of ``image``: no neighbour inside the image is
+    larger (ties and NaN neighbours do not disqualify). Tested at the given pixels only, so thresholding
+    first and testing the survivors costs nothing image-sized."""
+    ny, nx = image.shape
+    vals = image[ys, xs]
+    keep = np.ones(np.shape(ys), dtype=bool)
+    for dy, dx in _NEIGHBOURS:
+        # Clipping maps an outside neighbour onto the pixel itself or onto one of its real neighbours.
+        keep &= ~(image[np.clip(ys + dy, 0, ny - 1), np.clip(xs + dx, 0, nx - 1)] > vals)
+    return keep
+
 
 # Rows per strip in the blocked separable filters: a strip of a 4k-wide float32 image (~0.5 MB) stays in cache
 # while every tap is applied, which is ~4× faster than scipy.ndimage.correlate1d along axis 0.

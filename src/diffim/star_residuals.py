@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from .detection import local_maxima
 
 __all__ = ["StarResiduals", "bright_star_positions", "fit_star_residuals", "residual_scatter",
            "residual_variance", "shared_noise_slope", "laplacian"]
@@ -92,19 +92,14 @@ def bright_star_positions(smoothed: np.ndarray, smoothed_variance: np.ndarray, *
     if bad is not None:
         cand &= ~bad
     ny, nx = smoothed.shape
-    cand[0], cand[-1], cand[:, 0], cand[:, -1] = False, False, False, False  # 3×3 maxima need all neighbours
+    cand[0], cand[-1], cand[:, 0], cand[:, -1] = False, False, False, False  # no stamp fits there anyway
     ys, xs = np.nonzero(cand)
     if ys.size == 0:
         return np.zeros((0, 2), int)
-    vals = smoothed[ys, xs]
     # 3×3 local maxima among the candidates only (no full-image filter or padded copy).
-    is_max = np.ones(ys.size, bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                nb = smoothed[ys + dy, xs + dx]
-                is_max &= ~(nb > vals)
-    ys, xs, vals = ys[is_max], xs[is_max], vals[is_max]
+    is_max = local_maxima(smoothed, ys, xs)
+    ys, xs = ys[is_max], xs[is_max]
+    vals = smoothed[ys, xs]
     order = np.argsort(-vals, kind="stable")
     ys, xs = ys[order], xs[order]
     # Isolation: no other significant peak within ``isolation`` pixels (blends bias the shift fit).

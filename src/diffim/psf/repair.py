@@ -137,6 +137,8 @@ def sharp_sources(image: np.ndarray, variance: np.ndarray, psf_sigma: float, *, 
     np.ndarray
         Boolean map, True on the peak pixel of each sharp source (not grown).
     """
+    from ..detection import local_maxima
+
     p = np.asarray(image, dtype=np.float64)
     v = np.asarray(variance, dtype=np.float64)
     out = np.zeros(p.shape, bool)
@@ -157,12 +159,7 @@ def sharp_sources(image: np.ndarray, variance: np.ndarray, psf_sigma: float, *, 
     ys, xs = np.nonzero(cand)
     if ys.size == 0:
         return out
-    vals = pz[ys, xs]
-    is_max = np.ones(ys.size, bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                is_max &= vals >= pz[ys + dy, xs + dx]
+    is_max = local_maxima(pz, ys, xs)
     ys, xs = ys[is_max], xs[is_max]
     if ys.size == 0:
         return out

@@ -89,7 +89,7 @@ def detect_kernel_sources(
         noise = float(np.std(sample)) or 1.0
     # Gaussian smoothing (±3σ, zero outside the image) as the strip-blocked separable filter of the detection
     # code on a zero-padded copy: several times cheaper than ndimage.gaussian_filter on a large image.
-    from ..detection import correlate_separable
+    from ..detection import correlate_separable, local_maxima
 
     r = int(3.0 * float(psf_sigma) + 0.5)
     ny, nx = img.shape
@@ -104,20 +104,10 @@ def detect_kernel_sources(
     above = sm > threshold * snoise
     if not above.any():
         return np.empty((0, 3))
-    # Local maxima of the 3×3 neighbourhood (outside the image counts as 0, below any above-threshold value),
-    # tested only at the above-threshold pixels instead of max-filtering the whole image.
+    # Local maxima of the 3×3 neighbourhood, tested only at the above-threshold pixels instead of
+    # max-filtering the whole image.
     iy, ix = np.nonzero(above)
-    v = sm[iy, ix]
-    ny, nx = sm.shape
-    is_peak = np.ones(iy.size, dtype=bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy == 0 and dx == 0:
-                continue
-            yy, xx = iy + dy, ix + dx
-            inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-            nb = np.where(inside, sm[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)], np.float32(0.0))
-            is_peak &= ~(nb > v)
+    is_peak = local_maxima(sm, iy, ix)
     iy, ix = iy[is_peak], ix[is_peak]
     flux = sm[iy, ix] * 4.0 * math.pi * psf_sigma**2
     order = np.argsort(-flux)[:max_sources]
