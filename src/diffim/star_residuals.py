@@ -120,10 +120,14 @@ def _stamps(array: np.ndarray, ys: np.ndarray, xs: np.ndarray, r: int) -> np.nda
 
 
 def laplacian(image: np.ndarray) -> np.ndarray:
-    """5-point Laplacian (the stencil the fit uses), float32; 0 on the outer frame."""
-    a = np.asarray(image, np.float32)
-    out = np.zeros(a.shape, np.float32)
-    out[1:-1, 1:-1] = a[1:-1, 2:] + a[1:-1, :-2] + a[2:, 1:-1] + a[:-2, 1:-1] - 4.0 * a[1:-1, 1:-1]
+    """5-point Laplacian over the last two axes (a stack of stamps works too); 0 on the outer frame.
+    Floating input keeps its precision, anything else becomes float32."""
+    a = np.asarray(image)
+    if not np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float32)
+    out = np.zeros(a.shape, a.dtype)
+    out[..., 1:-1, 1:-1] = (a[..., 1:-1, 2:] + a[..., 1:-1, :-2] + a[..., 2:, 1:-1] + a[..., :-2, 1:-1]
+                            - 4.0 * a[..., 1:-1, 1:-1])
     return out
 
 
@@ -206,7 +210,7 @@ def fit_star_residuals(difference: np.ndarray, variance: np.ndarray, model: np.n
     m = big[:, 1:-1, 1:-1]
     gx = 0.5 * (big[:, 1:-1, 2:] - big[:, 1:-1, :-2])
     gy = 0.5 * (big[:, 2:, 1:-1] - big[:, :-2, 1:-1])
-    lap = big[:, 1:-1, 2:] + big[:, 1:-1, :-2] + big[:, 2:, 1:-1] + big[:, :-2, 1:-1] - 4.0 * m
+    lap = laplacian(big)[:, 1:-1, 1:-1]
     d = _stamps(np.asarray(difference), ys, xs, r).astype(np.float64)
     v = _stamps(np.asarray(variance), ys, xs, r).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):

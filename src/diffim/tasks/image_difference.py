@@ -906,12 +906,9 @@ class ImageDifferenceTask(Task):
         fwhm = float(det.psf.fwhm(*where))
         if not (np.isfinite(sigma) and sigma > 0):
             return None
-        md = self.metadata
         if score_pair is not None:
             shift, flux, width, n, model = self._fit_star_residuals(score_pair[1], det, None, fwhm * np.sqrt(2.0))
-            md["scoreResidualShiftSigma"], md["scoreResidualFluxSigma"], md["scoreResidualNStars"] = shift, flux, n
-            md["scoreResidualWidthSigma"] = width
-            label = "in the score"
+            prefix, label = "score", "in the score "
         else:
             k = gaussian_kernel_1d(sigma, smoothing_kernel_width(sigma, self.detection.config.nSigmaForKernel))
             k_shift, k_flux, k_width, k_n = self.RESIDUAL_KEYS
@@ -926,9 +923,9 @@ class ImageDifferenceTask(Task):
                     static if static is not None else science, det, k, fwhm)
             if isinstance(diffExp.metadata, dict):
                 diffExp.metadata.update({k_shift: shift, k_flux: flux, k_width: width, k_n: n})
-            md["starResidualShiftSigma"], md["starResidualFluxSigma"], md["starResidualNStars"] = shift, flux, n
-            md["starResidualWidthSigma"] = width
-            label = ""
+            prefix, label = "star", ""
+        for key, value in (("ShiftSigma", shift), ("FluxSigma", flux), ("WidthSigma", width), ("NStars", n)):
+            self.metadata[f"{prefix}Residual{key}"] = value
         if shift <= 0 and width <= 0:
             return None
         # The shift term (as in ZOGY) and the width term enter the variance. The flux scatter is reported, not
@@ -936,13 +933,13 @@ class ImageDifferenceTask(Task):
         # PSF-matching error leaves residuals only at the PSF's scale — which the Laplacian term follows
         # (it vanishes on smooth extended light).
         self.log.info("Static-star residuals %s(%d stars): shift scatter %.4f px, width scatter %.4f px² (added to "
-                      "the detection variance), flux scatter %.4f.", label + " " if label else "", n, shift, width, flux)
+                      "the detection variance), flux scatter %.4f.", label, n, shift, width, flux)
         return sr.residual_variance(model, shift, 0.0, width)
 
     @staticmethod
     def _static_model(static, det):
-        """(background-subtracted image with unusable pixels zeroed, its variance, unusable pixels) of the
-        static-sky exposure (the variance plane is shared, not copied)."""
+        """(background-subtracted image with unusable pixels zeroed, its variance, unusable pixels, ``det``'s
+        bad pixels) of the static-sky exposure (the variance plane is shared, not copied)."""
         from ..background import estimate_background
 
         bad = det.mask.get(["BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT"], ignore_missing=True)
@@ -953,7 +950,7 @@ class ImageDifferenceTask(Task):
             bg = np.float32(np.median(static.image[~unusable])) if (~unusable).any() else np.float32(0.0)
         model = np.subtract(static.image, bg, dtype=np.float32)
         model[unusable] = 0.0
-        return model, static.variance, unusable
+        return model, static.variance, unusable, bad
 
     def _fit_star_residuals(self, static, det, k, fwhm):
         """(σ_shift, σ_flux, σ_width, number of stars, smoothed static model) fitted on ``det`` with ``static``
@@ -962,8 +959,7 @@ class ImageDifferenceTask(Task):
         from .. import star_residuals as sr
         from ..detection import correlate_separable
 
-        model, model_var, unusable = self._static_model(static, det)
-        bad = det.mask.get(["BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT"], ignore_missing=True)
+        model, model_var, unusable, bad = self._static_model(static, det)
         # Stars: S/N of the smoothed model against the typical (median) noise — they are bright, an exact
         # per-pixel noise would only move the S/N-50 cut a little.
         sample = np.asarray(model_var)[::8, ::8]
