@@ -110,12 +110,8 @@ class KernelBasis:
             ``out(X) = Σ_u B_i(u) stamp(X + u)`` over the pixels whose kernel footprint is inside the stamp,
             flattened row-major. With ``basis_first`` the layout is ``(N, nc, npix)`` instead (cheaper to build).
         """
-        stamps = np.asarray(stamps, dtype=np.float64)
-        nc, H, W = stamps.shape
+        stamps, nc, hv, wv = self._valid_stamps(stamps)
         w = self.size
-        hv, wv = H - w + 1, W - w + 1
-        if hv <= 0 or wv <= 0:
-            raise ValueError(f"Stamps of shape {H}×{W} are smaller than the {w}×{w} kernel.")
         if self.separable:
             out = self.correlate_stamps_rows(stamps).reshape(len(self), hv, nc, wv).transpose(0, 2, 1, 3)
             out = out.reshape(len(self), nc, hv * wv)
@@ -124,6 +120,15 @@ class KernelBasis:
         out = np.einsum("chwyx,nyx->chwn", win, self.images, optimize=True).reshape(nc, hv * wv, len(self))
         return np.ascontiguousarray(out.transpose(2, 0, 1)) if basis_first else out
 
+    def _valid_stamps(self, stamps: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+        """``(stamps as float64, count, valid rows, valid columns)`` for correlating with this basis."""
+        stamps = np.asarray(stamps, dtype=np.float64)
+        nc, H, W = stamps.shape
+        hv, wv = H - self.size + 1, W - self.size + 1
+        if hv <= 0 or wv <= 0:
+            raise ValueError(f"Stamps of shape {H}×{W} are smaller than the {self.size}×{self.size} kernel.")
+        return stamps, nc, hv, wv
+
     def correlate_stamps_rows(self, stamps: np.ndarray) -> np.ndarray:
         """Separable bases only: :meth:`correlate_stamps` in the layout ``(N, hv, nc·wv)`` (valid row, then
         stamp, then valid column), which the two 1-D passes produce without any transposition.
@@ -131,12 +136,9 @@ class KernelBasis:
         Per distinct x factor one GEMM with its banded (Toeplitz) matrix does the x pass for all stamps at
         once; per raw term one GEMM with its banded y matrix writes the term's rows straight into place.
         """
-        stamps = np.asarray(stamps, dtype=np.float64)
-        nc, H, W = stamps.shape
+        stamps, nc, hv, wv = self._valid_stamps(stamps)
+        H, W = stamps.shape[1:]
         w = self.size
-        hv, wv = H - w + 1, W - w + 1
-        if hv <= 0 or wv <= 0:
-            raise ValueError(f"Stamps of shape {H}×{W} are smaller than the {w}×{w} kernel.")
         xkeys, groups = _x_factors(self)
         jj = np.arange(wv)
         ii = np.arange(hv)
