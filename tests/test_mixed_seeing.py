@@ -89,6 +89,20 @@ def _flux_agreement(pair, cat_a, cat_b, snr_min=15.0) -> tuple[float, int]:
     return (float(np.median(ratios)) - 1.0 if ratios else float("nan")), len(ratios)
 
 
+def _faint_field_transients(pair, res):
+    """(FWHM, PSF σ, union of the difference's and the score's masks, indices of the isolated S/N 5–7 field
+    transients under that mask): what both comparisons of score and plain detection count over."""
+    truth = pair.truth
+    fwhm = pair.science.psf.fwhm()
+    sigma = pair.science.psf.determinant_radius(*pair.science.psf_position())
+    union = res.subtractedExposure.mask.copy()
+    union.array |= res.scoreExposure.mask.array
+    snr = np.asarray(truth["snr"], float)
+    host = np.asarray(truth["host"], int)
+    faint = np.nonzero(metrics.isolated_transients(truth, fwhm, union) & (host < 0) & (snr >= 5) & (snr < 7))[0]
+    return fwhm, sigma, union, faint
+
+
 def _faint_detection_curves(pair, cfg, res, thresholds):
     """Per threshold: (false/Mpix, completeness of isolated S/N 5–7 transients) for score and plain detection.
 
@@ -101,14 +115,8 @@ def _faint_detection_curves(pair, cfg, res, thresholds):
 
     from diffim.tasks.detection import SourceDetectionTask
 
-    fwhm = pair.science.psf.fwhm()
     truth = pair.truth
-    sigma = pair.science.psf.determinant_radius(*pair.science.psf_position())
-    union = res.subtractedExposure.mask.copy()
-    union.array |= res.scoreExposure.mask.array
-    snr = np.asarray(truth["snr"], float)
-    host = np.asarray(truth["host"], int)
-    faint = np.nonzero(metrics.isolated_transients(truth, fwhm, union) & (host < 0) & (snr >= 5) & (snr < 7))[0]
+    fwhm, sigma, union, faint = _faint_field_transients(pair, res)
     ny, nx = union.array.shape
     edge = 6.0 * fwhm
     area = (nx - 2 * edge) * (ny - 2 * edge) / 1e6
@@ -330,13 +338,7 @@ def _faint_peak_statistics(pair, res):
     from diffim.tasks.detection import SourceDetectionTask
 
     truth = pair.truth
-    fwhm = pair.science.psf.fwhm()
-    sigma = pair.science.psf.determinant_radius(*pair.science.psf_position())
-    union = res.subtractedExposure.mask.copy()
-    union.array |= res.scoreExposure.mask.array
-    snr = np.asarray(truth["snr"], float)
-    host = np.asarray(truth["host"], int)
-    faint = np.nonzero(metrics.isolated_transients(truth, fwhm, union) & (host < 0) & (snr >= 5) & (snr < 7))[0]
+    fwhm, sigma, union, faint = _faint_field_transients(pair, res)
     txy = np.column_stack([np.asarray(truth["x"], float)[faint], np.asarray(truth["y"], float)[faint]])
     out = {"n": faint.size}
     dcfg = make_config([]).detection.value
