@@ -474,6 +474,20 @@ def warp_masked_image(
             setattr(local, name, buf)
         return buf[:size].reshape(shape)
 
+    def zeroed(name: str, shape: tuple[int, int]) -> np.ndarray:
+        """A cleared int32 scratch plane (mask bits are OR-ed into it)."""
+        out = buffer(name, shape, np.int32)
+        out[...] = 0
+        return out
+
+    def planes(tag: str, shape: tuple[int, int], with_mask: bool, with_full: bool):
+        """Image, variance and (cleared, optional) mask and full-footprint planes of one pass's output."""
+        return (buffer(f"{tag}_img", shape, np.float32), buffer(f"{tag}_var", shape, np.float32),
+                zeroed(f"{tag}_msk", shape) if with_mask else None, zeroed(f"{tag}_full", shape) if with_full else None)
+
+    def listed(plane) -> list:
+        return [] if plane is None else [plane]
+
     def banded_strip(xa: int) -> None:
         xb = min(xa + strip_width, bbox_out.x1)
         w = xb - xa
@@ -499,24 +513,14 @@ def warp_masked_image(
         # Intermediate planes (valid pass-1 pixels are all written; the rest keeps finite stale values, which
         # only invalid pass-2 pixels read).
         hshape = (nj, w)
-        h_img = buffer("h_img", hshape, np.float32)
-        h_var = buffer("h_var", hshape, np.float32)
-        h_msk = h_full = None
-        if msk_b is not None:
-            h_msk = buffer("h_msk", hshape, np.int32)
-            h_msk[...] = 0
-        if full_b is not None:
-            h_full = buffer("h_full", hshape, np.int32)
-            h_full[...] = 0
+        h_img, h_var, h_msk, h_full = planes("h", hshape, msk_b is not None, full_b is not None)
         valid1 = resample_pass(
-            [img, var], [False, True], [] if msk_b is None else [msk_b], [] if full_b is None else [full_b],
-            p1, 1, order, [h_img, h_var], [] if h_msk is None else [h_msk], [] if h_full is None else [h_full],
-            perp_offset=jlo,
+            [img, var], [False, True], listed(msk_b), listed(full_b),
+            p1, 1, order, [h_img, h_var], listed(h_msk), listed(h_full), perp_offset=jlo,
         )
         if valid1 is not None:
             if h_full is None:
-                h_full = buffer("h_full", hshape, np.int32)
-                h_full[...] = 0
+                h_full = zeroed("h_full", hshape)
             h_full[~valid1] |= flag
         vs *= N_PHASE
         p2 = np.rint(vs, out=vs).astype(np.int64)
@@ -524,18 +528,10 @@ def warp_masked_image(
         # Pass 2 accumulates into contiguous buffers: the output columns are strided by the full image width
         # (often a power of two, whose cache aliasing makes in-place accumulation several times slower).
         oshape = (ny, w)
-        o_img = buffer("o_img", oshape, np.float32)
-        o_var = buffer("o_var", oshape, np.float32)
-        o_msk = f_out = None
-        if h_msk is not None:
-            o_msk = buffer("o_msk", oshape, np.int32)
-            o_msk[...] = 0
-        if h_full is not None:
-            f_out = buffer("f_out", oshape, np.int32)
-            f_out[...] = 0
+        o_img, o_var, o_msk, f_out = planes("o", oshape, h_msk is not None, h_full is not None)
         valid2 = resample_pass(
-            [h_img, h_var], [False, True], [] if h_msk is None else [h_msk], [] if h_full is None else [h_full],
-            p2, 0, order, [o_img, o_var], [] if o_msk is None else [o_msk], [] if f_out is None else [f_out],
+            [h_img, h_var], [False, True], listed(h_msk), listed(h_full),
+            p2, 0, order, [o_img, o_var], listed(o_msk), listed(f_out),
         )
         bad_px = None if valid2 is None else ~valid2
         if f_out is not None:
