@@ -571,3 +571,17 @@ def test_truncated_psf_stamps_do_not_spread_streaks_along_rows():
     off, on = streak(0.0), streak(Z.FILTER_FLOOR_FACTOR)
     assert off > 1e-3
     assert on < 1e-4
+
+
+def test_static_score_is_the_templates_part_of_the_score():
+    """``static_score=True`` returns S_R = k_r ⊗ R: S of the same pair with the science replaced by zeros is −S_R
+    (the science enters S linearly)."""
+    sci, tmp, pn, pr, _ = _scene(nstar=12, seed=4)
+    # (background levels removed in both: S_R holds the template's sources, not its clipped-mean level)
+    res = _run(sci, tmp, pn, pr, static_score=True, subtract_background=True)
+    assert res.S_static is not None and res.S_static.shape == sci.shape
+    zero = _run(np.zeros_like(sci), tmp, pn, pr, subtract_background=True)
+    scale = float(np.abs(res.S_static).max())
+    assert scale > 0
+    np.testing.assert_allclose(-zero.S, res.S_static, atol=1e-4 * scale)
+    assert _run(sci, tmp, pn, pr).S_static is None  # only when asked for

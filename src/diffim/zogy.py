@@ -337,6 +337,10 @@ class ZogyResult:
         The grid cells with their P_D and P_S.
     sigma_science, sigma_template
         Noise levels used to build the filters (after the ``NOISE_FLOOR``).
+    border
+        Border (pixels) each cell was computed with.
+    S_static
+        ``S_R = k_r ⊗ R``, the template's (static sky's) part of S, when ``static_score`` was asked for.
     """
 
     D: np.ndarray
@@ -352,6 +356,7 @@ class ZogyResult:
     sigma_science: float = float("nan")
     sigma_template: float = float("nan")
     border: int = 0
+    S_static: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -404,6 +409,7 @@ def zogy_subtract(
     subtract_background: bool = False,
     difference_background_bin: int | None = None,
     xy0: tuple[int, int] = (0, 0),
+    static_score: bool = False,
 ) -> ZogyResult:
     """ZOGY subtraction of a registered science/template pair (eq. 12–15 and 25–33 of the paper).
 
@@ -436,6 +442,9 @@ def zogy_subtract(
         and gradients that differ between the inputs otherwise offset S_corr by many σ.
     xy0
         Parent coordinates of pixel ``[0, 0]`` (for the PSF callables).
+    static_score
+        Also return ``S_R = k_r ⊗ R`` (the template's part of the score, background removed) as
+        ``ZogyResult.S_static``: the static sky as it appears in S, the model for residuals of static stars.
 
     Returns
     -------
@@ -562,6 +571,7 @@ def zogy_subtract(
     VD = np.zeros(shape, dtype=np.float32)
     S = np.zeros(shape, dtype=np.float32)
     VS = np.zeros(shape, dtype=np.float32)
+    SR = np.zeros(shape, dtype=np.float32) if static_score else None
     taper = max(1, border // 3)
     fill = {
         "n": (img_n, bad_n, bg_n, off_n, taper),
@@ -587,16 +597,20 @@ def zogy_subtract(
 
             res = _zogy_cell(
                 cell_array, psf_n, psf_r, sig_n_eff, sig_r_eff, flux_science, flux_template, sigma_x, sigma_y,
-                border,
+                border, static_score=static_score,
             )
             keep = (slice(border, border + yb - ya), slice(border, border + xb - xa))
             out = (slice(ya, yb), slice(xa, xb))
             if single:
                 D[out], VD[out], S[out], VS[out] = (res[k][keep] for k in ("D", "VD", "S", "VS"))
+                if SR is not None:
+                    SR[out] = res["S_R"][keep]
             else:
                 w = wy[j][ya:yb, None] * wx[i][None, xa:xb]
                 D[out] += w * res["D"][keep]
                 S[out] += w * res["S"][keep]
+                if SR is not None:
+                    SR[out] += w * res["S_R"][keep]
                 w = vwy[j][ya:yb, None] * vwx[i][None, xa:xb]
                 VD[out] += w * res["VD"][keep]
                 VS[out] += w * res["VS"][keep]
@@ -628,12 +642,14 @@ def zogy_subtract(
     invalid = bad | ~(VS > 100 * np.finfo(np.float32).tiny) | ~np.isfinite(S)
     S[invalid] = 0.0
     VS[invalid] = 1.0
+    if SR is not None:
+        SR[invalid] = 0.0
     S_corr = S / np.sqrt(VS)
     centre = _cell_at(out_cells, (nx - 1) / 2.0, (ny - 1) / 2.0)
     return ZogyResult(
         D=D, D_variance=VD, P_D=centre.P_D, F_D=float(F_D), S=S, S_variance=VS, S_corr=S_corr,
         P_S=centre.P_S, bad=bad, cells=out_cells, sigma_science=sig_n_eff, sigma_template=sig_r_eff,
-        border=border,
+        border=border, S_static=SR,
     )
 
 
@@ -759,7 +775,7 @@ def _cell_at(cells: list[ZogyCell], x: float, y: float) -> ZogyCell:
 
 def _zogy_cell(
     cell_array: Callable[[str], np.ndarray], psf_n: np.ndarray, psf_r: np.ndarray, sig_n: float, sig_r: float,
-    flux_n: float, flux_r: float, sigma_x: float, sigma_y: float, border: int,
+    flux_n: float, flux_r: float, sigma_x: float, sigma_y: float, border: int, static_score: bool = False,
 ) -> dict:
     """ZOGY on one cell. ``cell_array(key)`` returns the padded FFT-sized window of "n", "r", "vn" or "vr".
 
@@ -798,6 +814,10 @@ def _zogy_cell(
     if sigma_x > 0 or sigma_y > 0:
         V_ast = _astrometric_variance(N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r, sigma_x, sigma_y, shape,
                                       eps)
+    SR = None
+    if static_score:
+        SR = sfft.irfft2(_score_part_spectrum("r", N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r, eps),
+                         s=shape, workers=FFT_WORKERS, overwrite_x=True)
     _apply_filters(N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r, eps)
     Dimg = sfft.irfft2(N_hat, s=shape, workers=FFT_WORKERS, overwrite_x=True)
     del N_hat
@@ -827,7 +847,7 @@ def _zogy_cell(
     del vr
     if V_ast is not None:
         VS += V_ast
-    return {"D": Dimg, "VD": VD, "S": Simg, "VS": VS, "F_D": F_D, "P_D": P_D, "P_S": P_S}
+    return {"D": Dimg, "VD": VD, "S": Simg, "VS": VS, "F_D": F_D, "P_D": P_D, "P_S": P_S, "S_R": SR}
 
 
 def _compact(kernel: np.ndarray, rtol: float) -> np.ndarray:
@@ -967,6 +987,17 @@ def _apply_filters(N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r, e
     _for_strips(N_hat.shape[0], strip)
 
 
+def _score_part_spectrum(which, N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r, eps=0.0) -> np.ndarray:
+    """Spectrum of one image's part of the score: ``k̂_n N̂`` (``which="n"``, S_N) or ``k̂_r R̂`` ("r", S_R)."""
+    spec = np.empty_like(N_hat)
+    for r0 in range(0, N_hat.shape[0], _STRIP_ROWS):
+        r1 = min(N_hat.shape[0], r0 + _STRIP_ROWS)
+        z = zogy_fourier(spec_n.rows(r0, r1), spec_r.rows(r0, r1), sig_n, sig_r, flux_n, flux_r,
+                         axis_floor(eps, spec_n.axes(), spec_r.axes(), slice(r0, r1)))
+        spec[r0:r1] = z.k_n * N_hat[r0:r1] if which == "n" else z.k_r * R_hat[r0:r1]
+    return spec
+
+
 def _astrometric_variance(
     N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r, sigma_x, sigma_y, shape, eps=0.0
 ) -> np.ndarray:
@@ -976,12 +1007,7 @@ def _astrometric_variance(
     kx = sfft.rfftfreq(nx).astype(np.float32)[None, :]
     out = np.zeros(shape, dtype=np.float32)
     for which in ("n", "r"):
-        spec = np.empty_like(N_hat)
-        for r0 in range(0, N_hat.shape[0], _STRIP_ROWS):
-            r1 = min(N_hat.shape[0], r0 + _STRIP_ROWS)
-            z = zogy_fourier(spec_n.rows(r0, r1), spec_r.rows(r0, r1), sig_n, sig_r, flux_n, flux_r,
-                             axis_floor(eps, spec_n.axes(), spec_r.axes(), slice(r0, r1)))
-            spec[r0:r1] = z.k_n * N_hat[r0:r1] if which == "n" else z.k_r * R_hat[r0:r1]
+        spec = _score_part_spectrum(which, N_hat, R_hat, spec_n, spec_r, sig_n, sig_r, flux_n, flux_r, eps)
         for sig, k in ((sigma_x, kx), (sigma_y, ky)):
             if sig <= 0:
                 continue

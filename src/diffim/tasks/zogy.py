@@ -202,7 +202,7 @@ class ZogyImagePsfMatchTask(Task):
     @timeMethod
     def subtractExposures(self, templateExposure: Exposure, scienceExposure: Exposure, doWarping: bool = True,
                           spatiallyVarying: bool | None = None, inImageSpace: bool = False,
-                          doPreConvolve: bool = False, **kwargs) -> Struct:
+                          doPreConvolve: bool = False, staticScore: bool = False, **kwargs) -> Struct:
         """ZOGY-subtract ``templateExposure`` from ``scienceExposure``.
 
         Parameters
@@ -215,12 +215,16 @@ class ZogyImagePsfMatchTask(Task):
             Override ``doSpatialGrid`` (None: use the config).
         inImageSpace, doPreConvolve, kwargs
             Accepted for LSST call compatibility (ZOGY is always computed in Fourier space).
+        staticScore
+            Also return the template's part of the score, ``S_R`` (diffim extension: the static-sky model
+            for residuals of static stars in the score, see ``ImageDifferenceConfig.doStarResidualVariance``).
 
         Returns
         -------
         Struct
             ``subtractedExposure`` (D on the science flux scale, PSF P_D), ``scoreExposure`` (S, V_S, PSF P_S),
-            ``matchedExposure`` (None), ``warpedExposure`` (the template on the science grid), ``zogyResult``.
+            ``matchedExposure`` (None), ``warpedExposure`` (the template on the science grid), ``zogyResult``,
+            ``staticScore`` (``S_R`` in the units of the score image, or None).
         """
         cfg = self.config
         science = scienceExposure
@@ -270,7 +274,7 @@ class ZogyImagePsfMatchTask(Task):
             stats_ignore_science=ignore_n, stats_ignore_template=ignore_r,
             subtract_background=cfg.correctBackground,
             difference_background_bin=cfg.backgroundBinSize if cfg.doSubtractBackground else None,
-            xy0=science.xy0,
+            xy0=science.xy0, static_score=staticScore,
         )
 
         # D on the science flux scale: a transient of f science counts has flux f with the PSF P_D.
@@ -307,6 +311,7 @@ class ZogyImagePsfMatchTask(Task):
             matchedExposure=None,
             warpedExposure=template,
             zogyResult=res,
+            staticScore=res.S_static,
         )
 
     @staticmethod
