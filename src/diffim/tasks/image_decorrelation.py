@@ -80,6 +80,16 @@ def _variance_on(exposure: Exposure, bbox) -> np.ndarray | None:
     return None
 
 
+#: Mask planes of pixels that hold no valid difference; the filter sees them as the background level.
+FILTER_EXCLUDED_PLANES = ("EDGE", "NO_DATA")
+
+
+def _invalid_pixels(exposure: Exposure) -> np.ndarray | None:
+    """Pixels left out of the decorrelation filter (:data:`FILTER_EXCLUDED_PLANES`), or None if there are none."""
+    bad = exposure.mask.get(list(FILTER_EXCLUDED_PLANES), ignore_missing=True)
+    return bad if bad.any() else None
+
+
 def _diff_psf(subtracted: Exposure, science: Exposure, template: Exposure, template_matched: bool):
     if subtracted.psf is not None:
         return subtracted.psf
@@ -157,6 +167,7 @@ class DecorrelateALKernelTask(Task):
             complete_variance=self.config.completeVarPlanePropagation,
             kernel_at=psfMatchingKernel if hasattr(psfMatchingKernel, "kernel_image") else None,
             origin=(bbox.x0, bbox.y0),
+            invalid=_invalid_pixels(subtractedExposure),
         )
         subtractedExposure.image[...] = image
         subtractedExposure.variance[...] = variance
@@ -287,6 +298,7 @@ class DecorrelateALKernelSpatialTask(Task):
             cell_step=step,
             cell_size=cell,
             border=border,
+            invalid=_invalid_pixels(subtractedExposure),
         )
         subtractedExposure.image[...] = image
         subtractedExposure.variance[...] = variance
