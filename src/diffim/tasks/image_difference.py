@@ -424,6 +424,7 @@ class ImageDifferenceTask(Task):
         self._science_sources = None
         self._noise_factor = 1.0
         self._score_pair = None
+        self._static_score = None
         science = exposure
         if cfg.doAddCalexpBackground and calexpBackgroundExposure is not None:
             bg = calexpBackgroundExposure
@@ -475,9 +476,13 @@ class ImageDifferenceTask(Task):
                     self.metadata["scaleTemplateVarianceFactor"] = self.scaleVariance.run(warpedExposure.masked_image)
             with self._stage("subtract"):
                 if cfg.subtract.name == "zogy":
-                    subtractRes = self.subtract.subtractExposures(warpedExposure, science, doWarping=False)
+                    # S_R, the static sky in the score's domain, is the model for static stars' residuals in S.
+                    want_static = cfg.useScoreImageDetection and cfg.doStarResidualVariance and cfg.doDetection
+                    subtractRes = self.subtract.subtractExposures(warpedExposure, science, doWarping=False,
+                                                                  **({"staticScore": True} if want_static else {}))
                     subtractedExposure = subtractRes.subtractedExposure
                     scoreExposure = subtractRes.scoreExposure if cfg.useScoreImageDetection else None
+                    self._static_score = getattr(subtractRes, "staticScore", None) if want_static else None
                 else:
                     if cfg.doSelectSources:
                         kernelSources, controlSources, selectSources = self._select_kernel_sources(
@@ -523,6 +528,7 @@ class ImageDifferenceTask(Task):
         self._sky_cache = None
         self._science_sources = None
         self._score_pair = None
+        self._static_score = None
         return Struct(
             subtractedExposure=subtractedExposure,
             scoreExposure=scoreExposure,
@@ -731,13 +737,22 @@ class ImageDifferenceTask(Task):
             kernelSources = detect_kernel_sources(science.masked_image, psf.sigma(*pos), threshold=sel.detThreshold,
                                                   bad_mask_planes=tuple(sel.badMaskPlanes))
         res = self.subtract.subtractExposures(template, pre, candidateList=kernelSources, convolveTemplate=True)
-        self._score_pair = (pre, res.matchedExposure)  # the score's static model (doStarResidualVariance)
+        static = res.matchedExposure  # the score's static-sky model (doStarResidualVariance)
         score = res.subtractedExposure
         if cfg.doDecorrelation:
-            score = self.decorrelate.run(
-                science, template, score, res.psfMatchingKernel, spatiallyVarying=cfg.doSpatiallyVarying,
-                preConvKernel=pre_kernel, templateMatched=True, preConvMode=True,
-            ).correctedExposure
+            def decorrelate(exp):
+                return self.decorrelate.run(
+                    science, template, exp, res.psfMatchingKernel, spatiallyVarying=cfg.doSpatiallyVarying,
+                    preConvKernel=pre_kernel, templateMatched=True, preConvMode=True,
+                ).correctedExposure
+
+            score = decorrelate(score)
+            if cfg.doStarResidualVariance and cfg.doDetection:
+                # The model of static stars' residuals must be in the score's domain: the pre-convolution
+                # filter has side lobes (real-space weights 0.67, 0.13, −0.07, 0.04, … measured) that spread a
+                # core residual into a ring 2–3 FWHM wide, beyond a model that was not filtered alike.
+                static = decorrelate(static.copy())
+        self._score_pair = (pre, static)
         score.psf = psf
         return score
 
@@ -787,11 +802,13 @@ class ImageDifferenceTask(Task):
                 target.masked_image = type(mi)(mi.image, mi.mask, mi.variance * np.float32(r * r), mi.xy0)
             extra = None
             score_pair = getattr(self, "_score_pair", None)
-            if cfg.doStarResidualVariance and (not useScore or score_pair is not None):
+            static_score = getattr(self, "_static_score", None)
+            if cfg.doStarResidualVariance and (not useScore or score_pair is not None or static_score is not None):
                 # Fitted on the difference with its own variance plane: the per-star noise errors are per-pixel
                 # ones, which the correlated-noise factor (a property of the smoothed image) would overstate.
                 extra = self._star_residual_variance(science, detExp, diffExp, matchedExposure, warpedExposure,
-                                                     score_pair=score_pair if useScore else None)
+                                                     score_pair=score_pair if useScore else None,
+                                                     static_score=static_score if useScore else None)
             det = self.detection.run(target, doSmooth=not useScore, extraVariance=extra)
             del extra
             if useScore:  # detection masks travel to the difference that is measured
@@ -884,7 +901,7 @@ class ImageDifferenceTask(Task):
     RESIDUAL_KEYS = ("DIFFIM STARRESID SHIFT", "DIFFIM STARRESID FLUX", "DIFFIM STARRESID WIDTH",
                      "DIFFIM STARRESID NSTARS")
 
-    def _star_residual_variance(self, science, det, diffExp, matched, warped, score_pair=None):
+    def _star_residual_variance(self, science, det, diffExp, matched, warped, score_pair=None, static_score=None):
         """Variance that static stars' registration and flux-matching residuals add to the detection image
         ``det`` (:mod:`diffim.star_residuals`), or None when no residual scatter is resolved.
 
@@ -893,7 +910,10 @@ class ImageDifferenceTask(Task):
         would raise the variance on themselves. Its noise is also in the difference (with the opposite sign);
         the part that is, measured on empty sky, is taken out of the flux fit. With ``score_pair`` (the
         pre-convolved science and its matched template, whose difference the AL score ``det`` is) the fit and
-        the variance are in the score's own (already matched-filtered) domain. A given difference
+        the variance are in the score's own (already matched-filtered) domain. With ``static_score`` (ZOGY's
+        ``S_R``, the template's part of the score ``det``) the scatters are fitted on the difference ``diffExp``
+        (white noise, whose per-star errors are right) and the variance is that of S: a shift δ or a width
+        change b of a static star leaves ``δ·∇S_R + b·∇²S_R`` there. A given difference
         (``doSubtract=False``) re-uses the scatters stored in its metadata, or else falls back to the science.
         """
         from .. import star_residuals as sr
@@ -910,6 +930,12 @@ class ImageDifferenceTask(Task):
             shift, flux, width, n, model = self._fit_star_residuals(score_pair[1], det, None, fwhm * np.sqrt(2.0))
             prefix, label = "score", "in the score "
         else:
+            if static_score is not None:  # the scatters are fitted on D, smoothed as for detection on D
+                where = diffExp.psf_position()
+                sigma = float(diffExp.require_psf().determinant_radius(*where))
+                fwhm = float(diffExp.psf.fwhm(*where))
+                if not (np.isfinite(sigma) and sigma > 0):
+                    return None
             k = gaussian_kernel_1d(sigma, smoothing_kernel_width(sigma, self.detection.config.nSigmaForKernel))
             k_shift, k_flux, k_width, k_n = self.RESIDUAL_KEYS
             stored = diffExp.metadata if isinstance(diffExp.metadata, dict) else {}
@@ -920,10 +946,12 @@ class ImageDifferenceTask(Task):
                 model = correlate_separable(self._static_model(science, det)[0], k, threads=2)
             else:
                 shift, flux, width, n, model = self._fit_star_residuals(
-                    static if static is not None else science, det, k, fwhm)
+                    static if static is not None else science, diffExp, k, fwhm)
             if isinstance(diffExp.metadata, dict):
                 diffExp.metadata.update({k_shift: shift, k_flux: flux, k_width: width, k_n: n})
             prefix, label = "star", ""
+            if static_score is not None:
+                model, label = static_score, "(fitted on D, applied to the ZOGY score) "
         for key, value in (("ShiftSigma", shift), ("FluxSigma", flux), ("WidthSigma", width), ("NStars", n)):
             self.metadata[f"{prefix}Residual{key}"] = value
         if shift <= 0 and width <= 0:
