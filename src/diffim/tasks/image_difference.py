@@ -736,7 +736,11 @@ class ImageDifferenceTask(Task):
             sel = self.subtract.config.selectDetection
             kernelSources = detect_kernel_sources(science.masked_image, psf.sigma(*pos), threshold=sel.detThreshold,
                                                   bad_mask_planes=tuple(sel.badMaskPlanes))
-        res = self.subtract.subtractExposures(template, pre, candidateList=kernelSources, convolveTemplate=True)
+        # The pre-convolved science's noise is correlated over its PSF's noise-equivalent area 1/Σp²: the mean
+        # residual of a kernel candidate's stamp scatters √(1/Σp²) times more than for white noise.
+        mean_scale = float(1.0 / np.sqrt(np.sum(pre_kernel * pre_kernel)))
+        res = self.subtract.subtractExposures(template, pre, candidateList=kernelSources, convolveTemplate=True,
+                                              residualMeanScale=mean_scale)
         static = res.matchedExposure  # the score's static-sky model (doStarResidualVariance)
         score = res.subtractedExposure
         if cfg.doDecorrelation:
