@@ -392,10 +392,13 @@ def test_score_against_plain_detection_several_seeds():
     on average to 1 %. Measured on 6 seeds (3.1 Mpix, n = 508) at 19 false detections (6.1/Mpix): score 0.228 ±
     0.019 (it needs 6.2σ: bright-star residuals), plain 0.780 ± 0.018; with the kernel candidates detected on the
     un-convolved science: score 0.778 ± 0.018, plain 0.795 ± 0.018, significance ratio 0.9999. On these 4
-    seeds (n = 348, 16 false peaks): score 0.805 ± 0.021, plain 0.779 ± 0.022, ratio 1.016; paired, 13
-    transients found by the score only and 4 by plain detection only (McNemar z = 2.2) — but seeds 45–48
-    (n = 324, 6 false peaks) give score 0.781, plain 0.796 (4 against 9, z = −1.4): pooled 17 against 13,
-    a tie. The score cannot win on Gaussian PSFs (both are matched filters of nearly the same PSF).
+    seeds (n = 348, 16 false peaks): score 0.805 ± 0.021, plain 0.779 ± 0.022 — paired 13 against 4, but
+    seeds 45–48 gave 4 against 9: a tie. The score's false peaks were bright-star residuals of a poor AL fit:
+    the pre-convolved science's noise is correlated, its candidates' mean residual scatters √(1/Σp²) ≈ 7×
+    more than the white-noise limit allows, and 48 of 67 candidates were rejected. With that limit scaled
+    (``residualMeanScale``): score 0.856 ± 0.019, plain 0.779 ± 0.022, found by the score only 27, by plain
+    only 0 (McNemar z = 5.2); replications, seeds 45–48: 6 against 5; seeds 49–52: 20 against 3 (z = 3.5).
+    Both are matched filters of nearly the same PSF; what the score gains is fewer false peaks per threshold.
     """
     stats = []
     for seed in (41, 42, 43, 44):
@@ -429,9 +432,11 @@ def test_score_against_plain_detection_several_seeds():
     # Significances agree to the noise normalisation of the two images: the score's variance is scaled to its
     # measured pixel noise, the plain detection's smoothed S/N scatters 0.96–1.04 on blank sky from scene to
     # scene (measured on seeds 41, 42). Before the decorrelation ignored the EDGE border (whose ringing
-    # inflated the score's scaled variance by 3 %) the ratio was 0.997; now 1.016.
-    assert 0.99 <= ratio <= 1.03
-    assert comp["score"][1] >= comp["plain"][1] - 0.05
+    # inflated the score's scaled variance by 3 %) the ratio was 0.997; then 1.016; with the candidate
+    # limit scaled for the pre-convolved noise 1.029 (the score's blank-sky S/N scatters 0.99–1.02).
+    assert 0.99 <= ratio <= 1.04
+    assert comp["score"][1] >= comp["plain"][1]
+    assert only_s > only_p  # the issue: the score finds more of them at the same false-positive rate
 
 
 # ----------------------------------------------------------------------------------------------------------
