@@ -806,17 +806,27 @@ def detect_footprints_smoothed(
         raise ShapeMismatchError(
             f"Image {image.shape}, variance {variance.shape} and mask {np.shape(mask)} must be 2-D and equal."
         )
+    excluded = None
+    if mask is not None and exclude_bits:
+        excluded = (np.asarray(mask) & int(exclude_bits)) != 0
+        if not excluded.any():
+            excluded = None
     if do_smooth:
+        if excluded is not None:
+            # Excluded pixels (EDGE, NO_DATA, BAD: garbage in a difference) contribute nothing to the smoothed
+            # sums — image and variance 0 — so the S/N beside them is that of the good pixels. Smoothing their
+            # values instead spread a bad column over the kernel box: a column-long footprint that swallowed
+            # transients 7 px away; zeroing the smoothed image over the smeared mask instead lost every
+            # source within the kernel's half-width of the border.
+            image = np.where(excluded, np.float32(0.0), image).astype(np.float32, copy=False)
+            variance = np.where(excluded, np.float32(0.0), variance).astype(np.float32, copy=False)
         sm = smooth_for_detection(image, variance, mask, psf_sigma, n_sigma_for_kernel, smooth_mask=smooth_mask)
     else:
-        sm = _unsmoothed(image, variance, mask, copy_image=bool(mask is not None and exclude_bits))
+        sm = _unsmoothed(image, variance, mask, copy_image=excluded is not None)
     kw = sm.kernel_width
-    if mask is not None and exclude_bits:
-        # Smear only the excluded planes (a boolean box dilation is much cheaper than the full OR mask).
-        bad = (np.asarray(mask) & int(exclude_bits)) != 0
-        if kw > 1:
-            bad = _box_any(bad, kw)
-        sm.image[bad & np.isfinite(sm.image)] = 0.0
+    if excluded is not None:
+        sm.image[excluded & np.isfinite(sm.image)] = 0.0
+    del excluded
     scale = 1.0
     if threshold_type == "stdev":
         vals = sm.image[sm.middle]

@@ -104,7 +104,8 @@ class SourceDetectionConfig(pexConfig.Config):
     )
     excludeMaskPlanes = pexConfig.ListField(
         dtype=str, default=[],
-        doc="Mask planes (smeared by the smoothing kernel) where the smoothed image is zeroed: no detections.",
+        doc="Mask planes whose pixels are left out of detection: they add nothing to the smoothed image and "
+        "variance (their values are taken as 0) and no detection is made on them.",
     )
 
     def validate(self) -> None:

@@ -285,9 +285,10 @@ class ImageDifferenceConfig(pexConfig.Config):
         self.detection.thresholdValue = 5.0
         self.detection.thresholdType = "pixel_stdev"
         self.detection.reEstimateBackground = False
-        # The unconvolvable border (EDGE) and uncovered pixels (NO_DATA) hold no valid difference; excluded from
-        # detection, they cannot form border-long footprints that swallow real sources near the edge.
-        self.detection.excludeMaskPlanes = ["EDGE", "NO_DATA"]
+        # The unconvolvable border (EDGE), uncovered pixels (NO_DATA) and bad pixels (BAD: a bad column) hold no
+        # valid difference; left out of detection (they add nothing to the smoothed sums), they cannot form
+        # border- or column-long footprints that swallow real sources beside them.
+        self.detection.excludeMaskPlanes = ["EDGE", "NO_DATA", "BAD"]
         # ... and sky sources must not sample it either (modern LSST adds EDGE to avoidMask too).
         if "EDGE" not in self.skySources.avoidMask:
             self.skySources.avoidMask.append("EDGE")
