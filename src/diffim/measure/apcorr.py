@@ -60,17 +60,23 @@ class ApCorrModel:
         return f"ApCorrModel(order={self.order}, bbox={self.bbox}, c00={self.coefficients[0, 0]:.5g})"
 
 
-def _fit_chebyshev(x, y, z, w, bbox: Box, order: int) -> ApCorrModel:
+def _fit_chebyshev(x, y, z, w, bbox: Box, order: int,
+                   extra: np.ndarray | None = None) -> tuple[ApCorrModel, float]:
+    """Weighted least-squares Chebyshev polynomial of total degree ``order``, and the coefficient of ``extra``
+    (one more column fitted alongside, a nuisance term left out of the model; 0 without it)."""
     tmp = ApCorrModel(np.zeros((order + 1, order + 1)), bbox)
     u, v = tmp._uv(x, y)
     vander = chebyshev.chebvander2d(u, v, [order, order])  # columns: i*(order+1) + j
     ii, jj = np.divmod(np.arange((order + 1) ** 2), order + 1)
     keep = ii + jj <= order
+    design = vander[:, keep]
+    if extra is not None:
+        design = np.column_stack([design, extra])
     sw = np.sqrt(w)
-    sol, *_ = np.linalg.lstsq(vander[:, keep] * sw[:, None], z * sw, rcond=None)
+    sol, *_ = np.linalg.lstsq(design * sw[:, None], z * sw, rcond=None)
     coeffs = np.zeros((order + 1) ** 2)
-    coeffs[keep] = sol
-    return ApCorrModel(coeffs.reshape(order + 1, order + 1), bbox)
+    coeffs[keep] = sol[: int(keep.sum())]
+    return ApCorrModel(coeffs.reshape(order + 1, order + 1), bbox), (float(sol[-1]) if extra is not None else 0.0)
 
 
 @dataclass
@@ -172,16 +178,29 @@ def measure_ap_corr(
             f"Only {int(use.sum())} of {len(x)} stars are usable for aperture corrections (need {min_stars}); "
             f"lower min_snr ({min_snr}) or the isolation radius ({isolation_radius} px), or disable doApCorr."
         )
-    # Ratios scatter far more than their formal errors (neighbours and faint confusion inside the 12-px
-    # aperture), so a pure inverse-variance mean is ruled by a few bright stars; add the robust intrinsic
-    # scatter to every star's error.
-    q25, q75 = np.percentile(ratio[use], [25, 75])
-    scatter2 = max((0.741 * (q75 - q25)) ** 2 - float(np.median(ratio_err[use] ** 2)), 0.0)
-    weights = 1.0 / (np.where(use, ratio_err, 1.0) ** 2 + scatter2)
+    # Ratios scatter far more than their formal errors: neighbours, faint confusion and background errors
+    # inside the 12-px aperture. Those are additive (counts, whatever the star's flux): the ratio is modelled as
+    # c(x, y) + b/F — b the mean additive error (a sky level a little off takes ≈ 450·δ from every aperture),
+    # fitted alongside when the stars span a factor ≥ 3 in flux — and each star's ratio error gains σ_add/F,
+    # σ_add the robust scatter of the deviations in counts. (A constant intrinsic scatter gave every star the
+    # same weight, and the many faint stars of a Moffat field, whose apertures lose a few counts per pixel to
+    # the background around them, pulled its correction 2–3 % low.)
+    inv_f = 1.0 / np.where(use, pf.flux, 1.0)
+    span = float(np.max(pf.flux[use]) / np.min(pf.flux[use])) if use.any() else 1.0
+    n_terms = (order + 1) * (order + 2) // 2
+    intercept = inv_f if (span >= 3.0 and use.sum() >= n_terms + 3) else None
+    first, b = _fit_chebyshev(x[use], y[use], ratio[use], 1.0 / ratio_err[use] ** 2, bbox, order,
+                              None if intercept is None else intercept[use])
+    dev_counts = (ratio[use] - first(x[use], y[use])) * pf.flux[use] - b
+    q25, q75 = np.percentile(dev_counts, [25, 75])
+    formal_counts2 = float(np.median((ratio_err[use] * pf.flux[use]) ** 2))
+    add2 = max((0.741 * (q75 - q25)) ** 2 - formal_counts2, 0.0)
+    weights = 1.0 / (np.where(use, ratio_err, 1.0) ** 2 + add2 * inv_f**2)
     model = None
     for _ in range(max(1, n_iter)):
-        model = _fit_chebyshev(x[use], y[use], ratio[use], weights[use], bbox, order)
-        resid = ratio - model(x, y)
+        model, b = _fit_chebyshev(x[use], y[use], ratio[use], weights[use], bbox, order,
+                                  None if intercept is None else intercept[use])
+        resid = ratio - model(x, y) - b * inv_f
         q25, q75 = np.percentile(resid[use], [25, 75])
         sd = 0.741 * (q75 - q25)
         if not (sd > 0):
@@ -190,9 +209,9 @@ def measure_ap_corr(
         if new_use.sum() < min_stars or np.array_equal(new_use, use):
             break
         use = new_use
-    resid = ratio[use] - model(x[use], y[use])
+    resid = ratio[use] - model(x[use], y[use]) - b * inv_f[use]
     n_used = int(use.sum())
-    dof = max(n_used - (order + 1) * (order + 2) // 2, 1)
+    dof = max(n_used - n_terms - (intercept is not None), 1)
     value_err = float(np.sqrt(np.sum(resid**2) / dof / n_used)) if n_used > 1 else float(ratio_err[use][0])
     cx, cy = bbox.center
     value = float(model(cx, cy))
