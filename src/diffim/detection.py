@@ -818,9 +818,12 @@ def detect_footprints_smoothed(
             # values instead spread a bad column over the kernel box: a column-long footprint that swallowed
             # transients 7 px away; zeroing the smoothed image over the smeared mask instead lost every
             # source within the kernel's half-width of the border.
-            image = np.where(excluded, np.float32(0.0), image).astype(np.float32, copy=False)
-            variance = np.where(excluded, np.float32(0.0), variance).astype(np.float32, copy=False)
-        sm = smooth_for_detection(image, variance, mask, psf_sigma, n_sigma_for_kernel, smooth_mask=smooth_mask)
+            img_in = np.where(excluded, np.float32(0.0), image).astype(np.float32, copy=False)
+            var_in = np.where(excluded, np.float32(0.0), variance).astype(np.float32, copy=False)
+            sm = smooth_for_detection(img_in, var_in, mask, psf_sigma, n_sigma_for_kernel, smooth_mask=smooth_mask)
+            del img_in, var_in  # 2 image-sized planes that need not live through the thresholding
+        else:
+            sm = smooth_for_detection(image, variance, mask, psf_sigma, n_sigma_for_kernel, smooth_mask=smooth_mask)
     else:
         sm = _unsmoothed(image, variance, mask, copy_image=excluded is not None)
     kw = sm.kernel_width
