@@ -65,8 +65,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-#: Floor of |P̂|² in pre-convolution mode (LSST: 1000 × the smallest normal float64).
-_PREC_FLOOR = 1000.0 * np.finfo(np.float64).tiny
 #: Pre-convolution mode: the score's noise power σ²_S|P̂|² + σ²_T|K̂|² is floored by this fraction of its value
 #: at k = 0 (see :func:`decorrelation_kernel_fourier`).
 _PREC_NOISE_FLOOR = 1e-6
@@ -293,9 +291,8 @@ def _prepare(image: np.ndarray, shape: tuple[int, int] | None = None,
     ``shape`` the copy is written into the corner of a zero array of that shape (the FFT grid).
     """
     img = np.asarray(image)
-    bad = ~np.isfinite(img)
-    if invalid is not None:
-        bad |= np.asarray(invalid, dtype=bool)
+    nonfinite = ~np.isfinite(img)
+    bad = nonfinite if invalid is None else nonfinite | np.asarray(invalid, dtype=bool)
     level = 0.0
     if (~bad).any():
         stride = max(1, int(np.sqrt(img.size / 1e6)))
@@ -305,14 +302,10 @@ def _prepare(image: np.ndarray, shape: tuple[int, int] | None = None,
     work = np.zeros(img.shape if shape is None else shape, dtype=np.float32)
     view = work[: img.shape[0], : img.shape[1]]
     np.subtract(img, np.float32(level), out=view, casting="unsafe")
-    if invalid is not None and bad.any():
-        fill = _mirror_invalid_border(view, bad)
-        bad = ~np.isfinite(img)  # only these are restored; the invalid ones are filtered like the rest
-    else:
-        fill = bad
+    fill = _mirror_invalid_border(view, bad) if invalid is not None and bad.any() else bad
     if fill.any():
         view[fill] = 0.0
-    return work, bad, level
+    return work, nonfinite, level  # only non-finite pixels are restored; invalid ones are filtered like the rest
 
 
 def _mirror_invalid_border(view: np.ndarray, bad: np.ndarray) -> np.ndarray:

@@ -739,8 +739,8 @@ def detect_footprints(
     stats_bits
         Mask bits ignored by the clipped σ of the ``stdev`` threshold (``statsMask``).
     exclude_bits
-        Mask bits (after smearing over the kernel box) where the smoothed image is set to 0 before
-        thresholding (``excludeMaskPlanes``).
+        Mask bits of pixels left out of detection (``excludeMaskPlanes``): their image and variance count as 0
+        in the smoothed sums, and the smoothed image is 0 on them.
     smooth_mask
         Also compute the full smeared mask (returned on the :class:`Smoothed` by
         :func:`detect_footprints_smoothed`); not needed for detection itself.

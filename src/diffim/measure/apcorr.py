@@ -186,11 +186,14 @@ def measure_ap_corr(
     # same weight, and the many faint stars of a Moffat field, whose apertures lose a few counts per pixel to
     # the background around them, pulled its correction 2–3 % low.)
     inv_f = 1.0 / np.where(use, pf.flux, 1.0)
-    span = float(np.max(pf.flux[use]) / np.min(pf.flux[use])) if use.any() else 1.0
+    span = float(np.max(pf.flux[use]) / np.min(pf.flux[use]))  # use holds ≥ min_stars stars here
     n_terms = (order + 1) * (order + 2) // 2
-    intercept = inv_f if (span >= 3.0 and use.sum() >= n_terms + 3) else None
-    first, b = _fit_chebyshev(x[use], y[use], ratio[use], 1.0 / ratio_err[use] ** 2, bbox, order,
-                              None if intercept is None else intercept[use])
+    intercept = span >= 3.0 and use.sum() >= n_terms + 3
+
+    def fit(w):
+        return _fit_chebyshev(x[use], y[use], ratio[use], w[use], bbox, order, inv_f[use] if intercept else None)
+
+    first, b = fit(1.0 / np.where(use, ratio_err, 1.0) ** 2)
     dev_counts = (ratio[use] - first(x[use], y[use])) * pf.flux[use] - b
     q25, q75 = np.percentile(dev_counts, [25, 75])
     formal_counts2 = float(np.median((ratio_err[use] * pf.flux[use]) ** 2))
@@ -198,8 +201,7 @@ def measure_ap_corr(
     weights = 1.0 / (np.where(use, ratio_err, 1.0) ** 2 + add2 * inv_f**2)
     model = None
     for _ in range(max(1, n_iter)):
-        model, b = _fit_chebyshev(x[use], y[use], ratio[use], weights[use], bbox, order,
-                                  None if intercept is None else intercept[use])
+        model, b = fit(weights)
         resid = ratio - model(x, y) - b * inv_f
         q25, q75 = np.percentile(resid[use], [25, 75])
         sd = 0.741 * (q75 - q25)
@@ -211,7 +213,7 @@ def measure_ap_corr(
         use = new_use
     resid = ratio[use] - model(x[use], y[use]) - b * inv_f[use]
     n_used = int(use.sum())
-    dof = max(n_used - n_terms - (intercept is not None), 1)
+    dof = max(n_used - n_terms - int(intercept), 1)
     value_err = float(np.sqrt(np.sum(resid**2) / dof / n_used)) if n_used > 1 else float(ratio_err[use][0])
     cx, cy = bbox.center
     value = float(model(cx, cy))

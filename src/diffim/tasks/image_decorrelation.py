@@ -80,7 +80,8 @@ def _variance_on(exposure: Exposure, bbox) -> np.ndarray | None:
     return None
 
 
-#: Mask planes of pixels that hold no valid difference; the filter sees them as the background level.
+#: Mask planes of pixels that hold no valid difference; their values are not filtered (see ``decorrelate``'s
+#: ``invalid``: a border of them is mirrored from the interior, others are set to the background level).
 FILTER_EXCLUDED_PLANES = ("EDGE", "NO_DATA")
 
 

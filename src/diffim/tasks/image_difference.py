@@ -926,21 +926,16 @@ class ImageDifferenceTask(Task):
 
         if not (science.shape == det.shape and science.xy0 == det.xy0):
             return None
-        where = det.psf_position()
-        sigma = float(det.require_psf().determinant_radius(*where))
-        fwhm = float(det.psf.fwhm(*where))
+        fitted = det if score_pair is not None else diffExp  # the image the scatters are fitted on
+        where = fitted.psf_position()
+        sigma = float(fitted.require_psf().determinant_radius(*where))
+        fwhm = float(fitted.psf.fwhm(*where))
         if not (np.isfinite(sigma) and sigma > 0):
             return None
         if score_pair is not None:
             shift, flux, width, n, model = self._fit_star_residuals(score_pair[1], det, None, fwhm * np.sqrt(2.0))
             prefix, label = "score", "in the score "
-        else:
-            if static_score is not None:  # the scatters are fitted on D, smoothed as for detection on D
-                where = diffExp.psf_position()
-                sigma = float(diffExp.require_psf().determinant_radius(*where))
-                fwhm = float(diffExp.psf.fwhm(*where))
-                if not (np.isfinite(sigma) and sigma > 0):
-                    return None
+        else:  # fitted on D (also for ZOGY's score), smoothed as for detection on D
             k = gaussian_kernel_1d(sigma, smoothing_kernel_width(sigma, self.detection.config.nSigmaForKernel))
             k_shift, k_flux, k_width, k_n = self.RESIDUAL_KEYS
             stored = diffExp.metadata if isinstance(diffExp.metadata, dict) else {}
