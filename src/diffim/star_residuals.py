@@ -32,6 +32,12 @@ follows what a PSF mismatch really leaves — large on stars, small on smooth ex
 
 It is large only on bright static sources; on empty sky (and for images registered as well as their noise
 allows, σ_δ = σ_a = 0) it vanishes and detection is unchanged.
+
+What none of these terms describes — the two exposures' PSFs differing in their wings or asymmetries (seeing
+minutes apart; PSF models that miss it) — still scales with each star's brightness. :func:`mismatch_profile`
+measures it on the same stars as a radial profile ``Π(r)`` of their mean squared residual beyond the noise and
+the fitted terms, per unit squared amplitude, and :func:`mismatch_variance` adds ``A_i²·Π(|p − x_i|)`` around
+every bright static source ``i``.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import numpy as np
 from .detection import local_maxima
 
 __all__ = ["StarResiduals", "bright_star_positions", "fit_star_residuals", "residual_scatter",
-           "residual_variance", "shared_noise_slope", "laplacian"]
+           "residual_variance", "shared_noise_slope", "laplacian", "mismatch_profile", "mismatch_variance"]
 
 
 @dataclass
@@ -61,6 +67,9 @@ class StarResiduals:
         Intrinsic scatters σ_δ (pixels, per axis) and σ_a (relative), noise removed; 0 when unresolved.
     n_used
         Stars kept after outlier clipping.
+    kept
+        Per star: within 4σ of the fitted scatters in both shifts and the flux (not a dipole, mover or
+        variable); set by :func:`residual_scatter`.
     """
 
     x: np.ndarray
@@ -76,6 +85,7 @@ class StarResiduals:
     sigma_flux: float = 0.0
     sigma_width: float = 0.0
     n_used: int = 0
+    kept: np.ndarray | None = None
 
 
 def bright_star_positions(smoothed: np.ndarray, smoothed_variance: np.ndarray, *, min_snr: float = 50.0,
@@ -104,7 +114,7 @@ def bright_star_positions(smoothed: np.ndarray, smoothed_variance: np.ndarray, *
     ys, xs = ys[order], xs[order]
     # Isolation: no other significant peak within ``isolation`` pixels (blends bias the shift fit).
     keep = np.ones(ys.size, bool)
-    if ys.size > 1:
+    if ys.size > 1 and isolation > 0:
         from scipy.spatial import cKDTree
 
         pairs = cKDTree(np.column_stack([xs, ys])).query_pairs(float(isolation), output_type="ndarray")
@@ -301,6 +311,7 @@ def residual_scatter(res: StarResiduals, *, min_stars: int = 5) -> StarResiduals
     if n < min_stars:
         res.sigma_shift = res.sigma_flux = 0.0
         res.n_used = int(n)
+        res.kept = np.ones(n, bool)
         return res
     shifts = np.concatenate([res.shift_x, res.shift_y])
     errs = np.concatenate([res.shift_err, res.shift_err])
@@ -310,6 +321,7 @@ def residual_scatter(res: StarResiduals, *, min_stars: int = 5) -> StarResiduals
         res.sigma_width = _median_scatter(res.width, res.width_err)[0]
     res.sigma_shift, res.sigma_flux = s_shift, s_flux
     res.n_used = int(min(keep_s[:n].sum(), keep_s[n:].sum(), keep_f.sum()))
+    res.kept = keep_s[:n] & keep_s[n:] & keep_f
     return res
 
 
@@ -328,4 +340,161 @@ def residual_variance(model_smoothed: np.ndarray, sigma_shift: float, sigma_flux
     if sigma_width > 0:
         lap = laplacian(ms)
         out += np.float32(sigma_width ** 2) * lap * lap
+    return out
+
+
+def _radial_bins(r_max: int) -> np.ndarray:
+    """``(2·r_max+1)²`` integer radius (rounded) of each stamp pixel from the centre."""
+    off = np.arange(-r_max, r_max + 1)
+    return np.rint(np.hypot(off[:, None], off[None, :])).astype(int)
+
+
+#: A star's excess ``e_i`` is a square: for a single residual mode with a Gaussian amplitude, ``e_i/Π`` is χ²₁,
+#: which exceeds this factor with probability 8·10⁻⁶. Larger values are not the stars' own residuals.
+_MAX_EXCESS_RATIO = 20.0
+
+
+def _random_effects_mean(e: np.ndarray, s2: np.ndarray, iterations: int = 4) -> float:
+    """Mean ``Π`` of per-star excesses ``e`` with noise variances ``s2`` and an unknown intrinsic scatter τ²
+    between the stars (DerSimonian & Laird 1986: τ² by the method of moments, weights ``1/(s2 + τ²)``, so that
+    faint, noise-dominated stars weigh by their noise and bright ones equally).
+
+    A mean, not a median: the excess is a square, skewed (χ²-like), and its mean is the variance wanted.
+    Values that neither the noise nor that skew can explain, ``e > 20·Π + 5·√s2`` (an unrelated source — a
+    transient or a neighbour — in a star's rings), are dropped, starting from ``Π`` = weighted median / 0.455
+    (the χ²₁ median; an upper bound) and iterating."""
+    ok = np.isfinite(e) & np.isfinite(s2) & (s2 > 0)
+    e, s2 = np.asarray(e, float)[ok], np.asarray(s2, float)[ok]
+    if e.size == 0:
+        return 0.0
+    w = 1.0 / s2
+    order = np.argsort(e)
+    cw = np.cumsum(w[order])
+    mean = max(float(e[order][np.searchsorted(cw, 0.5 * cw[-1])]), 0.0) / _CHI2_1_MEDIAN
+    for _ in range(iterations):
+        kept = e <= _MAX_EXCESS_RATIO * mean + 5.0 * np.sqrt(s2)
+        if not kept.any():
+            return 0.0
+        ek, sk = e[kept], s2[kept]
+        wk = 1.0 / sk
+        mean = float(np.sum(wk * ek) / np.sum(wk))
+        if ek.size > 1:
+            q = float(np.sum(wk * (ek - mean) ** 2))
+            denom = float(np.sum(wk) - np.sum(wk * wk) / np.sum(wk))
+            tau2 = max(0.0, (q - (ek.size - 1)) / denom) if denom > 0 else 0.0
+            wk = 1.0 / (sk + tau2)
+            mean = float(np.sum(wk * ek) / np.sum(wk))
+        mean = max(mean, 0.0)
+    return mean
+
+
+def mismatch_profile(residual: np.ndarray, variance: np.ndarray, positions: np.ndarray, amplitudes: np.ndarray,
+                     r_max: int, *, extra_variance: np.ndarray | None = None, model: np.ndarray | None = None,
+                     sigma_flux: float = 0.0, kernel: np.ndarray | None = None, corr_area: float = 1.0,
+                     bad: np.ndarray | None = None, min_stars: int = 5) -> np.ndarray:
+    """Radial profile ``Π(r)``, r = 0 … ``r_max`` px, of the mean squared residual static stars leave beyond
+    the noise and the fitted terms, per unit squared amplitude of the star in the static model.
+
+    What the shift, flux and width terms do not describe — differences of the PSFs' wings and asymmetries
+    between two exposures (seeing changes minutes apart; PSF models that miss them) — still scales with the
+    star's brightness. Its expected square, ``A_i²·Π(r)`` at distance r from a star of amplitude ``A_i``, is
+    estimated here from the stars themselves: per star and 1-px radial bin,
+    ``e_i(r) = ⟨R² − V − V_fit⟩ / A_i²`` (``R``: the residual as detection sees it, ``V`` its noise variance,
+    ``V_fit``: ``extra_variance``, what the fitted terms already add), and over stars a random-effects mean
+    (:func:`_random_effects_mean`): faint stars, whose ``e_i`` is mostly noise, weigh by their noise; bright
+    ones, whose ``e_i`` differ by the stars' own mismatch, equally. A mean, not a median: the variance of a
+    heavy-tailed residual is its mean square. Negative bins (noise alone explains them) are 0.
+
+    Parameters
+    ----------
+    residual, variance
+        Detection image (difference or score) and its per-pixel variance; with ``kernel`` they are smoothed
+        on stamps here (separable ``kernel`` for the residual, ``kernel²`` for the variance), as detection
+        will smooth them.
+    positions, amplitudes
+        Integer (y, x) of isolated static stars (dipoles, movers and variables already dropped) and their
+        amplitude (peak of the static model in the detection domain).
+    r_max
+        Outer radius of the profile.
+    extra_variance
+        Variance the fitted terms already add, in the detection domain (image-shaped), or None.
+    model, sigma_flux
+        The static model in the detection domain and a flux-mismatch scatter σ_a: ``σ_a²·model²`` is taken out
+        too (a fitted term that the caller does not add to the detection variance).
+    corr_area
+        Noise-correlation area of the detection image in pixels (``2π σ²`` for white noise smoothed by a
+        Gaussian of σ), for the noise variance of a bin mean: ``2·V²·corr_area / n``.
+    bad
+        Stars whose stamp touches one of these pixels are not used.
+    min_stars
+        Fewer usable stars: the profile is 0.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(r_max + 1,)`` float64, ≥ 0.
+    """
+    from scipy.ndimage import correlate1d
+
+    pos = np.asarray(positions, int).reshape(-1, 2)
+    amp = np.asarray(amplitudes, float)
+    out = np.zeros(r_max + 1)
+    h = 0 if kernel is None else len(kernel) // 2
+    m = r_max + h
+    ny, nx = np.shape(residual)
+    ys, xs = pos[:, 0], pos[:, 1]
+    use = (ys >= m) & (xs >= m) & (ys < ny - m) & (xs < nx - m) & np.isfinite(amp) & (amp > 0)
+    ys, xs, amp = ys[use], xs[use], amp[use]
+    if ys.size < min_stars:
+        return out
+    R = _stamps(np.asarray(residual), ys, xs, m).astype(np.float64)
+    V = _stamps(np.asarray(variance), ys, xs, m).astype(np.float64)
+    ok = np.isfinite(R).all(axis=(1, 2)) & np.isfinite(V).all(axis=(1, 2))
+    if bad is not None:
+        ok &= ~_stamps(np.asarray(bad), ys, xs, m).any(axis=(1, 2))
+    if ok.sum() < min_stars:
+        return out
+    R, V, ys, xs, amp = R[ok], V[ok], ys[ok], xs[ok], amp[ok]
+    if kernel is not None:
+        k = np.asarray(kernel, np.float64)
+        for axis in (1, 2):
+            R = correlate1d(R, k, axis=axis, mode="constant")
+            V = correlate1d(V, k * k, axis=axis, mode="constant")
+        R, V = R[:, h : h + 2 * r_max + 1, h : h + 2 * r_max + 1], V[:, h : h + 2 * r_max + 1, h : h + 2 * r_max + 1]
+    excess = R * R - V
+    if extra_variance is not None:
+        excess -= _stamps(np.asarray(extra_variance), ys, xs, r_max)
+    if model is not None and sigma_flux > 0:
+        excess -= sigma_flux**2 * _stamps(np.asarray(model), ys, xs, r_max).astype(np.float64) ** 2
+    rb = _radial_bins(r_max)
+    a2 = amp * amp
+    for r in range(r_max + 1):
+        sel = rb == r
+        n = int(sel.sum())
+        e = excess[:, sel].mean(axis=1) / a2
+        s2 = 2.0 * V[:, sel].mean(axis=1) ** 2 / (a2 * a2) / max(n / max(corr_area, 1.0), 1.0)
+        out[r] = max(_random_effects_mean(e, s2), 0.0)
+    return out
+
+
+def mismatch_variance(shape: tuple[int, int], positions: np.ndarray, amplitudes: np.ndarray,
+                      profile: np.ndarray) -> np.ndarray | None:
+    """``Σ_i A_i²·Π(|p − x_i|)``: the variance :func:`mismatch_profile`'s residuals add around every static star
+    ``i`` (integer (y, x) ``positions``, ``amplitudes`` A_i), float32 of ``shape``; None if ``Π`` is 0."""
+    prof = np.asarray(profile, float)
+    if not np.any(prof > 0):
+        return None
+    r_max = prof.size - 1
+    off = np.arange(-r_max, r_max + 1)
+    rr = np.hypot(off[:, None], off[None, :])
+    stamp = np.interp(rr, np.arange(r_max + 1), prof, right=0.0).astype(np.float32)
+    out = np.zeros(shape, np.float32)
+    ny, nx = shape
+    for (y, x), a in zip(np.asarray(positions, int).reshape(-1, 2), np.asarray(amplitudes, float)):
+        if not (np.isfinite(a) and a > 0):
+            continue
+        y0, y1, x0, x1 = max(y - r_max, 0), min(y + r_max + 1, ny), max(x - r_max, 0), min(x + r_max + 1, nx)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        out[y0:y1, x0:x1] += np.float32(a * a) * stamp[y0 - y + r_max : y1 - y + r_max, x0 - x + r_max : x1 - x + r_max]
     return out

@@ -276,6 +276,14 @@ class ImageDifferenceConfig(pexConfig.Config):
         "Zackay et al. 2016). Zero for pairs registered and PSF-matched as well as their noise allows. "
         "diffim extension.",
     )
+    doStarResidualProfile = pexConfig.Field(
+        dtype=bool,
+        default=True,
+        doc="With doStarResidualVariance: also add what those terms leave, measured on the same stars as a "
+        "radial profile Pi(r) of their mean squared residual per unit squared amplitude (PSF wings and "
+        "asymmetries that differ between the exposures), A^2 Pi(r) around every static peak of amplitude A "
+        "at S/N >= 50. Zero when the fitted terms explain the stars. diffim extension.",
+    )
 
     def setDefaults(self) -> None:
         super().setDefaults()
@@ -932,9 +940,12 @@ class ImageDifferenceTask(Task):
         fwhm = float(fitted.psf.fwhm(*where))
         if not (np.isfinite(sigma) and sigma > 0):
             return None
+        fits = peaks = None
         if score_pair is not None:
-            shift, flux, width, n, model = self._fit_star_residuals(score_pair[1], det, None, fwhm * np.sqrt(2.0))
+            shift, flux, width, n, model, fits, peaks = self._fit_star_residuals(score_pair[1], det, None,
+                                                                                 fwhm * np.sqrt(2.0))
             prefix, label = "score", "in the score "
+            resid, kernel = det, None
         else:  # fitted on D (also for ZOGY's score), smoothed as for detection on D
             k = gaussian_kernel_1d(sigma, smoothing_kernel_width(sigma, self.detection.config.nSigmaForKernel))
             k_shift, k_flux, k_width, k_n = self.RESIDUAL_KEYS
@@ -943,26 +954,95 @@ class ImageDifferenceTask(Task):
             if static is None and k_shift in stored and k_flux in stored:
                 shift, flux = float(stored[k_shift]), float(stored[k_flux])
                 width, n = float(stored.get(k_width, 0.0)), int(stored.get(k_n, 0))
-                model = correlate_separable(self._static_model(science, det)[0], k, threads=2)
+                smodel, svar, _, sbad = self._static_model(science, det)
+                model = correlate_separable(smodel, k, threads=2)
+                # No fit here: the profile's stars are the model's isolated bright peaks.
+                v_s = float(np.median(np.asarray(svar)[::8, ::8])) * float(np.sum(k * k)) ** 2
+                iso = sr.bright_star_positions(model, np.float32(v_s), bad=sbad, isolation=int(np.ceil(3 * fwhm)))
+                fits = sr.StarResiduals(x=iso[:, 1].astype(float), y=iso[:, 0].astype(float), shift_x=None,
+                                        shift_y=None, shift_err=None, flux=None, flux_err=None)
+                peaks = sr.bright_star_positions(model, np.float32(v_s), bad=sbad, isolation=0, max_stars=1_000_000)
             else:
-                shift, flux, width, n, model = self._fit_star_residuals(
+                shift, flux, width, n, model, fits, peaks = self._fit_star_residuals(
                     static if static is not None else science, diffExp, k, fwhm)
             if isinstance(diffExp.metadata, dict):
                 diffExp.metadata.update({k_shift: shift, k_flux: flux, k_width: width, k_n: n})
             prefix, label = "star", ""
+            resid, kernel = diffExp, k
             if static_score is not None:
                 model, label = static_score, "(fitted on D, applied to the ZOGY score) "
+                resid, kernel = det, None
+                if fits is not None:
+                    v_typ = np.asarray(det.variance)[::8, ::8]
+                    v_typ = float(np.median(v_typ[np.isfinite(v_typ) & (v_typ > 0)])) if v_typ.size else 1.0
+                    peaks = sr.bright_star_positions(
+                        model, np.float32(v_typ), isolation=0, max_stars=1_000_000,
+                        bad=det.mask.get(["BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT"], ignore_missing=True))
         for key, value in (("ShiftSigma", shift), ("FluxSigma", flux), ("WidthSigma", width), ("NStars", n)):
             self.metadata[f"{prefix}Residual{key}"] = value
-        if shift <= 0 and width <= 0:
-            return None
         # The shift term (as in ZOGY) and the width term enter the variance. The flux scatter is reported, not
         # added: σ_a·M would raise the threshold on every galaxy in proportion to its brightness, while a
         # PSF-matching error leaves residuals only at the PSF's scale — which the Laplacian term follows
         # (it vanishes on smooth extended light).
-        self.log.info("Static-star residuals %s(%d stars): shift scatter %.4f px, width scatter %.4f px² (added to "
-                      "the detection variance), flux scatter %.4f.", label, n, shift, width, flux)
-        return sr.residual_variance(model, shift, 0.0, width)
+        extra = sr.residual_variance(model, shift, 0.0, width) if (shift > 0 or width > 0) else None
+        if shift > 0 or width > 0:
+            self.log.info("Static-star residuals %s(%d stars): shift scatter %.4f px, width scatter %.4f px² (added "
+                          "to the detection variance), flux scatter %.4f.", label, n, shift, width, flux)
+        if self.config.doStarResidualProfile and fits is not None:
+            extra = self._add_mismatch_variance(extra, flux, resid, kernel, model, fits, peaks, sigma, fwhm, prefix)
+        return extra
+
+    def _add_mismatch_variance(self, extra, flux, resid, kernel, model, fits, peaks, sigma, fwhm, prefix):
+        """``extra`` plus the variance of what the fitted terms leave around static stars
+        (:func:`diffim.star_residuals.mismatch_profile`, ``doStarResidualProfile``), in the detection domain:
+        ``resid`` (smoothed with ``kernel`` if given) and ``model``, the static model there. ``fits``: the
+        per-star fits (their isolated, non-outlier stars make the profile); ``peaks``: every bright static
+        peak (each gets the variance). The profile is what none of the three fitted terms describes: the flux
+        term (scatter ``flux``), which is not added, is still taken out of the stars' residuals."""
+        from scipy.spatial import cKDTree
+
+        from .. import star_residuals as sr
+
+        # Detection sees the PSF convolved once more (the smoothing, or the score's matched filter).
+        r_max = int(np.ceil(3.0 * fwhm * np.sqrt(2.0)))
+        ys = np.rint(fits.y).astype(int)
+        xs = np.rint(fits.x).astype(int)
+        use = np.ones(ys.size, bool) if fits.kept is None else fits.kept.copy()
+        if peaks.size and ys.size:
+            # Only stars alone within the profile's radius: a neighbour's own residual is not this star's.
+            near = cKDTree(peaks[:, ::-1].astype(float)).query_ball_point(np.column_stack([xs, ys]), r_max)
+            crowd = np.array([sum(1 for j in nb if abs(peaks[j, 0] - y) + abs(peaks[j, 1] - x) > 2)
+                              for nb, y, x in zip(near, ys, xs)], int)
+            use &= crowd == 0
+        ys, xs = ys[use], xs[use]
+        amp = self._peak_amplitudes(model, ys, xs)
+        prof = sr.mismatch_profile(resid.image, resid.variance, np.column_stack([ys, xs]), amp, r_max,
+                                   extra_variance=extra, model=model, sigma_flux=flux, kernel=kernel,
+                                   corr_area=2.0 * np.pi * sigma * sigma,
+                                   bad=resid.mask.get(["BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT"],
+                                                      ignore_missing=True))
+        self.metadata[f"{prefix}ResidualProfileNStars"] = int(ys.size)
+        self.metadata[f"{prefix}ResidualProfilePeak"] = float(np.sqrt(prof.max())) if prof.size else 0.0
+        more = sr.mismatch_variance(model.shape, peaks, self._peak_amplitudes(model, peaks[:, 0], peaks[:, 1]),
+                                    prof)
+        if more is None:
+            return extra
+        self.log.info("Static-star residual profile %s(%d stars): rms up to %.2g of the star's peak within %d px, "
+                      "added around %d bright static sources.", "in the score " if prefix == "score" else "",
+                      ys.size, float(np.sqrt(prof.max())), r_max, len(peaks))
+        return more if extra is None else extra + more
+
+    @staticmethod
+    def _peak_amplitudes(model, ys, xs):
+        """Largest value of ``model`` in the 3 × 3 box around each (y, x) (clipped to the image)."""
+        m = np.asarray(model)
+        ny, nx = m.shape
+        ys, xs = np.asarray(ys, int), np.asarray(xs, int)
+        out = np.full(ys.size, -np.inf)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                out = np.maximum(out, m[np.clip(ys + dy, 0, ny - 1), np.clip(xs + dx, 0, nx - 1)])
+        return out
 
     @staticmethod
     def _static_model(static, det):
@@ -981,9 +1061,11 @@ class ImageDifferenceTask(Task):
         return model, static.variance, unusable, bad
 
     def _fit_star_residuals(self, static, det, k, fwhm):
-        """(σ_shift, σ_flux, σ_width, number of stars, smoothed static model) fitted on ``det`` with ``static``
-        as the static-sky model (see :meth:`_star_residual_variance`). ``k``: the detection smoothing kernel
-        (None: ``det`` is not smoothed for detection, e.g. a score, and stars are found on the model itself)."""
+        """(σ_shift, σ_flux, σ_width, number of stars, smoothed static model, per-star fits, bright peaks) fitted
+        on ``det`` with ``static`` as the static-sky model (see :meth:`_star_residual_variance`). ``k``: the
+        detection smoothing kernel (None: ``det`` is not smoothed for detection, e.g. a score, and stars are
+        found on the model itself). The last two are for the mismatch profile: the fits' stars (with their
+        outlier flags) and the ``(y, x)`` of every peak of the smoothed model at S/N ≥ 50, isolated or not."""
         from .. import star_residuals as sr
         from ..detection import correlate_separable
 
@@ -1008,7 +1090,9 @@ class ImageDifferenceTask(Task):
                                     bad=bad, max_bad_fraction=0.0, model_variance=model_var,
                                     shared=(beta, beta_lap, lam_lap))
         res = sr.residual_scatter(res)
-        return float(res.sigma_shift), float(res.sigma_flux), float(res.sigma_width), int(res.x.size), model_s
+        peaks = sr.bright_star_positions(model_s, np.float32(v_s), bad=bad, isolation=0, max_stars=1_000_000)
+        return (float(res.sigma_shift), float(res.sigma_flux), float(res.sigma_width), int(res.x.size), model_s,
+                res, peaks)
 
     @staticmethod
     def _force_sky_positions(columns, diffExp, footprints, is_sky):
