@@ -1023,14 +1023,33 @@ class ImageDifferenceTask(Task):
                                                       ignore_missing=True))
         self.metadata[f"{prefix}ResidualProfileNStars"] = int(ys.size)
         self.metadata[f"{prefix}ResidualProfilePeak"] = float(np.sqrt(prof.max())) if prof.size else 0.0
-        more = sr.mismatch_variance(model.shape, peaks, self._peak_amplitudes(model, peaks[:, 0], peaks[:, 1]),
-                                    prof)
+        if not np.any(prof > 0):
+            return extra
+        # A PSF mismatch leaves (mismatch ⊗ source): as much as a star of the same peak on a point source,
+        # less on an extended one. Each peak counts with its point-like amplitude, the part of its peak that its
+        # curvature accounts for, relative to the stars' (a galaxy's nucleus is flatter than a star).
+        peak_amp = self._peak_amplitudes(model, peaks[:, 0], peaks[:, 1])
+        curv = self._peak_curvature(model, peaks[:, 0], peaks[:, 1]) / np.where(peak_amp > 0, peak_amp, np.inf)
+        star_curv = self._peak_curvature(model, ys, xs) / np.where(amp > 0, amp, np.inf)
+        star_curv = float(np.median(star_curv[star_curv > 0])) if np.any(star_curv > 0) else 0.0
+        if star_curv > 0:
+            peak_amp = peak_amp * np.clip(curv / star_curv, 0.0, 1.0)
+        more = sr.mismatch_variance(model.shape, peaks, peak_amp, prof)
         if more is None:
             return extra
         self.log.info("Static-star residual profile %s(%d stars): rms up to %.2g of the star's peak within %d px, "
                       "added around %d bright static sources.", "in the score " if prefix == "score" else "",
                       ys.size, float(np.sqrt(prof.max())), r_max, len(peaks))
         return more if extra is None else extra + more
+
+    @staticmethod
+    def _peak_curvature(model, ys, xs):
+        """Minus the 5-point Laplacian of ``model`` at each (y, x) (clipped to the image): large and positive at
+        a sharp peak."""
+        m = np.asarray(model, np.float64)
+        ny, nx = m.shape
+        ys, xs = np.clip(np.asarray(ys, int), 1, ny - 2), np.clip(np.asarray(xs, int), 1, nx - 2)
+        return 4.0 * m[ys, xs] - m[ys - 1, xs] - m[ys + 1, xs] - m[ys, xs - 1] - m[ys, xs + 1]
 
     @staticmethod
     def _peak_amplitudes(model, ys, xs):
