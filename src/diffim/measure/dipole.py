@@ -127,11 +127,17 @@ class LobePsfModel:
         n = self.kernel.shape[axis]
         offsets = np.arange(n) - n // 2
         a = _LANCZOS_ORDER
-        value, deriv = _lanczos(u[:, None] - offsets[None, :], a)
+        # Grid and kernel offsets are integers, so every argument grid_j − centre − k' is m − frac(centre) for
+        # an integer m, and only 2a of them (|m − frac| < a) are non-zero: evaluate those once and look them up.
+        base = math.floor(centre)
+        table_v, table_d = _lanczos(np.arange(-a, a + 2) - (centre - base), a)
         # Normalisation c(centre) = Σ_m L(m − centre) over all integers m (1-periodic in the centre).
-        m = math.floor(centre) + np.arange(-a, a + 2)
-        cv, cd = _lanczos(m - centre, a)
-        c, dc = cv.sum(), -cd.sum()
+        c, dc = table_v.sum(), -table_d.sum()
+        idx = np.rint(grid[:, None] - offsets[None, :]).astype(np.int64) - base + a
+        outside = (idx < 0) | (idx >= table_v.size)
+        idx[outside] = table_v.size  # a trailing zero
+        value = np.append(table_v, 0.0)[idx]
+        deriv = np.append(table_d, 0.0)[idx]
         return value / c, (-deriv * c - value * dc) / (c * c)
 
     def evaluate(self, xc: float, yc: float, box: Box, derivatives: bool = False):
@@ -638,11 +644,21 @@ def fit_dipole(
     for i in lin:
         lower[i] = 0.1
 
+    # The solver asks for the Jacobian at (nearly) every point whose residuals it evaluated, and the lobes'
+    # interpolation matrices give the derivatives almost for free: both are computed once per point.
+    cache: dict = {}
+
+    def _at(p):
+        if cache.get("p") is None or not np.array_equal(cache["p"], p):
+            cache["model"], cache["jac"] = model_and_jac(p)
+            cache["p"] = np.array(p, copy=True)
+        return cache["model"], cache["jac"]
+
     def residual(p):
-        return model_and_jac(p, want_jac=False)[0] - data
+        return _at(p)[0] - data
 
     def jacobian(p):
-        return model_and_jac(p)[1]
+        return _at(p)[1]
 
     res.fit_attempted = True
     try:
