@@ -264,7 +264,8 @@ def _wing_pattern(shape, x, y, phase):
 def _wing_scene(seed, sigma_c, n=100, size=700, contaminate=0):
     """Residual = noise + Σ_i A_i·c_i·Q_i with c_i ~ N(0, σ_c) and Q_i a randomly oriented wing quadrupole;
     ``contaminate`` stars get a bright unrelated source (3× the star's amplitude) 6 px away. Returns the residual,
-    its variance, the star positions, amplitudes and the expected profile Π(r) = σ_c²·⟨Q²⟩ over each 1-px ring."""
+    its variance, the star positions, amplitudes and the expected profile Π(r) = σ_c²·⟨Q²⟩ over each 1-px
+    ring."""
     rng = np.random.default_rng(seed)
     g = np.linspace(40, size - 40, int(math.ceil(math.sqrt(n))))
     gx, gy = np.meshgrid(g, g)
@@ -401,7 +402,8 @@ def test_doStarResidualProfile_spares_transients_on_bright_galaxies():
     science, template, tx, ty, xs, ys = _wing_exposures(0.01)
     # The emptiest grid-cell centre (the stars sit on a 60-px grid).
     cells = [(x0, y0) for x0 in np.arange(120.0, 480.0, 60.0) for y0 in np.arange(120.0, 480.0, 60.0)]
-    gx, gy = max(cells, key=lambda c: min(np.hypot(xs - c[0], ys - c[1]).min(), np.hypot(tx - c[0], ty - c[1]).min()))
+    gx, gy = max(cells, key=lambda c: min(np.hypot(xs - c[0], ys - c[1]).min(),
+                                          np.hypot(tx - c[0], ty - c[1]).min()))
     assert np.hypot(xs - gx, ys - gy).min() > 35, "the galaxy needs empty sky around it"
     galaxy = _stars(science.shape, [gx], [gy], [4000 * 2 * math.pi * 36], sigma=6.0)  # peak 4000 = 400σ
     snr_unit = NOISE * math.sqrt(4 * math.pi) * SIGMA
