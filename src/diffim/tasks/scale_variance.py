@@ -56,7 +56,10 @@ class ScaleVarianceTask(Task):
     _DefaultName = "scaleVariance"
 
     @timeMethod
-    def run(self, maskedImage: MaskedImage | Exposure) -> float:
+    def run(self, maskedImage: MaskedImage | Exposure, correlationArea: float = 1.0) -> float:
+        """Scale the variance in place and return the factor. ``correlationArea`` (diffim extension): the
+        image's noise-correlation area in pixels, e.g. ``4πσ²`` for a score image (see
+        :func:`diffim.scale_variance.scale_variance_factor`); 1 for white noise, as LSST assumes."""
         mi = maskedImage.masked_image if isinstance(maskedImage, Exposure) else maskedImage
         bad = mi.mask.get(list(self.config.maskPlanes), ignore_missing=True)
         bg = self.config.background
@@ -67,6 +70,7 @@ class ScaleVarianceTask(Task):
             statistic=_STATISTICS[bg.statisticsProperty],
             interp=_ALGORITHMS[bg.algorithm],
             background_bad=mi.mask.get(list(bg.ignoredPixelMask), ignore_missing=True),
+            correlation_area=correlationArea,
         )
         self.log.info("Renormalizing variance by %f", factor)
         mi.variance *= factor
