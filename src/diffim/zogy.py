@@ -32,6 +32,7 @@ __all__ = [
     "axis_floor",
     "zogy_subtract",
     "zogy_border_size",
+    "mirror_variance_factors",
     "zogy_cell_unit",
     "generate_grid",
     "psf_centroid_offset",
@@ -638,6 +639,12 @@ def zogy_subtract(
     # Rounding in the FFTs can leave a variance ≤ 0 where a plane is (nearly) zero; such a pixel carries no
     # usable noise estimate.
     np.maximum(VD, np.float32(np.finfo(np.float32).tiny), out=VD)
+    # The image border is padded by mirror reflection, so near the edge S = D ⊗ P_D sums a pixel's noise with
+    # its mirror image's; the variance planes (filtered without cross terms) miss that covariance.
+    centre = _cell_at(out_cells, (nx - 1) / 2.0, (ny - 1) / 2.0)
+    fy, fx = mirror_variance_factors(centre.P_D, shape)
+    VS *= fy[:, None]
+    VS *= fx[None, :]
     bad = bad_n | bad_r
     invalid = bad | ~(VS > 100 * np.finfo(np.float32).tiny) | ~np.isfinite(S)
     S[invalid] = 0.0
@@ -645,12 +652,38 @@ def zogy_subtract(
     if SR is not None:
         SR[invalid] = 0.0
     S_corr = S / np.sqrt(VS)
-    centre = _cell_at(out_cells, (nx - 1) / 2.0, (ny - 1) / 2.0)
     return ZogyResult(
         D=D, D_variance=VD, P_D=centre.P_D, F_D=float(F_D), S=S, S_variance=VS, S_corr=S_corr,
         P_S=centre.P_S, bad=bad, cells=out_cells, sigma_science=sig_n_eff, sigma_template=sig_r_eff,
         border=border, S_static=SR,
     )
+
+
+def mirror_variance_factors(psf: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row and per-column variance factors of ``noise ⊗ psf`` on an image padded by mirror reflection.
+
+    With symmetric padding (the edge pixel repeated) a pixel ``d`` pixels from the edge and its mirror image are
+    ``2d + 1`` apart, so the filtered value counts the noise it shares with its image: its variance is
+    ``1 + ρ(2d + 1)`` times the unpadded one, ρ the filter's normalised autocorrelation along that axis. Near a
+    corner the two factors multiply (exact for a separable filter). White input noise is assumed (D is white).
+    Returns float32 arrays of lengths ``shape[0]`` and ``shape[1]``, 1 away from the edges.
+    """
+    p = np.asarray(psf, dtype=np.float64)
+    a0 = float(np.sum(p * p))
+    out = []
+    for axis, n in ((0, shape[0]), (1, shape[1])):
+        f = np.ones(n, np.float32)
+        if a0 > 0:
+            for d in range(n):
+                s = 2 * d + 1
+                if s >= p.shape[axis]:
+                    break
+                a = p[s:, :] * p[:-s, :] if axis == 0 else p[:, s:] * p[:, :-s]
+                rho = float(np.sum(a)) / a0
+                for i in {d, n - 1 - d}:
+                    f[i] = np.float32(1.0 + max(rho, 0.0))
+        out.append(f)
+    return out[0], out[1]
 
 
 def _hat_weights(
