@@ -67,6 +67,7 @@ POLARITIES = ("positive", "negative", "both")
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
+
 def local_maxima(image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """Which of the pixels ``(ys, xs)`` are 3×3 local maxima of ``image``: no neighbour inside the image is
     larger (ties and NaN neighbours do not disqualify). Tested at the given pixels only, so thresholding

@@ -48,7 +48,8 @@ import numpy as np
 from .detection import local_maxima
 
 __all__ = ["StarResiduals", "bright_star_positions", "fit_star_residuals", "residual_scatter",
-           "residual_variance", "shared_noise_slope", "laplacian", "mismatch_profile", "mismatch_variance"]
+           "residual_variance", "shared_noise_slope", "laplacian", "mismatch_profile", "mismatch_variance",
+           "isolated_peaks"]
 
 
 @dataclass
@@ -92,9 +93,9 @@ def bright_star_positions(smoothed: np.ndarray, smoothed_variance: np.ndarray, *
                           isolation: int = 8, bad: np.ndarray | None = None, max_stars: int = 300) -> np.ndarray:
     """Integer (y, x) of local maxima of a smoothed image with S/N ≥ ``min_snr``, brightest first.
 
-    Two peaks within ``isolation`` pixels of each other are both dropped (blends bias the shift fit); peaks
-    on ``bad`` pixels are ignored. ``smoothed_variance`` may be an array or a scalar. At most ``max_stars``
-    (the brightest) are returned.
+    Two peaks within ``isolation`` pixels of each other are both dropped (blends bias the shift fit; see
+    :func:`isolated_peaks`); peaks on ``bad`` pixels are ignored. ``smoothed_variance`` may be an array or a
+    scalar. At most ``max_stars`` (the brightest) are returned.
     """
     with np.errstate(invalid="ignore", divide="ignore"):
         cand = smoothed >= np.float32(min_snr) * np.sqrt(smoothed_variance)
@@ -111,17 +112,21 @@ def bright_star_positions(smoothed: np.ndarray, smoothed_variance: np.ndarray, *
     ys, xs = ys[is_max], xs[is_max]
     vals = smoothed[ys, xs]
     order = np.argsort(-vals, kind="stable")
-    ys, xs = ys[order], xs[order]
-    # Isolation: no other significant peak within ``isolation`` pixels (blends bias the shift fit).
-    keep = np.ones(ys.size, bool)
-    if ys.size > 1 and isolation > 0:
+    return isolated_peaks(np.column_stack([ys[order], xs[order]]), isolation, max_stars)
+
+
+def isolated_peaks(peaks: np.ndarray, isolation: int, max_stars: int | None = None) -> np.ndarray:
+    """The ``(y, x)`` rows of ``peaks`` with no other peak within ``isolation`` pixels (both of a close pair
+    are dropped), in their order, at most ``max_stars`` of them; ``isolation`` ≤ 0 keeps all."""
+    peaks = np.asarray(peaks, int).reshape(-1, 2)
+    keep = np.ones(len(peaks), bool)
+    if len(peaks) > 1 and isolation > 0:
         from scipy.spatial import cKDTree
 
-        pairs = cKDTree(np.column_stack([xs, ys])).query_pairs(float(isolation), output_type="ndarray")
+        pairs = cKDTree(peaks[:, ::-1]).query_pairs(float(isolation), output_type="ndarray")
         if pairs.size:
             keep[pairs.ravel()] = False
-    ys, xs = ys[keep], xs[keep]
-    return np.column_stack([ys, xs])[:max_stars]
+    return peaks[keep][:max_stars]
 
 
 def _stamps(array: np.ndarray, ys: np.ndarray, xs: np.ndarray, r: int) -> np.ndarray:

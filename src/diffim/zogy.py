@@ -643,8 +643,9 @@ def zogy_subtract(
     # its mirror image's; the variance planes (filtered without cross terms) miss that covariance.
     centre = _cell_at(out_cells, (nx - 1) / 2.0, (ny - 1) / 2.0)
     fy, fx = mirror_variance_factors(centre.P_D, shape)
-    VS *= fy[:, None]
-    VS *= fx[None, :]
+    rows, cols = np.flatnonzero(fy != 1), np.flatnonzero(fx != 1)  # the few lines within P_D's reach
+    VS[rows] *= fy[rows, None]
+    VS[:, cols] *= fx[None, cols]
     bad = bad_n | bad_r
     invalid = bad | ~(VS > 100 * np.finfo(np.float32).tiny) | ~np.isfinite(S)
     S[invalid] = 0.0

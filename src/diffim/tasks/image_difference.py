@@ -965,11 +965,11 @@ class ImageDifferenceTask(Task):
                 smodel, svar, _, sbad = self._static_model(science, det)
                 model = correlate_separable(smodel, k, threads=2)
                 # No fit here: the profile's stars are the model's isolated bright peaks.
-                v_s = float(np.median(np.asarray(svar)[::8, ::8])) * float(np.sum(k * k)) ** 2
-                iso = sr.bright_star_positions(model, np.float32(v_s), bad=sbad, isolation=int(np.ceil(3 * fwhm)))
+                v_s = self._typical_variance(svar) * float(np.sum(k * k)) ** 2
+                peaks = sr.bright_star_positions(model, np.float32(v_s), bad=sbad, isolation=0, max_stars=1_000_000)
+                iso = sr.isolated_peaks(peaks, int(np.ceil(3 * fwhm)), max_stars=300)
                 fits = sr.StarResiduals(x=iso[:, 1].astype(float), y=iso[:, 0].astype(float), shift_x=None,
                                         shift_y=None, shift_err=None, flux=None, flux_err=None)
-                peaks = sr.bright_star_positions(model, np.float32(v_s), bad=sbad, isolation=0, max_stars=1_000_000)
             else:
                 shift, flux, width, n, model, fits, peaks = self._fit_star_residuals(
                     static if static is not None else science, diffExp, k, fwhm)
@@ -981,11 +981,9 @@ class ImageDifferenceTask(Task):
                 model, label = static_score, "(fitted on D, applied to the ZOGY score) "
                 resid, kernel = det, None
                 if fits is not None:
-                    v_typ = np.asarray(det.variance)[::8, ::8]
-                    v_typ = float(np.median(v_typ[np.isfinite(v_typ) & (v_typ > 0)])) if v_typ.size else 1.0
                     peaks = sr.bright_star_positions(
-                        model, np.float32(v_typ), isolation=0, max_stars=1_000_000,
-                        bad=det.mask.get(["BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT"], ignore_missing=True))
+                        model, np.float32(self._typical_variance(det.variance)), isolation=0, max_stars=1_000_000,
+                        bad=det.mask.get(self._STAR_BAD_PLANES, ignore_missing=True))
         for key, value in (("ShiftSigma", shift), ("FluxSigma", flux), ("WidthSigma", width), ("NStars", n)):
             self.metadata[f"{prefix}Residual{key}"] = value
         # The shift term (as in ZOGY) and the width term enter the variance. The flux scatter is reported, not
@@ -1027,8 +1025,7 @@ class ImageDifferenceTask(Task):
         prof = sr.mismatch_profile(resid.image, resid.variance, np.column_stack([ys, xs]), amp, r_max,
                                    extra_variance=extra, model=model, sigma_flux=flux, kernel=kernel,
                                    corr_area=2.0 * np.pi * sigma * sigma,
-                                   bad=resid.mask.get(["BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT"],
-                                                      ignore_missing=True))
+                                   bad=resid.mask.get(self._STAR_BAD_PLANES, ignore_missing=True))
         self.metadata[f"{prefix}ResidualProfileNStars"] = int(ys.size)
         self.metadata[f"{prefix}ResidualProfilePeak"] = float(np.sqrt(prof.max())) if prof.size else 0.0
         if not np.any(prof > 0):
@@ -1071,13 +1068,25 @@ class ImageDifferenceTask(Task):
                 out = np.maximum(out, m[np.clip(ys + dy, 0, ny - 1), np.clip(xs + dx, 0, nx - 1)])
         return out
 
+    #: Pixels of the detection image where static stars are neither fitted nor looked for.
+    _STAR_BAD_PLANES = ("BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT")
+
+    @staticmethod
+    def _typical_variance(variance) -> float:
+        """Median of the finite, positive values of ``variance`` on every 8th pixel (1 if there are none): the
+        noise against which static stars' S/N is judged (they are bright; an exact per-pixel noise would only
+        move the S/N-50 cut a little)."""
+        sample = np.asarray(variance)[::8, ::8]
+        sample = sample[np.isfinite(sample) & (sample > 0)]
+        return float(np.median(sample)) if sample.size else 1.0
+
     @staticmethod
     def _static_model(static, det):
         """(background-subtracted image with unusable pixels zeroed, its variance, unusable pixels, ``det``'s
         bad pixels) of the static-sky exposure (the variance plane is shared, not copied)."""
         from ..background import estimate_background
 
-        bad = det.mask.get(["BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT"], ignore_missing=True)
+        bad = det.mask.get(ImageDifferenceTask._STAR_BAD_PLANES, ignore_missing=True)
         unusable = bad | ~np.isfinite(static.image) | ~(static.variance > 0)
         try:
             bg = estimate_background(static.image, unusable, bin_size=128)
@@ -1097,17 +1106,15 @@ class ImageDifferenceTask(Task):
         from ..detection import correlate_separable
 
         model, model_var, unusable, bad = self._static_model(static, det)
-        # Stars: S/N of the smoothed model against the typical (median) noise — they are bright, an exact
-        # per-pixel noise would only move the S/N-50 cut a little.
-        sample = np.asarray(model_var)[::8, ::8]
-        sample = sample[np.isfinite(sample) & (sample > 0)]
-        v_typ = float(np.median(sample)) if sample.size else 1.0
+        # Stars: S/N of the smoothed model against the typical (median) noise.
+        v_typ = self._typical_variance(model_var)
         if k is not None:
             model_s = correlate_separable(model, k, threads=2)
             v_s = v_typ * float(np.sum(k * k)) ** 2
         else:
             model_s, v_s = model, v_typ
-        stars = sr.bright_star_positions(model_s, np.float32(v_s), bad=bad, isolation=int(np.ceil(3 * fwhm)))
+        peaks = sr.bright_star_positions(model_s, np.float32(v_s), bad=bad, isolation=0, max_stars=1_000_000)
+        stars = sr.isolated_peaks(peaks, int(np.ceil(3 * fwhm)), max_stars=300)
         sky = ~(unusable | det.mask.get(["DETECTED", "DETECTED_NEGATIVE", "CR", "INTRP"], ignore_missing=True))
         sky &= ~static.mask.get(["DETECTED"], ignore_missing=True)
         beta, beta_lap, lam_lap = sr.shared_noise_slope(det.image, model, model_var, sky)
@@ -1117,7 +1124,6 @@ class ImageDifferenceTask(Task):
                                     bad=bad, max_bad_fraction=0.0, model_variance=model_var,
                                     shared=(beta, beta_lap, lam_lap))
         res = sr.residual_scatter(res)
-        peaks = sr.bright_star_positions(model_s, np.float32(v_s), bad=bad, isolation=0, max_stars=1_000_000)
         return (float(res.sigma_shift), float(res.sigma_flux), float(res.sigma_width), int(res.x.size), model_s,
                 res, peaks)
 
