@@ -18,6 +18,10 @@ Figures
 ``false_detections_per_mpix``
     DIA sources farther than 6 px from every true change, without a BAD/SAT/CR/EDGE/NO_DATA pixel in their
     5 × 5 box, at least 6 fwhm from the edge, per 10⁶ pixels of that interior region.
+``noise_detection_rate``
+    Not a figure of a result but its floor: detections per 10⁶ pixels that pure white noise gives with a
+    perfect variance at a threshold, for a PSF width (see the function). With :func:`counted_area` it turns a
+    false-detection count into "as many as noise alone gives".
 ``flux_bias``
     median(psfFlux / true flux − 1) over matched isolated transients with S/N ≥ 15.
 ``pull_std``
@@ -58,6 +62,8 @@ __all__ = [
     "completeness",
     "false_detection_flags",
     "false_detections_per_mpix",
+    "counted_area",
+    "noise_detection_rate",
     "flux_bias",
     "pull_std",
     "evaluate",
@@ -497,6 +503,85 @@ def false_detections_per_mpix(catalog, truth, fwhm: float, difference: Exposure 
     if area <= 0:
         return float("nan")
     return float(false.sum() / area * 1e6)
+
+
+def counted_area(difference: Exposure | Mask, fwhm: float) -> int:
+    """Pixels where a false detection would be counted (:func:`false_detection_flags`): ≥ 6 fwhm from the edge
+    and no BAD/SAT/CR/EDGE/NO_DATA pixel in the 5 × 5 box. The denominator for comparing a count with
+    :func:`noise_detection_rate`."""
+    from scipy.ndimage import maximum_filter
+
+    arr, m, shape, _ = _mask_of(difference)
+    ny, nx = shape
+    e = int(math.ceil(6.0 * float(fwhm)))
+    ok = np.zeros(shape, bool)
+    ok[e:ny - e, e:nx - e] = True
+    if m is not None:
+        bits = m.bitmask(list(DEFECT_PLANES), ignore_missing=True)
+        ok &= ~maximum_filter((arr & bits) != 0, size=5, mode="constant", cval=False)
+    return int(ok.sum())
+
+
+def noise_detection_rate(psf_sigma: float, threshold: float = 5.0, *, polarity: str = "both",
+                         n_mpix: float = 16.0, seed: int = 0) -> tuple[float, float]:
+    """Detections per 10⁶ pixels that pure noise gives: the false-detection floor of a correct pipeline.
+
+    White Gaussian noise is filtered with a circular Gaussian of ``psf_sigma`` pixels (what detection's PSF
+    smoothing does to a difference with white noise, and what a score image is), normalised to unit variance
+    and thresholded at ``threshold``; each 8-connected region above it (below −threshold for the negative
+    polarity) counts once, as a footprint does.
+
+    Parameters
+    ----------
+    psf_sigma
+        Gaussian σ of the PSF in pixels (> 0).
+    threshold
+        Detection threshold in σ of the filtered image.
+    polarity
+        ``"both"``, ``"positive"`` or ``"negative"``.
+    n_mpix
+        Megapixels simulated (in 1024² tiles); the relative error of the rate is about 1/√(rate · n_mpix).
+    seed
+        Random seed; the result is reproducible.
+
+    Returns
+    -------
+    rate, error : float
+        Expected detections per 10⁶ pixels and its Monte Carlo (Poisson) standard error.
+
+    Notes
+    -----
+    Why a simulation and not the Euler-characteristic density of a Gaussian random field,
+    λ t e^{−t²/2} / (2π)^{3/2} per pixel and polarity with λ = 1 / (2σ²): that formula counts the peaks of the
+    continuous field, and a PSF of a pixel or two is sampled too coarsely for the pixels to reach them. At
+    σ = 1.26 px and 4σ it predicts 54 per Mpix where the sampled field has 37; at σ = 4 px the two agree
+    within a few per cent. For σ ≈ 1.3 px, 5σ gives ≈ 0.42 per Mpix: a perfect subtraction of a 0.6-Mpix image has one noise
+    detection about one time in four.
+    """
+    from scipy import ndimage
+
+    if not (np.isfinite(psf_sigma) and psf_sigma > 0):
+        raise ValueError(f"psf_sigma must be a positive number of pixels, not {psf_sigma!r}.")
+    if polarity not in ("both", "positive", "negative"):
+        raise ValueError(f"polarity must be 'both', 'positive' or 'negative', not {polarity!r}.")
+    rng = np.random.default_rng(seed)
+    side, pad = 1024, int(math.ceil(5 * psf_sigma)) + 1
+    n_tiles = max(1, int(math.ceil(n_mpix * 1e6 / side**2)))
+    # The filtered field's variance: Σ g² of the kernel as ndimage applies it.
+    probe = np.zeros((2 * pad + 1, 2 * pad + 1))
+    probe[pad, pad] = 1.0
+    norm = math.sqrt(float(np.sum(ndimage.gaussian_filter(probe, psf_sigma, truncate=5.0) ** 2)))
+    eight = np.ones((3, 3), bool)
+    count = 0
+    for _ in range(n_tiles):
+        noise = rng.standard_normal((side + 2 * pad, side + 2 * pad), dtype=np.float32)
+        field = ndimage.gaussian_filter(noise, psf_sigma, truncate=5.0)[pad:-pad, pad:-pad] / np.float32(norm)
+        if polarity != "negative":
+            count += ndimage.label(field > threshold, structure=eight)[1]
+        if polarity != "positive":
+            count += ndimage.label(field < -threshold, structure=eight)[1]
+    mpix = n_tiles * side**2 / 1e6
+    return count / mpix, math.sqrt(max(count, 1)) / mpix
 
 
 def _matched_transients(catalog, truth, fwhm, mask, snr_min, flux_unit_scale):
