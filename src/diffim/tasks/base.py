@@ -194,11 +194,28 @@ def apply_config_overrides(
         if not hasattr(obj, attr) and attr not in getattr(obj, "_fields", {}):
             raise ConfigError(f"Unknown config field {key!r}.")
         parsed = parse_override_value(value)
+        field = getattr(obj, "_fields", {}).get(attr)
+        if isinstance(field, pexConfig.ListField) and not isinstance(parsed, (list, tuple)):
+            # pex_config would turn a bare string into a list of its characters (BAD → ['B', 'A', 'D']):
+            # read "BAD,SAT" or "BAD" as a comma-separated list, a lone number as a one-element list.
+            if isinstance(parsed, str):
+                parsed = [parse_override_value(v) for v in parsed.split(",") if v.strip()]
+            else:
+                parsed = [parsed]
         try:
             setattr(obj, attr, parsed)
         except Exception as exc:
             try:  # a string field given something that looked like a literal: retry as text
+                if field is not None and isinstance(field, pexConfig.ListField):
+                    raise TypeError
                 setattr(obj, attr, value.strip())
             except Exception:
-                raise ConfigError(f"Bad value for config field {key!r}: {value!r} ({exc}).") from None
+                raise ConfigError(f"Bad value for config field {key!r}: {value!r} ({_first_lines(exc)}).") from None
     return config
+
+
+def _first_lines(exc: Exception) -> str:
+    """The message of a pex_config error without its "For more information see the Field definition at"
+    trailer (a file path and line of pex_config's own source, noise to a command-line user)."""
+    text = str(exc).split("For more information", 1)[0]
+    return " ".join(text.split())
