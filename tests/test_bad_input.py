@@ -235,3 +235,22 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     _one_line(ei)
     assert [p.name for p in tmp_path.iterdir()] == ["out.fits"]
     assert target.read_bytes() == before
+
+
+def test_template_of_another_shape_without_wcs_or_origin_is_refused():
+    """Without a WCS or pixel origins nothing says how arrays of different shapes lie on each other; taking
+    their first pixels as the same one subtracted unrelated pixels (119 DIA sources instead of 3 on a real
+    crop) without a word."""
+    from diffim import ImageDifferenceTask
+
+    rng = np.random.default_rng(1)
+    sci = Exposure(image=rng.normal(100, 5, (64, 64)).astype(np.float32), variance=np.full((64, 64), 25, np.float32),
+                   psf=GaussianPsf(1.5))
+    tpl = Exposure(image=rng.normal(100, 5, (80, 90)).astype(np.float32), variance=np.full((80, 90), 25, np.float32),
+                   psf=GaussianPsf(1.5))
+    with pytest.raises(errors.ShapeMismatchError, match=r"differ in shape, neither has a WCS.*LTV1") as ei:
+        ImageDifferenceTask().run(exposure=sci, templateExposure=tpl)
+    _one_line(ei)
+    # An origin on the science places it on the template: then the arrays are aligned by their bboxes.
+    placed = Exposure(image=sci.image, variance=sci.variance, psf=sci.psf, xy0=(10, 8))
+    assert ImageDifferenceTask()._align_template(placed, tpl, None, None) is tpl

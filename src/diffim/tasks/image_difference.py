@@ -581,6 +581,22 @@ class ImageDifferenceTask(Task):
                     "dxFit": np.asarray(m["dx_fit"], float).tolist(), "dyFit": np.asarray(m["dy_fit"], float).tolist(),
                     "good": np.asarray(m["good"], bool).tolist(),
                 }
+        if (science.wcs is None or template.wcs is None) and template.shape != science.shape \
+                and tuple(template.xy0) == tuple(science.xy0) == (0, 0):
+            # Nothing says where the arrays lie on each other: taking their first pixels as the same one is
+            # a guess, and a wrong guess subtracts unrelated pixels without any error.
+            from ..errors import ShapeMismatchError
+
+            missing = ("neither has a WCS" if science.wcs is None and template.wcs is None else
+                       f"the {'science' if science.wcs is None else 'template'} has no WCS")
+            raise ShapeMismatchError(
+                f"The template ({template.shape[1]}×{template.shape[0]} px) and the science "
+                f"({science.shape[1]}×{science.shape[0]} px) differ in shape, {missing}, and neither has a pixel "
+                "origin (LTV1/LTV2 or CRVAL1A/CRVAL2A cards), so how they align is unknown. Give the template on "
+                "the science's pixel grid (same shape), attach WCSs to both, or put the science's position on the "
+                "template in the science header: LTV1 = -x0, LTV2 = -y0, (x0, y0) being the template pixel "
+                "under the science's first pixel."
+            )
         if same_pixel_grid(science, template):
             return template
         if science.wcs is None or template.wcs is None:
