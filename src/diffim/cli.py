@@ -71,6 +71,14 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                         "without mask planes; default auto)")
 
 
+def _add_pair_check_args(p: argparse.ArgumentParser) -> None:
+    """Switches for the science/template consistency checks of :func:`diffim.pipeline._check_pair`."""
+    p.add_argument("--allow-band-mismatch", dest="allow_band_mismatch", action="store_true",
+                   help="subtract even when the two images' BAND/FILTER cards name different bands (a warning "
+                        "is logged); by default such a pair is refused with exit code 2. An image without a band "
+                        "card is never refused")
+
+
 def _repair_flag(args) -> bool | None:
     return {"auto": None, "yes": True, "no": False}[getattr(args, "cr_repair", "auto")]
 
@@ -128,19 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("subtract", help="PSF-match and subtract: SCIENCE − TEMPLATE → difference exposure")
     p.add_argument("science", type=Path)
     p.add_argument("template", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True, help="output difference FITS file (LSST MEF)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output difference FITS file (LSST MEF); its directory must exist; an existing file is "
+                        "replaced unless it is one of the inputs")
     _add_config_args(p)
     _add_input_args(p)
+    _add_pair_check_args(p)
 
     p = sub.add_parser("run", help="the whole job: subtract, detect, measure; write images and the DIA catalogue")
     p.add_argument("science", type=Path)
     p.add_argument("template", type=Path, nargs="?", help="template exposure (omit with --coadd-dir)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory (must not exist, or use --overwrite)")
     p.add_argument("--coadd-dir", type=Path, default=None, help="build the template from the coadd patches in DIR")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUTDIR if it is the output directory of an earlier run (config.py and other "
+                        "files diffim writes, nothing else); a file, a directory holding an input or any other "
+                        "file is refused")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write diagnostics.png")
     _add_config_args(p)
     _add_input_args(p)
+    _add_pair_check_args(p)
 
     p = sub.add_parser("demo", help="simulate a pair, run the whole job on it and print a summary")
     p.add_argument("outdir", type=Path, nargs="?", default=Path("demo_output"))
@@ -186,7 +201,7 @@ def _cmd_subtract(args) -> int:
         return EXIT_OK
     res = subtract_files(args.science, args.template, args.output, config=config,
                          science_kwargs=_read_kwargs(args, "science"), template_kwargs=_read_kwargs(args, "template"),
-                         repair_cosmic_rays=_repair_flag(args))
+                         repair_cosmic_rays=_repair_flag(args), allow_band_mismatch=args.allow_band_mismatch)
     if not args.quiet:
         ratio = res.metadata.get("quality", {}).get("noiseRatio", float("nan"))  # the task stores it under quality
         print(f"wrote {args.output}  (noise ratio {ratio:.3f})")
@@ -208,7 +223,7 @@ def _cmd_run(args) -> int:
     res = run_files(args.science, args.template, args.output, config=config, coadd_dir=args.coadd_dir,
                     overwrite=args.overwrite, plot=args.plot, progress=not args.quiet,
                     science_kwargs=_read_kwargs(args, "science"), template_kwargs=_read_kwargs(args, "template"),
-                    repair_cosmic_rays=_repair_flag(args))
+                    repair_cosmic_rays=_repair_flag(args), allow_band_mismatch=args.allow_band_mismatch)
     if not args.quiet:
         print(res.summary(time.perf_counter() - t0))
     return EXIT_OK

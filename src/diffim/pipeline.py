@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadInputError, DiffimIOError
+from .errors import BadInputError, DiffimError, DiffimIOError
 from .tasks.base import apply_config_overrides
 
 __all__ = ["make_config", "run_files", "subtract_files", "RunResult", "prepare_exposure"]
@@ -62,12 +62,19 @@ def prepare_exposure(exposure, *, label: str, repair_cosmic_rays: bool | None = 
     them, as LSST's calexps are before they reach the difference task. ``None`` (default) repairs only an
     exposure whose mask carries nothing but ``NO_DATA``/``SAT`` — a plain FITS frame nobody has cleaned;
     afw/diffim files with their own mask planes are left alone.
+
+    A failed PSF estimation is re-raised as the same class with ``label`` in front of its message and, at the
+    end, the option that supplies a PSF model for that image (``--science-psf``/``--template-psf``, chosen by
+    the first word of ``label``).
     """
     if exposure.psf is None:
         from .psf import estimate_psf
 
         log.info("%s has no PSF model: estimating one from its stars", label)
-        exposure.psf = estimate_psf(exposure)
+        try:
+            exposure.psf = estimate_psf(exposure)
+        except DiffimError as exc:
+            raise _psf_failure(exc, label) from exc
     if repair_cosmic_rays is None:
         other = exposure.mask.array & ~np.int32(exposure.mask.bitmask(_UNREPAIRED_PLANES, ignore_missing=True))
         repair_cosmic_rays = not bool(other.any())
@@ -75,6 +82,33 @@ def prepare_exposure(exposure, *, label: str, repair_cosmic_rays: bool | None = 
         _repair_cosmic_rays(exposure, label)
         exposure._cr_repaired = True  # lets _share_repairs know both frames went through the same step
     return exposure
+
+
+def _psf_failure(exc: DiffimError, label: str) -> DiffimError:
+    """``exc`` (a failed PSF estimation) re-made with the image's ``label`` in front and the way out at the end.
+
+    Parameters
+    ----------
+    exc
+        The error :func:`diffim.psf.estimate_psf` raised; its class is kept so callers catching it still do.
+    label
+        ``"science PATH"`` or ``"template PATH"`` (:func:`_read_pair`); its first word picks the option to name.
+
+    Returns
+    -------
+    DiffimError
+        An exception of the same class as ``exc``, or ``exc`` itself when that class cannot be built from a
+        message alone.
+    """
+    side = label.split()[0].lower() if label.split() else ""
+    option = f"--{side}-psf" if side in ("science", "template") else "--science-psf/--template-psf"
+    # The estimator's own wording belongs to diffim.psf; only its trailing full stop is dropped so the
+    # advice reads as one sentence.
+    text = str(exc).strip().rstrip(".")
+    try:
+        return type(exc)(f"{label}: {text}; or give a PSF model with {option} FILE")
+    except TypeError:  # an error class with a different constructor: keep the original rather than fail here
+        return exc
 
 
 def _repair_cosmic_rays(exposure, label: str) -> None:
@@ -135,10 +169,106 @@ class RunResult:
         return "\n".join(lines)
 
 
-def _atomic_outdir(outdir: Path, overwrite: bool) -> Path:
-    outdir = Path(outdir)
-    if outdir.exists() and not overwrite:
+#: Every name :func:`run_files` can write into its output directory; ``--overwrite`` replaces only a directory
+#: holding nothing else (and holding ``config.py``, which every run writes), so a mistyped ``-o`` cannot
+#: delete the user's own files.
+OUTPUT_NAMES = frozenset({
+    "difference.fits", "score.fits", "matched.fits", "warped.fits", "diaSources.parquet", "diaSources.fits",
+    "config.py", "metadata.json", "diagnostics.png",
+})
+
+#: ``read_exposure`` keywords whose value may be a companion file of an input image.
+_COMPANION_KEYS = ("variance", "mask", "psf")
+
+
+def _input_paths(science_path, template_path, science_kwargs=None, template_kwargs=None,
+                 coadd_dir=None) -> list[Path]:
+    """The files and directories a run reads: both images, their companion files, the coadd directory.
+
+    Companion keyword values that are not existing paths (HDU names such as ``"SCI_VAR"``, arrays, ``Psf``
+    objects) are left out: they name nothing on disk that an output could clobber.
+    """
+    paths = [Path(p) for p in (science_path, template_path, coadd_dir) if p is not None]
+    for kw in (science_kwargs, template_kwargs):
+        for key in _COMPANION_KEYS:
+            value = (kw or {}).get(key)
+            if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
+                paths.append(Path(value))
+    return paths
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    """True if ``path`` is ``root`` or lies below it, comparing both the absolute and the resolved
+    (symbolic links followed) spellings so neither ``..`` nor a link hides the overlap."""
+    for p, r in ((Path(os.path.abspath(path)), Path(os.path.abspath(root))), (path.resolve(), root.resolve())):
+        if p == r or r in p.parents:
+            return True
+    return False
+
+
+def _same_file(a, b) -> bool:
+    """True if paths ``a`` and ``b`` name one file (hard links included when both exist)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare the spellings
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _check_outdir(outdir: Path, *, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse an output directory that :func:`run_files` must not create or replace.
+
+    Parameters
+    ----------
+    outdir
+        The ``-o`` directory.
+    overwrite
+        ``--overwrite``: an existing ``outdir`` may be replaced, but only when it is a directory an earlier run
+        wrote (names in `OUTPUT_NAMES`, ``config.py`` among them, or empty) and holds none of ``inputs``.
+    inputs
+        What the run reads (:func:`_input_paths`).
+
+    Raises
+    ------
+    DiffimIOError
+        If ``outdir`` exists and may not be replaced; the message names what is in the way.
+    """
+    if not os.path.lexists(outdir):
+        return
+    if not outdir.is_dir():
+        what = "an existing file, not a directory"
+        if overwrite:
+            raise DiffimIOError(
+                f"Output {outdir} is {what}; --overwrite replaces only an output directory of an earlier "
+                "`diffim run`. Choose another -o."
+            )
+        raise DiffimIOError(f"Output {outdir} is {what}; choose another -o (a directory to create).")
+    if not overwrite:
         raise DiffimIOError(f"Output directory {outdir} already exists; choose another -o or pass --overwrite.")
+    for path in inputs:
+        if _is_within(path, outdir):
+            raise DiffimIOError(
+                f"Output directory {outdir} holds the input {path}, which --overwrite would delete; choose an -o "
+                "outside the inputs' directories."
+            )
+    entries = sorted(os.listdir(outdir))
+    foreign = [name for name in entries if name not in OUTPUT_NAMES or not (outdir / name).is_file()]
+    if foreign:
+        raise DiffimIOError(
+            f"Output directory {outdir} holds {foreign[0]!r}, which diffim did not write; --overwrite replaces "
+            "only an output directory of an earlier `diffim run`. Choose another -o or remove the directory "
+            "yourself."
+        )
+    if entries and "config.py" not in entries:
+        raise DiffimIOError(
+            f"Output directory {outdir} has no config.py, so it is not the output of an earlier `diffim run`; "
+            "choose another -o or remove the directory yourself."
+        )
+
+
+def _atomic_outdir(outdir: Path) -> Path:
+    """A new temporary directory next to ``outdir`` in which the outputs are assembled (created with its
+    parents as needed)."""
+    outdir = Path(outdir)
     parent = outdir.parent if str(outdir.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -158,17 +288,92 @@ def _commit_outdir(tmp: Path, outdir: Path) -> None:
         os.replace(tmp, outdir)
 
 
-def _read_pair(science_path, template_path, science_kwargs=None, template_kwargs=None, repair_cosmic_rays=None):
+def _check_output_file(output, inputs: list[Path]) -> None:
+    """Refuse a ``diffim subtract`` output that cannot or must not be written, before any work is done.
+
+    Raises
+    ------
+    DiffimIOError
+        If ``output`` is one of ``inputs``, is a directory, or its directory is missing or not writable.
+    """
+    output = Path(output)
+    for path in inputs:
+        if _same_file(output, path):
+            raise DiffimIOError(
+                f"Output {output} is the input {path}; writing the difference there would destroy it. "
+                "Choose another -o."
+            )
+    if output.is_dir():
+        raise DiffimIOError(f"Output {output} is a directory; give a file name, e.g. -o {output / 'difference.fits'}.")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise DiffimIOError(f"{output}: directory {parent} does not exist; create it first.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DiffimIOError(f"{output}: directory {parent} is not writable; choose another -o.")
+
+
+def _read_pair(science_path, template_path, science_kwargs=None, template_kwargs=None, repair_cosmic_rays=None,
+               *, allow_band_mismatch: bool = False):
     """Read (and prepare) both exposures; ``*_kwargs`` are passed to :func:`diffim.io.read_exposure`
-    (``variance=``, ``variance_kind=``, ``mask=``, ``psf=``, ``gain=``, ``read_noise=``, ``hdu=``)."""
-    science = prepare_exposure(_read_one(science_path, science_kwargs),
-                               label=f"science {science_path}", repair_cosmic_rays=repair_cosmic_rays)
+    (``variance=``, ``variance_kind=``, ``mask=``, ``psf=``, ``gain=``, ``read_noise=``, ``hdu=``).
+
+    Both files are read and compared (:func:`_check_pair`) before either is prepared, so a pair that cannot
+    give a difference fails before the slow PSF estimation and cosmic-ray repair.
+    """
+    if template_path is not None and _same_file(science_path, template_path) \
+            and (science_kwargs or {}).get("hdu") == (template_kwargs or {}).get("hdu"):
+        # Different HDUs of one file are a legitimate pair (e.g. alert stamps); the same HDU twice is not.
+        raise BadInputError(
+            f"Science {science_path} and template {template_path} are the same file: there is nothing to "
+            "subtract. Give a template taken at another epoch."
+        )
+    science = _read_one(science_path, science_kwargs)
     template = None
     if template_path is not None:
-        template = prepare_exposure(_read_one(template_path, template_kwargs),
-                                    label=f"template {template_path}", repair_cosmic_rays=repair_cosmic_rays)
+        template = _read_one(template_path, template_kwargs)
+        _check_pair(science, template, science_path, template_path, allow_band_mismatch=allow_band_mismatch)
+    science = prepare_exposure(science, label=f"science {science_path}", repair_cosmic_rays=repair_cosmic_rays)
+    if template is not None:
+        template = prepare_exposure(template, label=f"template {template_path}",
+                                    repair_cosmic_rays=repair_cosmic_rays)
         _share_repairs(science, template)
     return science, template
+
+
+def _check_pair(science, template, science_path, template_path, *, allow_band_mismatch: bool = False) -> None:
+    """Refuse a science/template pair whose difference would mean nothing.
+
+    Parameters
+    ----------
+    science, template
+        The exposures as read, before any preparation (PSF estimation, cosmic-ray repair changes pixels).
+    science_path, template_path
+        Their files, for the messages.
+    allow_band_mismatch
+        Log a warning instead of raising when the bands differ (``--allow-band-mismatch``).
+
+    Raises
+    ------
+    BadInputError
+        If the two images are pixel-for-pixel identical (NaN pixels compare equal), or if both carry a band
+        and the bands differ (case and surrounding blanks ignored) while ``allow_band_mismatch`` is False.
+    """
+    if np.array_equal(science.image, template.image, equal_nan=True):
+        raise BadInputError(
+            f"Science {science_path} and template {template_path} have identical pixels: there is nothing to "
+            "subtract. Give a template taken at another epoch."
+        )
+    sci_band = str(science.band or "").strip()
+    tpl_band = str(template.band or "").strip()
+    # A missing band says nothing about the filter (plain frames often lack the card), so only two
+    # different labels count as a mismatch.
+    if sci_band and tpl_band and sci_band.casefold() != tpl_band.casefold():
+        text = (f"Science {science_path} is in band {sci_band!r} but template {template_path} is in band "
+                f"{tpl_band!r}")
+        if not allow_band_mismatch:
+            raise BadInputError(f"{text}; a difference across bands leaves every star as a residual. Use a "
+                                "template of the same band, or pass --allow-band-mismatch to subtract anyway.")
+        log.warning("%s; subtracting anyway (--allow-band-mismatch).", text)
 
 
 def _read_one(path, kwargs):
@@ -229,17 +434,22 @@ def _share_repairs(science, template) -> None:
 
 
 def subtract_files(science_path, template_path, output, *, config=None, science_kwargs=None,
-                   template_kwargs=None, repair_cosmic_rays=None) -> RunResult:
+                   template_kwargs=None, repair_cosmic_rays=None, allow_band_mismatch: bool = False) -> RunResult:
     """PSF-match and subtract two exposure files; write the difference exposure to ``output`` (atomic).
 
     ``science_kwargs``/``template_kwargs`` are keyword arguments of :func:`diffim.io.read_exposure` for each
     file (per-image companions: ``variance=``, ``variance_kind=``, ``mask=``, ``psf=``, ``gain=``, ...).
+    An existing ``output`` is replaced unless it is one of the inputs; its directory must exist (both are
+    checked before anything is read). Images in different bands are refused unless ``allow_band_mismatch``;
+    identical images always are (:func:`_check_pair`).
     """
     from .io import write_exposure
     from .tasks.image_difference import ImageDifferenceTask
 
+    _check_output_file(output, _input_paths(science_path, template_path, science_kwargs, template_kwargs))
     config = config if config is not None else make_config(subtract_only=True)
-    science, template = _read_pair(science_path, template_path, science_kwargs, template_kwargs, repair_cosmic_rays)
+    science, template = _read_pair(science_path, template_path, science_kwargs, template_kwargs, repair_cosmic_rays,
+                                   allow_band_mismatch=allow_band_mismatch)
     task = ImageDifferenceTask(config=config)
     res = task.run(exposure=science, templateExposure=template)
     write_exposure(res.subtractedExposure, output)
@@ -268,7 +478,7 @@ def _jsonable(obj):
 
 def run_files(science_path, template_path, outdir, *, config=None, coadd_dir=None, overwrite=False,
               plot=True, progress=True, truth=None, science_kwargs=None, template_kwargs=None,
-              repair_cosmic_rays=None) -> RunResult:
+              repair_cosmic_rays=None, allow_band_mismatch: bool = False) -> RunResult:
     """Run the whole ImageDifferenceTask on two files and write all outputs into ``outdir``.
 
     Outputs (per the ``doWrite*`` switches): ``difference.fits``, ``diaSources.parquet`` and ``.fits``,
@@ -280,17 +490,23 @@ def run_files(science_path, template_path, outdir, *, config=None, coadd_dir=Non
     ``mask=``, ``psf=`` (PSFEx ``.psf`` file or PSF image), ``gain=`` and ``read_noise=``, and ``xy0=(x0, y0)``
     to replace the pixel origin of a file without a WCS.
     ``repair_cosmic_rays``: see :func:`prepare_exposure` (default: plain images without mask planes only).
+    ``overwrite`` replaces an existing ``outdir`` only if an earlier run wrote it and it holds none of the
+    inputs (:func:`_check_outdir`, checked before anything is read). Images in different bands are refused
+    unless ``allow_band_mismatch``; identical images always are (:func:`_check_pair`).
     """
     from .io import write_exposure
     from .tasks.image_difference import ImageDifferenceTask
 
     config = config if config is not None else make_config()
     outdir = Path(outdir)
+    inputs = _input_paths(science_path, template_path, science_kwargs, template_kwargs, coadd_dir)
+    _check_outdir(outdir, overwrite=overwrite, inputs=inputs)
     t_start = time.perf_counter()
-    science, template = _read_pair(science_path, template_path, science_kwargs, template_kwargs, repair_cosmic_rays)
+    science, template = _read_pair(science_path, template_path, science_kwargs, template_kwargs, repair_cosmic_rays,
+                                   allow_band_mismatch=allow_band_mismatch)
     if template is None and coadd_dir is None:
         raise BadInputError("No template: give a template exposure or a coadd directory.")
-    tmp = _atomic_outdir(outdir, overwrite)
+    tmp = _atomic_outdir(outdir)
     try:
         task = ImageDifferenceTask(config=config, progress=progress)
         res = task.run(exposure=science, templateExposure=template, coaddDir=coadd_dir)
@@ -336,6 +552,8 @@ def run_files(science_path, template_path, outdir, *, config=None, coadd_dir=Non
             with open(tmp / "metadata.json", "w") as fh:
                 json.dump(_jsonable(md), fh, indent=2, sort_keys=True)
             files["metadata"] = outdir / "metadata.json"
+        # Again, now: the run took a while, and something may have appeared at outdir since the first check.
+        _check_outdir(outdir, overwrite=overwrite, inputs=inputs)
         _commit_outdir(tmp, outdir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
