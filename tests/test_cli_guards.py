@@ -370,6 +370,7 @@ def test_psf_failure_names_the_image_and_the_option(side):
     assert type(wrapped.value) is type(direct.value)
     assert message.startswith(f"{side} img.fits: ")
     assert message.endswith(f"or give a PSF model with --{side}-psf FILE")
+    assert "provide a PSF model for this image" not in message
     assert str(direct.value).strip().rstrip(".") in message
 
 

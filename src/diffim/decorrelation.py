@@ -65,6 +65,13 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
+#: A science image convolved with a kernel summing to 0 has lost its flux scale; its variance, divided by
+#: κ_sum² as LSST does, would be infinite.
+_ZERO_SUM_SCIENCE_KERNEL = (
+    "The PSF-matching kernel applied to the science image sums to 0{where}: the difference has no flux scale "
+    "and cannot be decorrelated; check that neither input image is blank (the kernel fit is degenerate)."
+)
+
 #: Pre-convolution mode: the score's noise power σ²_S|P̂|² + σ²_T|K̂|² is floored by this fraction of its value
 #: at k = 0 (see :func:`decorrelation_kernel_fourier`).
 _PREC_NOISE_FLOOR = 1e-6
@@ -192,6 +199,14 @@ def decorrelation_kernel_fourier(
     if not (np.isfinite(su) and np.isfinite(sc)) or su < 0 or sc < 0 or su + sc <= 0:
         raise BadInputError(f"Decorrelation needs finite, non-negative variances, got svar={svar}, tvar={tvar}.")
     ksum = float(np.sum(kernel_image))
+    if not su + sc * ksum * ksum > 0:
+        # The whitened noise level σ²_u + σ²_c κ_sum² is 0: φ̂(0) = 0/0, the filter is undefined (NaN everywhere
+        # the kernel has no power). Only a degenerate input gets here: a noiseless un-convolved image *and* a
+        # kernel summing to zero.
+        raise BadInputError(
+            f"Decorrelation is undefined: the un-convolved image has zero variance (svar={svar}, tvar={tvar}) and "
+            f"the PSF-matching kernel sums to {ksum:g}; check that neither input image is blank."
+        )
     k2 = _power(kernel_image, shape, workers) if _kernel_power is None else _kernel_power
     ft = k2.dtype.type
     num = ft(su + sc * ksum * ksum)
@@ -248,23 +263,30 @@ def decorrelation_variance_factors(
 
 def _local_factor_map(kappa: np.ndarray, svar: float, tvar: float, template_matched: bool, kernel_at: Any,
                       size: tuple[int, int], origin: tuple[int, int], n_grid: int, preconv_kernel,
-                      workers: int) -> np.ndarray:
-    """Ratio ``mean|K̂(x, y) φ̂|² / mean|κ̂ φ̂|²`` (local to centre kernel, same centre filter φ̂) on an
-    ``n_grid``² node grid, bilinear over ``size`` (float32). Parseval means do not depend on the FFT grid
-    once it holds the filters, so a small one (4× the kernel) is used."""
+                      workers: int, centre_factor: float) -> np.ndarray:
+    """Variance factor ``mean|K̂(x, y) φ̂|²`` of the convolved image with the *local* kernel (and the centre
+    filter φ̂) on an ``n_grid``² node grid, bilinear over ``size`` (float32).
+
+    Parseval means do not depend on the FFT grid once it holds the filters, so a small one (4× the kernel) is
+    used, and the nodes are scaled by ``centre_factor / mean|κ̂ φ̂|²`` so that the centre kernel gives exactly
+    the caller's ``centre_factor`` (computed on the image's grid). A centre kernel without any power (κ ≡ 0,
+    e.g. the degenerate fit to a blank template) has no such ratio — it would divide by zero — and needs none:
+    the small-grid factors are then used as they are (0 where the local kernel is 0 too).
+    """
     ny, nx = size
     m = int(2 ** math.ceil(math.log2(4 * max(kappa.shape))))
     small = (m, m)
     phi = decorrelation_kernel_fourier(kappa, svar, tvar, small, preconv_kernel, template_matched=template_matched,
                                        workers=workers)
     centre = decorrelation_variance_factors(phi, kappa, small, preconv_kernel, workers=workers)[1]
+    scale = float(centre_factor) / centre if centre > 0 and math.isfinite(centre) else 1.0
     ys = np.linspace(0.0, ny - 1.0, max(1, min(n_grid, ny)))
     xs = np.linspace(0.0, nx - 1.0, max(1, min(n_grid, nx)))
     grid = np.empty((ys.size, xs.size), dtype=np.float32)
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
             k = kernel_image_at(kernel_at, origin[0] + x, origin[1] + y)
-            grid[i, j] = decorrelation_variance_factors(phi, k, small, preconv_kernel, workers=workers)[1] / centre
+            grid[i, j] = decorrelation_variance_factors(phi, k, small, preconv_kernel, workers=workers)[1] * scale
     # Separable bilinear interpolation as two small matrix products (no per-pixel gathers); the nodes span
     # the whole image, so the hat weights never extrapolate.
     return ((_tent_matrix(ny, ys).astype(np.float32) @ grid) @ _tent_matrix(nx, xs).astype(np.float32).T)
@@ -539,10 +561,12 @@ def decorrelate(
             new_var = v_u.astype(np.float32) * np.float32(mu)
             factor: np.ndarray | np.float32 = np.float32(mc)
             if kernel_at is not None and not isinstance(kernel_at, np.ndarray):
-                factor = factor * _local_factor_map(kappa, svar, tvar, template_matched, kernel_at, img.shape, origin,
-                                                    n_grid, preconv_kernel, workers)
+                factor = _local_factor_map(kappa, svar, tvar, template_matched, kernel_at, img.shape, origin,
+                                           n_grid, preconv_kernel, workers, mc)
             new_var += v_c.astype(np.float32, copy=False) * factor
         if not template_matched:
+            if ksum == 0:
+                raise BadInputError(_ZERO_SUM_SCIENCE_KERNEL.format(where=""))
             new_var /= np.float32(ksum * ksum)
     else:
         if complete_variance:
@@ -702,7 +726,11 @@ def decorrelate_spatial(
         mu[i, j], mc[i, j] = a, c
         ratio[i, j] = (su * a + sc * c) / (su * psum2 + sc * float((kap * kap).sum()))
         ks = float(kap.sum())
-        inv_ksum2[i, j] = 1.0 / (ks * ks)
+        if ks == 0 and not template_matched:
+            raise BadInputError(_ZERO_SUM_SCIENCE_KERNEL.format(where=f" at ({x0 + xc}, {y0 + yc})"))
+        # 1/κ_sum² only rescales a convolved science; a zero-sum kernel on the template needs none (and must
+        # not divide by zero: a degenerate fit to a blank template gives κ ≡ 0).
+        inv_ksum2[i, j] = 1.0 / (ks * ks) if ks != 0 else 0.0
         phis[(i, j)] = phi.astype(np.float32)
         return phis[(i, j)]
 

@@ -105,6 +105,10 @@ def _psf_failure(exc: DiffimError, label: str) -> DiffimError:
     # The estimator's own wording belongs to diffim.psf; only its trailing full stop is dropped so the
     # advice reads as one sentence.
     text = str(exc).strip().rstrip(".")
+    # The estimator's generic advice becomes the concrete option (said once, not twice).
+    generic = "; provide a PSF model for this image"
+    if text.endswith(generic):
+        text = text[: -len(generic)]
     try:
         return type(exc)(f"{label}: {text}; or give a PSF model with {option} FILE")
     except TypeError:  # an error class with a different constructor: keep the original rather than fail here
@@ -327,10 +331,12 @@ def _read_pair(science_path, template_path, science_kwargs=None, template_kwargs
             f"Science {science_path} and template {template_path} are the same file: there is nothing to "
             "subtract. Give a template taken at another epoch."
         )
-    science = _read_one(science_path, science_kwargs)
+    # A flat image (a fill value, a blank frame) or one without any noise cannot be PSF-matched: refused on
+    # reading rather than ending in an all-NaN difference.
+    science = _read_one(science_path, {"require_noise": True, **(science_kwargs or {})})
     template = None
     if template_path is not None:
-        template = _read_one(template_path, template_kwargs)
+        template = _read_one(template_path, {"require_noise": True, **(template_kwargs or {})})
         _check_pair(science, template, science_path, template_path, allow_band_mismatch=allow_band_mismatch)
     science = prepare_exposure(science, label=f"science {science_path}", repair_cosmic_rays=repair_cosmic_rays)
     if template is not None:

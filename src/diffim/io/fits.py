@@ -480,15 +480,121 @@ def _infer_variance_kind(label: str, header) -> str:
 
 
 def _variance_from_kind(data: np.ndarray, kind: str) -> np.ndarray:
-    d = np.asarray(data, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    """Variance (image units²) from a ``'variance'``, ``'weight'`` (1/var) or ``'sigma'`` (√var) map.
+
+    Values that are not a noise level — ≤ 0 or non-finite, whatever the kind — become ``inf`` so that
+    :func:`read_exposure` marks them ``NO_DATA``: weight 0 is the usual "no coverage" of a weight map, and a
+    variance or σ of 0 (or below) is a defect of the map, never a pixel with infinite signal-to-noise.
+    A float32 variance map stays float32 (no float64 copy of a large plane).
+    """
+    d = np.asarray(data)
+    if not (kind == "variance" and d.dtype == np.float32):
+        d = d.astype(np.float64, copy=False)
+    usable = np.isfinite(d) & (d > 0)
+    inf = d.dtype.type(np.inf)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if kind == "variance":
-            return d
+            return np.where(usable, d, inf)
         if kind == "weight":
-            return np.where(d > 0, 1.0 / d, np.inf)
-        if kind == "sigma":  # σ ≤ 0 is not a noise level (a defect of the map): no data, as weight ≤ 0
-            return np.where(d > 0, d * d, np.inf)
+            return np.where(usable, 1.0 / np.where(usable, d, 1.0), inf)
+        if kind == "sigma":
+            return np.where(usable, d * d, inf)
     raise BadInputError(f"variance_kind must be 'variance', 'weight' or 'sigma', got {kind!r}.")
+
+
+#: A variance/weight/σ map of which no more than this fraction of the finite values is > 0 is rejected as a
+#: whole (see :func:`_check_variance_map`) instead of turning (nearly) the whole image into ``NO_DATA``.
+_MIN_USABLE_VARIANCE_FRACTION = 0.01
+
+#: How the kinds are called on the command line (``--variance-kind``), for messages.
+_CLI_KIND = {"variance": "variance", "weight": "weight", "sigma": "noise"}
+
+
+def _check_variance_map(data: np.ndarray, kind: str, source: str) -> None:
+    """Raise :class:`BadInputError` if (nearly) all finite values of a variance/weight/σ map are ≤ 0.
+
+    Such a map cannot be what it is read as (every kind must be > 0 where there is data): typically the wrong
+    ``variance_kind``, or an image, a mask or a sky-subtracted frame passed as the variance. Without this check
+    every pixel would silently become ``NO_DATA`` and the failure would surface much later, e.g. as too few
+    usable stars. An all-NaN map is left to the all-non-finite check of :func:`read_exposure`.
+    """
+    d = np.asarray(data)
+    finite = np.isfinite(d)
+    n_finite = int(finite.sum())
+    if n_finite == 0:
+        return
+    n_usable = int((finite & (d > 0)).sum())
+    if n_usable > _MIN_USABLE_VARIANCE_FRACTION * n_finite:
+        if n_usable < n_finite:  # e.g. the zero-weight border of a SWarp weight map: normal, but say so
+            log.info("%s: %d pixels with %s <= 0 marked NO_DATA.", source, n_finite - n_usable, kind)
+        return
+    lo = float(np.min(d, where=finite, initial=np.inf))
+    hi = float(np.max(d, where=finite, initial=-np.inf))
+    frac = 100.0 * (n_finite - n_usable) / n_finite
+    raise BadInputError(
+        f"{source}: {frac:.4g} % of its finite values are <= 0 (range {lo:g} to {hi:g}), so it is no {kind} map "
+        f"(a {kind} must be > 0 where there is data); check the file and its kind (read as --variance-kind "
+        f"{_CLI_KIND.get(kind, kind)}): a sigma map needs --variance-kind noise, a weight map --variance-kind "
+        "weight, and an image or a mask is no variance map."
+    )
+
+
+def _check_noise(image: np.ndarray, variance: np.ndarray, valid: np.ndarray, path: str, kind_used: str,
+                 sigma_sky: float | None, require: bool) -> None:
+    """Reject (``require``) or report an image that carries no measurable noise.
+
+    Two cases, both fatal for a difference image:
+
+    * the image is **flat** — every valid pixel holds one value (a fill value, a blank frame, a mask). It has
+      neither stars nor noise, so a PSF-matching kernel fitted to it is singular (an all-NaN difference was
+      measured for a flat template even with a positive variance from a gain);
+    * its **variance is zero at every valid pixel** (modelled from an image without pixel noise and without a
+      gain, or a zero variance plane): σ = 0 divides in the kernel fit and the decorrelation.
+
+    A noiseless image is fine as long as its variance is not zero everywhere: ip_diffim's synthetic template
+    has variance = image (0 on the empty sky, > 0 on the stars), and a noiseless image with a sky pedestal and
+    a gain gets the pedestal's Poisson variance.
+
+    Parameters
+    ----------
+    image, variance
+        Image and variance planes as read (before non-finite pixels are filled).
+    valid
+        Pixels that hold data (finite image and variance, not ``NO_DATA``).
+    path
+        File name for the message.
+    kind_used
+        Where the variance came from: ``'model'`` (from the image and the gain), or the kind of a map/plane.
+    sigma_sky
+        Robust pixel σ measured by the variance model (None if the variance was read).
+    require
+        Raise :class:`BadInputError` if True; else log a warning (a flat frame can still be read for its
+        header or used as a test pattern).
+    """
+    if not valid.any():
+        return  # nothing valid at all: other checks (all-NaN image, coverage) speak for that
+    lo = float(np.min(image, where=valid, initial=np.inf))
+    hi = float(np.max(image, where=valid, initial=-np.inf))
+    if lo == hi:
+        msg = (
+            f"{path}: the image is flat: every valid pixel is {lo:g}, so it holds no stars and no noise (a fill "
+            "value, a blank frame or a mask?); give the real image."
+        )
+    elif not bool(np.any(variance > 0, where=valid)):
+        if kind_used == "model":
+            sig = "" if sigma_sky is None else f" (robust pixel sigma {sigma_sky:g})"
+            what = f"the image shows no pixel noise{sig}, so its modelled variance is zero everywhere"
+        else:
+            what = f"its {kind_used} plane is zero at every valid pixel"
+        msg = (
+            f"{path}: {what}; a difference needs the image's noise: give a variance map (variance=, "
+            "--science-variance/--template-variance) or the gain (GAIN card, --gain)."
+        )
+    else:
+        return
+    if require:
+        raise BadInputError(msg)
+    log.warning("%s", msg)
 
 
 def _robust_sigma(image: np.ndarray) -> float:
@@ -528,6 +634,10 @@ def model_variance(
     finite pixels and ``σ_sky`` the robust pixel-to-pixel noise (MAD of neighbour differences / √2). The
     ``max`` keeps the sky term honest for sky-subtracted images, whose counts no longer show the Poisson
     sky; for raw images the two agree. Without a gain, ``var = σ_sky²`` everywhere.
+
+    An image without pixel noise (flat, or noiseless without a sky pedestal) gets ``σ_sky = 0`` and, without a
+    gain, zero variance everywhere; the model returns it as such and :func:`read_exposure` decides (its
+    ``require_noise``) whether that is an error.
     """
     finite = np.isfinite(image)
     sky = float(np.median(image[finite])) if finite.any() else 0.0
@@ -546,12 +656,13 @@ def model_variance(
 # Reading
 # ----------------------------------------------------------------------------------------------------------
 def _external_or_hdu(arg, hdul: fits.HDUList, path: str, what: str):
-    """``(data, header, label)`` for a ``variance=``/``mask=`` argument: array, file path or extension name."""
+    """``(data, header, label, source)`` for a ``variance=``/``mask=`` argument: array, file path or extension
+    name. ``label`` feeds the variance-kind inference; ``source`` names the input in messages."""
     if isinstance(arg, np.ndarray):
-        return arg, fits.Header(), what
+        return arg, fits.Header(), what, f"{path}: the {what} array"
     if isinstance(arg, (int, np.integer)):
         h = _find_hdu(hdul, int(arg), path, what)
-        return _image_data(h, path, what), h.header, h.name
+        return _image_data(h, path, what), h.header, h.name, f"{path}[{h.name or int(arg)}]"
     name = os.fspath(arg)
     if _looks_like_path(name, hdul):
         with _open(name) as other:
@@ -559,9 +670,9 @@ def _external_or_hdu(arg, hdul: fits.HDUList, path: str, what: str):
             if idx is None:
                 raise BadInputError(f"{name}: no image data found for the {what}.")
             h = other[idx]
-            return _image_data(h, name, what).copy(), h.header.copy(), os.path.basename(name)
+            return _image_data(h, name, what).copy(), h.header.copy(), os.path.basename(name), name
     h = _find_hdu(hdul, name, path, what)
-    return _image_data(h, path, what), h.header, h.name
+    return _image_data(h, path, what), h.header, h.name, f"{path}[{h.name}]"
 
 
 def _check_positive(value, name: str, path: str) -> float | None:
@@ -677,6 +788,7 @@ def read_exposure(
     read_noise: float | None = None,
     psf: Psf | str | int | os.PathLike | None = None,
     variance_kind: str | None = None,
+    require_noise: bool = False,
 ) -> Exposure:
     """Read an exposure from an LSST/afw multi-extension FITS file or a plain FITS image.
 
@@ -711,7 +823,16 @@ def read_exposure(
         :class:`~diffim.model.psf.ImagePsf`), or a file path (PSFEx ``.psf`` file or PSF image). Default: the
         PSF persisted by :func:`write_exposure` if any.
     variance_kind
-        ``'variance'``, ``'weight'`` or ``'sigma'`` to override the inference above.
+        ``'variance'``, ``'weight'`` or ``'sigma'`` to override the inference above. Whatever the kind, map
+        values ≤ 0 or non-finite are no noise level: those pixels get ``NO_DATA``; a map that is ≤ 0 (almost)
+        everywhere raises :class:`~diffim.errors.BadInputError` (wrong kind or wrong file).
+    require_noise
+        Raise :class:`~diffim.errors.BadInputError` if the image cannot be differenced for lack of noise: it is
+        flat (every valid pixel holds one value: a fill value, a blank frame, a mask), or its variance is zero
+        at every valid pixel (no variance map or gain for an image without pixel noise, or a zero variance
+        plane). Default False, where such an image is read with a logged warning (e.g. for its header, or as
+        a test pattern); callers that go on to subtract the image should pass True. A noiseless image whose
+        variance is positive somewhere (ip_diffim's synthetic template: variance = image) passes.
 
     Returns
     -------
@@ -726,7 +847,8 @@ def read_exposure(
     InputFileNotFoundError
         ``path`` (or a ``variance``/``mask``/``psf`` file) does not exist.
     BadInputError
-        Not FITS, truncated, empty or all-NaN image, invalid gain.
+        Not FITS, truncated, empty or all-NaN image, invalid gain, a variance map ≤ 0 (almost) everywhere, or
+        (with ``require_noise``) a flat image or a zero variance.
     MissingHduError
         A requested extension is not in the file.
     ShapeMismatchError
@@ -762,9 +884,13 @@ def read_exposure(
             var = np.asarray(vdata, dtype=np.float64) if vdata.dtype != np.float32 else vdata
             kind_used = "variance"
         elif variance is not None:
-            vdata, vheader, label = _external_or_hdu(variance, hdul, path, "variance")
+            vdata, vheader, label, vsource = _external_or_hdu(variance, hdul, path, "variance")
             kind_used = variance_kind or _infer_variance_kind(str(label), vheader)
-            var = vdata if (kind_used == "variance" and vdata.dtype == np.float32) else _variance_from_kind(vdata, kind_used)
+            if kind_used in _CLI_KIND:  # an unknown kind is reported by _variance_from_kind
+                _check_variance_map(vdata, kind_used, vsource)
+            # values <= 0 / non-finite -> inf -> NO_DATA below. Not done for afw VARIANCE planes (above): LSST
+            # writes 0 for noiseless pixels (ip_diffim's synthetic template), which are valid data.
+            var = _variance_from_kind(vdata, kind_used)
         else:
             g = _check_positive(gain, "gain", path) if gain is not None else None
             if g is None:
@@ -789,7 +915,7 @@ def read_exposure(
         if mask is None and layout is not None and layout[1] is not None:
             mask_obj = _read_mask(hdul[layout[1]], path, shape)
         elif mask is not None:
-            mdata, mheader, _ = _external_or_hdu(mask, hdul, path, "mask")
+            mdata, mheader, _, _ = _external_or_hdu(mask, hdul, path, "mask")
             if np.asarray(mdata).shape != shape:
                 raise ShapeMismatchError(
                     f"{path}: mask shape {np.asarray(mdata).shape} differs from image shape {shape}; "
@@ -807,6 +933,9 @@ def read_exposure(
         bad = ~np.isfinite(image) | ~np.isfinite(variance32)
         if bad.all():
             raise BadInputError(f"{path}: every image (or variance) pixel is NaN or infinite; nothing to process.")
+        # -- an image without noise (flat, or zero variance) cannot be differenced: raise or warn
+        valid = ~bad & ~mask_obj.get("NO_DATA", ignore_missing=True)
+        _check_noise(image, variance32, valid, path, kind_used, var_info.get("sigmaSky"), require_noise)
         if bad.any():
             fill = float(np.median(variance32[~bad]))
             image = np.where(bad, np.float32(0), image)
