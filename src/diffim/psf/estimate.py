@@ -45,6 +45,17 @@ log = logging.getLogger("diffim.psf.estimate")
 
 DEFAULT_BAD_MASK_PLANES = ("BAD", "SAT", "NO_DATA", "CR", "EDGE", "INTRP", "SUSPECT")
 _LANCZOS_ORDER = 5
+#: An image less than this many PSF stamps across is called "too small" in the error messages: it cannot
+#: hold enough isolated stars away from its edges.
+_MIN_STAMPS_ACROSS = 4
+
+
+def _small_image_hint(ny: int, nx: int, stamp: int) -> str:
+    """``"; the image (nx×ny px) is too small ..."`` if it is less than a few PSF stamps across, else ``""``."""
+    if min(ny, nx) >= _MIN_STAMPS_ACROSS * stamp:
+        return ""
+    return (f"; the image ({nx}×{ny} px) is too small for that: it is less than {_MIN_STAMPS_ACROSS} PSF stamps "
+            f"({stamp} px) across")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -299,7 +310,13 @@ def estimate_psf(
     good_var = variance[~bad_pix & np.isfinite(variance) & (variance > 0)]
     noise = float(np.sqrt(np.median(good_var))) if good_var.size else float(np.std(sub))
     if not noise > 0:
-        raise PsfEstimationError("Cannot estimate a PSF: the image has no valid variance or noise.")
+        # No positive variance and a background-subtracted image that is exactly 0: nothing to measure.
+        if bad_pix.all():
+            why = f"every pixel is non-finite or masked ({', '.join(bad_mask_planes)})"
+        else:
+            why = ("the image is flat (a single value, or a smooth background without noise or stars: a fill "
+                   "value, a blank frame or a mask?) and its variance has no positive value; give the real image")
+        raise PsfEstimationError(f"Cannot estimate a PSF: {why}.")
 
     rows, cols, signif = find_peaks(sub, noise, sigma_guess, threshold=min(5.0, threshold), bad=bad_pix)
     # Candidate stars: significant peaks; the fainter ones only serve as neighbours.
@@ -310,8 +327,12 @@ def estimate_psf(
             & (rows >= half_m) & (rows < ny - half_m) & (cols >= half_m) & (cols < nx - half_m)
         )
         if cand.size == 0:
+            n_peaks = int(np.count_nonzero(signif > threshold))
+            where = (f"{n_peaks} peaks above {threshold}σ in all, each closer than that to an edge" if n_peaks
+                     else f"no peak above {threshold}σ anywhere")
             raise PsfEstimationError(
-                f"No star candidates above {threshold}σ away from the edges; cannot estimate a PSF."
+                f"No star candidates above {threshold}σ at least {half_m} px from the edges ({where}); cannot "
+                f"estimate a PSF{_small_image_hint(ny, nx, 2 * half_m + 1)}."
             )
         r, c = rows[cand], cols[cand]
         mom = measure_moments(_stamps(sub, r, c, half_m), _stamps(variance, r, c, half_m), sigma_guess)
@@ -373,9 +394,15 @@ def estimate_psf(
     n_terms = len(polynomial_powers(degree))
     min_stars = 3 if min_stars is None else int(min_stars)
     if sel.size < min_stars:
+        # Say where the candidates went, so the user can tell a small/empty field from a noisy or masked one.
+        snr = np.broadcast_to(mom.get("snr", np.inf), flagged.shape)
+        n_flag = int(flagged.sum())
+        n_faint = int(np.count_nonzero(~flagged & ~(snr > signal_to_noise_min)))
+        n_width = max(int(cand.size) - n_flag - n_faint - int(sel.size), 0)
         raise PsfEstimationError(
-            f"Only {sel.size} usable stars (need {min_stars}); lower signal_to_noise_min/threshold or use a "
-            "constant PSF."
+            f"Only {sel.size} usable stars (need {min_stars}) among {cand.size} candidates above {threshold}σ: "
+            f"{n_flag} masked or crowded, {n_faint} below S/N {signal_to_noise_min:g}, {n_width} not of the "
+            f"stars' width{_small_image_hint(ny, nx, 2 * half_m + 1)}; provide a PSF model for this image."
         )
     while degree > 0 and sel.size < 3 * n_terms:
         degree -= 1
@@ -394,7 +421,13 @@ def estimate_psf(
     inside = (r_s >= big) & (r_s < ny - big) & (c_s >= big) & (c_s < nx - big)
     sel, r_s, c_s = sel[inside], r_s[inside], c_s[inside]
     if sel.size < min_stars:
-        raise PsfEstimationError(f"Only {sel.size} stars far enough from the edges for {size}-pixel PSF images.")
+        # Only the image edges are tested here; stars near masked (NO_DATA, NaN) regions were flagged above, so
+        # the message names both: a large NaN area is an "edge" to the user.
+        raise PsfEstimationError(
+            f"Only {sel.size} of {inside.size} usable stars are far enough from the image edges for {size}-pixel "
+            f"PSF images (need {min_stars}; stars near masked (NO_DATA) regions were already left out)"
+            f"{_small_image_hint(ny, nx, 2 * big + 1)}; provide a PSF model for this image."
+        )
     raw = _stamps(sub, r_s, c_s, big).astype(np.float64)
     data = _recentre(raw, mom["x"][sel], mom["y"][sel], margin)
     var_st = _stamps(variance, r_s, c_s, half).astype(np.float64)
@@ -437,7 +470,12 @@ def estimate_psf(
     basis = coef.reshape(n_terms, size, size)
     wsum = weight[keep].sum()
     avg = (float((px[keep] * weight[keep]).sum() / wsum), float((py[keep] * weight[keep]).sum() / wsum))
-    psf = PixelBasisPsf(basis, degree, pscale[0], pscale[1], sx, sy, average_position=avg)
+    # The polynomial is known where its stars are: beyond their extent (plus a stamp) it is held at its edge
+    # value rather than extrapolated, e.g. over the blank half of a partly covered frame.
+    box = (float(px[keep].min()) - size, float(py[keep].min()) - size,
+           float(px[keep].max()) + size, float(py[keep].max()) + size)
+    psf = PixelBasisPsf(basis, degree, pscale[0], pscale[1], sx, sy, average_position=avg,
+                        valid_box=box if degree > 0 else None)
     psf.n_stars = int(keep.sum())  # diagnostics for callers and tests
     psf.star_positions = np.column_stack([px[keep], py[keep]])
     log.info(

@@ -64,8 +64,9 @@ class PsfexPsf(PixelBasisPsf):
     psf_type = "PSFEX"
 
     def __init__(self, basis, degree, x_offset=0.0, y_offset=0.0, x_scale=1.0, y_scale=1.0,
-                 average_position=None, psf_fwhm: float | None = None, psf_samp: float = 1.0) -> None:
-        super().__init__(basis, degree, x_offset, y_offset, x_scale, y_scale, average_position)
+                 average_position=None, psf_fwhm: float | None = None, psf_samp: float = 1.0,
+                 valid_box=None) -> None:
+        super().__init__(basis, degree, x_offset, y_offset, x_scale, y_scale, average_position, valid_box)
         self.psf_fwhm = None if psf_fwhm is None else float(psf_fwhm)
         self.psf_samp = float(psf_samp)
 

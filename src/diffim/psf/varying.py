@@ -54,6 +54,12 @@ class PixelBasisPsf(Psf):
         Position normalisation ``u = (x - x_offset)/x_scale``, ``v = (y - y_offset)/y_scale`` (parent pixels).
     average_position
         Where the model is best constrained (default: ``(x_offset, y_offset)``).
+    valid_box
+        ``(x_min, y_min, x_max, y_max)``: the region the polynomial was fitted on (its stars' extent). Positions
+        outside are clamped to it, so the model holds its edge value there instead of extrapolating: a
+        degree-2 polynomial fitted to stars on half of an image (the other half blank in one exposure) gave
+        a 3-px PSF 5–10 px wide on the other half, and the kernel basis sized from it ruined the subtraction
+        where the data were good. ``None`` (default, and models read from PSFEx files) evaluates everywhere.
     """
 
     psf_type = "PIXELBASIS"
@@ -67,8 +73,15 @@ class PixelBasisPsf(Psf):
         x_scale: float = 1.0,
         y_scale: float = 1.0,
         average_position: tuple[float, float] | None = None,
+        valid_box: tuple[float, float, float, float] | None = None,
     ) -> None:
         super().__init__(average_position if average_position is not None else (x_offset, y_offset))
+        if valid_box is not None:
+            valid_box = tuple(float(v) for v in valid_box)
+            if len(valid_box) != 4 or not all(np.isfinite(valid_box)) or valid_box[0] > valid_box[2] \
+                    or valid_box[1] > valid_box[3]:
+                raise PsfError(f"PixelBasisPsf valid_box must be finite (x_min, y_min, x_max, y_max), got {valid_box}.")
+        self.valid_box = valid_box
         basis = np.array(basis, dtype=float)
         if basis.ndim == 2:
             basis = basis[None]
@@ -94,9 +107,14 @@ class PixelBasisPsf(Psf):
         return self.basis.shape[0]
 
     def coefficients(self, x, y) -> np.ndarray:
-        """Polynomial terms ``(n_points, n_terms)`` at parent positions."""
-        u = (np.asarray(x, dtype=float) - self.x_offset) / self.x_scale
-        v = (np.asarray(y, dtype=float) - self.y_offset) / self.y_scale
+        """Polynomial terms ``(n_points, n_terms)`` at parent positions (clamped to ``valid_box`` if set)."""
+        x = np.asarray(x, dtype=float)
+        y = np.asarray(y, dtype=float)
+        if self.valid_box is not None:
+            x0, y0, x1, y1 = self.valid_box
+            x, y = np.clip(x, x0, x1), np.clip(y, y0, y1)
+        u = (x - self.x_offset) / self.x_scale
+        v = (y - self.y_offset) / self.y_scale
         return polynomial_terms(u, v, self.degree)
 
     def _kernel_image(self, x: float, y: float) -> np.ndarray:
@@ -116,6 +134,9 @@ class PixelBasisPsf(Psf):
         header["XSCALE"] = self.x_scale
         header["YSCALE"] = self.y_scale
         header["AVGPOSX"], header["AVGPOSY"] = self.average_position
+        if self.valid_box is not None:
+            for key, val in zip(("VALXMIN", "VALYMIN", "VALXMAX", "VALYMAX"), self.valid_box):
+                header[key] = (val, "model clamped to its fitted region (parent px)")
 
     def to_fits_hdus(self) -> list:
         from astropy.io import fits
@@ -136,6 +157,8 @@ class PixelBasisPsf(Psf):
                 x_scale=float(h["XSCALE"]),
                 y_scale=float(h["YSCALE"]),
                 average_position=(float(h["AVGPOSX"]), float(h["AVGPOSY"])) if "AVGPOSX" in h else None,
+                valid_box=(tuple(float(h[k]) for k in ("VALXMIN", "VALYMIN", "VALXMAX", "VALYMAX"))
+                           if "VALXMIN" in h else None),
             )
         except KeyError as exc:
             raise PsfError(f"PSF HDU of type {h.get('PSFTYPE')} lacks the {exc.args[0]} card.") from None
