@@ -362,8 +362,7 @@ def test_properimage_template_half_blank(tmp_path_factory, tmp_path):
     """The null pair with the template's right half NaN (a template partly off the field): the valid half
     subtracts as the whole pair does. The template PSF, fitted on the left half's stars, was extrapolated
     over the blank half; the AL basis sized from it (σ 2.6–10 px instead of 0.4–1.6) left 130 DIA sources,
-    with exit 0. Now 15, 4 of them counted false: 3 lobes 5–7 px from a saturated star and the −5σ feature of
-    the null-pair tests."""
+    with exit 0. Now 12 (the whole pair: 13), 1 counted false: the −5σ feature of the null-pair tests."""
     from astropy.io import fits
 
     a, b = PROPER / "aligned_eso085-030-004.fit", PROPER / "aligned_eso085-030-005.fit"
@@ -374,6 +373,7 @@ def test_properimage_template_half_blank(tmp_path_factory, tmp_path):
     data[:, data.shape[1] // 2:] = np.nan
     for key in ("BZERO", "BSCALE"):
         header.remove(key, ignore_missing=True)
+    header["SATURATE"] = 65535  # as float32 the frame no longer says that its 65535s are saturated
     half = tmp_path / "template_half.fits"
     fits.PrimaryHDU(data, header=header).writeto(half)
     out, _, _ = _run(tmp_path_factory, "properimage_half", a, half,
@@ -382,7 +382,7 @@ def test_properimage_template_half_blank(tmp_path_factory, tmp_path):
     n, _ = false_per_mpix(diff, _catalog(out))
     print(f"properimage, template half blank: {len(_catalog(out))} DIA sources, {n} false")
     assert abs(noise_ratio(diff) - 1.0) <= 0.1
-    assert len(_catalog(out)) <= 25 and n <= 5
+    assert len(_catalog(out)) <= 20 and n <= 1
 
 
 # ----------------------------------------------------------------------------------------------------------
