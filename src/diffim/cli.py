@@ -71,6 +71,10 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                         "without mask planes; default auto)")
 
 
+#: How an input file is named on the command line (diffim.io.fits.split_extension).
+_EXT_HELP = "a FITS file; FILE[EXT] reads extension EXT (name or index) of a multi-extension file, as in DS9"
+
+
 def _add_pair_check_args(p: argparse.ArgumentParser) -> None:
     """Switches for the science/template consistency checks of :func:`diffim.pipeline._check_pair`."""
     p.add_argument("--allow-band-mismatch", dest="allow_band_mismatch", action="store_true",
@@ -134,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="template WCS offset in pixels (default none)")
 
     p = sub.add_parser("subtract", help="PSF-match and subtract: SCIENCE − TEMPLATE → difference exposure")
-    p.add_argument("science", type=Path)
-    p.add_argument("template", type=Path)
+    p.add_argument("science", type=Path, help="science exposure: " + _EXT_HELP)
+    p.add_argument("template", type=Path, help="template exposure: " + _EXT_HELP)
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="output difference FITS file (LSST MEF); its directory must exist; an existing file is "
                         "replaced unless it is one of the inputs")
@@ -144,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_check_args(p)
 
     p = sub.add_parser("run", help="the whole job: subtract, detect, measure; write images and the DIA catalogue")
-    p.add_argument("science", type=Path)
-    p.add_argument("template", type=Path, nargs="?", help="template exposure (omit with --coadd-dir)")
+    p.add_argument("science", type=Path, help="science exposure: " + _EXT_HELP)
+    p.add_argument("template", type=Path, nargs="?",
+                   help="template exposure (omit with --coadd-dir): " + _EXT_HELP)
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory (must not exist, or use --overwrite)")
     p.add_argument("--coadd-dir", type=Path, default=None, help="build the template from the coadd patches in DIR")
     p.add_argument("--overwrite", action="store_true",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -46,7 +47,7 @@ from ..model.exposure import Exposure, MaskedImage
 from ..model.mask import DEFAULT_MASK_PLANES, Mask
 from ..model.psf import ImagePsf, Psf, psf_type_registry, shift_image
 
-__all__ = ["read_exposure", "write_exposure", "read_psf_file", "FORMAT_VERSION"]
+__all__ = ["read_exposure", "write_exposure", "read_psf_file", "split_extension", "FORMAT_VERSION"]
 
 log = logging.getLogger("diffim.io.fits")
 
@@ -410,7 +411,11 @@ def read_psf_file(path: str | os.PathLike, hdu: str | int | None = None) -> Psf:
         Extension holding the PSF (default: the first HDU with a ``PSFTYPE`` card, PSFEx's ``PSF_DATA`` table,
         or the first image HDU).
     """
-    path = os.fspath(path)
+    path, ext = split_extension(path)
+    if ext is not None:
+        if hdu is not None and hdu != ext:
+            raise BadInputError(f"{path}: extension [{ext}] in the name and hdu={hdu!r} disagree; give one.")
+        hdu = ext
     with _open(path) as hdul:
         if hdu is not None:
             h = _find_hdu(hdul, hdu, path, "PSF")
@@ -441,11 +446,37 @@ def _resolve_psf(psf, hdul: fits.HDUList, path: str, image_index: int) -> Psf | 
         return _psf_from_hdus(hdul, hdul.index(h), path)
     if isinstance(psf, (str, os.PathLike)):
         name = os.fspath(psf)
-        if _looks_like_path(name, hdul):
+        if split_extension(name)[1] is not None or _looks_like_path(name, hdul):
             return read_psf_file(name)
         h = _find_hdu(hdul, name, path, "PSF")
         return _psf_from_hdus(hdul, hdul.index(h), path)
     raise PsfError(f"psf= must be a Psf, an HDU name/index or a file path, got {type(psf).__name__}.")
+
+
+_EXTENSION_SUFFIX = re.compile(r"^(?P<file>.+)\[(?P<ext>[^\[\]]+)\]$")
+
+
+def split_extension(path: str | os.PathLike) -> tuple[str, str | int | None]:
+    """``'file.fits[SCI]'`` → ``('file.fits', 'SCI')``, ``'file.fits[2]'`` → ``('file.fits', 2)``.
+
+    The extension suffix of CFITSIO, DS9 and IRAF names one HDU of a multi-extension file (a CCD of a mosaic
+    frame, the template stamp of an alert). A name without one, or a file that exists under the name as
+    written (brackets and all), is returned whole with ``None``.
+    """
+    name = os.fspath(path)
+    m = _EXTENSION_SUFFIX.match(name)
+    if m is None or os.path.exists(name):
+        return name, None
+    ext = m["ext"].strip()
+    return m["file"], int(ext) if ext.isdigit() else ext
+
+
+def _open_extension(name: str, what: str):
+    """``(data, header, label, source)`` of ``'file.fits[EXT]'`` (see :func:`split_extension`)."""
+    file, ext = split_extension(name)
+    with _open(file) as other:
+        h = _find_hdu(other, ext, file, what)
+        return _image_data(h, file, what).copy(), h.header.copy(), h.name or os.path.basename(file), name
 
 
 def _looks_like_path(name: str, hdul: fits.HDUList) -> bool:
@@ -664,6 +695,8 @@ def _external_or_hdu(arg, hdul: fits.HDUList, path: str, what: str):
         h = _find_hdu(hdul, int(arg), path, what)
         return _image_data(h, path, what), h.header, h.name, f"{path}[{h.name or int(arg)}]"
     name = os.fspath(arg)
+    if split_extension(name)[1] is not None:
+        return _open_extension(name, what)
     if _looks_like_path(name, hdul):
         with _open(name) as other:
             idx = next((i for i, h in enumerate(other) if _is_image(h)), None)
@@ -795,7 +828,8 @@ def read_exposure(
     Parameters
     ----------
     path
-        FITS file.
+        FITS file; ``'file.fits[EXT]'`` (an extension name or index in brackets, as CFITSIO and DS9 take it)
+        reads that extension, as ``hdu=EXT`` does.
     hdu
         Extension (name or index) of the image. Default: the ``IMAGE`` extension of afw-style files, else the
         primary HDU if it has data, else the first image extension.
@@ -858,7 +892,11 @@ def read_exposure(
     PsfError
         The PSF cannot be read.
     """
-    path = os.fspath(path)
+    path, ext = split_extension(path)
+    if ext is not None:
+        if hdu is not None and hdu != ext:
+            raise BadInputError(f"{path}: extension [{ext}] in the name and hdu={hdu!r} disagree; give one.")
+        hdu = ext
     with _open(path) as hdul:
         layout = _afw_layout(hdul) if hdu is None else None
         if hdu is not None:
