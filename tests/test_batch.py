@@ -429,3 +429,26 @@ def test_companion_columns_and_read_options(tmp_path):
     assert {r["status"] for r in _rows(out).values()} == {"skipped"}
     assert main(base + ["--gain", "3.0", "--variance-kind", "noise", "--cr-repair", "no"]) == 0
     assert {r["status"] for r in _rows(out).values()} == {"done"}
+
+
+def test_allow_band_mismatch_reaches_the_worker(tmp_path):
+    """``diffim batch --allow-band-mismatch`` passes the switch to every pair (``diffim run``'s flag), and only
+    when given."""
+    from diffim.batch.cli import main
+
+    plist = _tiny_inputs(tmp_path, 1)
+    base = ["-q", "batch", str(plist), "--executor", "serial", "--test-worker", "diffim.batch._stub:fake_worker"]
+    assert main(base + ["-o", str(tmp_path / "a"), "--allow-band-mismatch"]) == 0
+    assert json.loads((tmp_path / "a" / "q0" / "metadata.json").read_text())["read_kwargs"]["allow_band_mismatch"]
+    assert main(base + ["-o", str(tmp_path / "b")]) == 0
+    assert "allow_band_mismatch" not in json.loads((tmp_path / "b" / "q0" / "metadata.json").read_text())["read_kwargs"]
+
+
+def test_run_pair_passes_allow_band_mismatch(monkeypatch):
+    import diffim.pipeline
+    from diffim.batch.runner import run_pair
+
+    seen = {}
+    monkeypatch.setattr(diffim.pipeline, "run_files", lambda *a, **kw: seen.update(kw))
+    run_pair("s.fits", "t.fits", "out", config_text="", allow_band_mismatch=True)
+    assert seen["allow_band_mismatch"] is True and seen["overwrite"] is True

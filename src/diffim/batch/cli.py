@@ -64,6 +64,8 @@ def add_batch_parser(subparsers) -> argparse.ArgumentParser:
                    help="put both images' first pixel at (0, 0), ignoring the files' xy0")
     g.add_argument("--cr-repair", dest="cr_repair", choices=("auto", "yes", "no"), default="auto",
                    help="cosmic-ray/hot-pixel repair of the inputs (auto: plain images without mask planes)")
+    g.add_argument("--allow-band-mismatch", dest="allow_band_mismatch", action="store_true",
+                   help="subtract pairs whose BAND/FILTER cards differ (with a warning) instead of failing them")
     p.add_argument("-c", "--config", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, as for `diffim run` (repeatable)")
     p.add_argument("-C", "--config-file", dest="config_files", action="append", default=[], metavar="FILE",
@@ -84,6 +86,7 @@ def _read_options(args) -> dict:
         "read_noise": getattr(args, "read_noise", None),
         "reset_xy0": bool(getattr(args, "reset_xy0", False)),
         "repair_cosmic_rays": {"auto": None, "yes": True, "no": False}[getattr(args, "cr_repair", "auto") or "auto"],
+        "allow_band_mismatch": bool(getattr(args, "allow_band_mismatch", False)),
     }
 
 

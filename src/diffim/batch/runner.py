@@ -65,7 +65,8 @@ MANIFEST_COLUMNS = (
 )
 
 #: Batch-wide input options (``run_batch(read_options=...)``), as the ``diffim run`` input flags.
-READ_OPTIONS = ("companions", "variance_kind", "gain", "read_noise", "reset_xy0", "repair_cosmic_rays")
+READ_OPTIONS = ("companions", "variance_kind", "gain", "read_noise", "reset_xy0", "repair_cosmic_rays",
+                "allow_band_mismatch")
 
 #: Pair statuses: ``pending`` (not run yet or interrupted), ``done`` (run by this batch), ``skipped`` (done
 #: by an earlier batch with the same config and inputs), ``failed``.
@@ -257,11 +258,12 @@ def _load_config(text: str):
 
 def run_pair(science: str, template: str | None, outdir: str, *, config_text: str, plot: bool = True,
              science_kwargs: dict | None = None, template_kwargs: dict | None = None,
-             repair_cosmic_rays: bool | None = None) -> None:
+             repair_cosmic_rays: bool | None = None, allow_band_mismatch: bool = False) -> None:
     """Default per-pair worker: exactly what ``diffim run SCIENCE TEMPLATE -o OUTDIR --overwrite`` does.
 
-    ``science_kwargs``/``template_kwargs`` are ``read_exposure`` keywords (companion files, gain, ...) and
-    ``repair_cosmic_rays`` is ``--cr-repair`` (None: auto), as for :func:`diffim.pipeline.run_files`.
+    ``science_kwargs``/``template_kwargs`` are ``read_exposure`` keywords (companion files, gain, ...),
+    ``repair_cosmic_rays`` is ``--cr-repair`` (None: auto) and ``allow_band_mismatch`` is
+    ``--allow-band-mismatch``, as for :func:`diffim.pipeline.run_files`.
     """
     from ..pipeline import run_files
 
@@ -272,6 +274,8 @@ def run_pair(science: str, template: str | None, outdir: str, *, config_text: st
         kw["template_kwargs"] = template_kwargs
     if repair_cosmic_rays is not None:
         kw["repair_cosmic_rays"] = repair_cosmic_rays
+    if allow_band_mismatch:
+        kw["allow_band_mismatch"] = True
     run_files(science, template, outdir, config=_load_config(config_text), overwrite=True, plot=plot,
               progress=False, **kw)
 
@@ -382,6 +386,8 @@ def _execute(task: dict[str, Any]) -> dict[str, Any]:
             extra["template_kwargs"] = _pair_read_kwargs(task, "template") if task["template"] else {}
             if (task.get("read_options") or {}).get("repair_cosmic_rays") is not None:
                 extra["repair_cosmic_rays"] = task["read_options"]["repair_cosmic_rays"]
+            if (task.get("read_options") or {}).get("allow_band_mismatch"):
+                extra["allow_band_mismatch"] = True
         worker(task["science"], task["template"], str(outdir), config_text=task["config_text"],
                plot=task.get("plot", True), **extra)
         missing = [f for f in _REQUIRED_FILES if not (outdir / f).is_file()]
@@ -850,7 +856,8 @@ def run_batch(
     read_options : `dict`, optional
         Input options for every pair, as the ``diffim run`` flags: ``companions`` (bool: use companion files
         named after each image), ``variance_kind``, ``gain``, ``read_noise``, ``reset_xy0`` (bool) and
-        ``repair_cosmic_rays`` (None = auto, True, False). Per-pair companion files come from the pair list.
+        ``repair_cosmic_rays`` (None = auto, True, False), ``allow_band_mismatch`` (bool). Per-pair companion
+        files come from the pair list.
 
     Returns
     -------
