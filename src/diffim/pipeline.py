@@ -100,8 +100,13 @@ def _psf_failure(exc: DiffimError, label: str) -> DiffimError:
         An exception of the same class as ``exc``, or ``exc`` itself when that class cannot be built from a
         message alone.
     """
-    side = label.split()[0].lower() if label.split() else ""
+    words = label.split()
+    side = words[0].lower() if words else ""
     option = f"--{side}-psf" if side in ("science", "template") else "--science-psf/--template-psf"
+    if len(words) < 2:  # no file: an in-memory exposure (the Rubin adapter), where no CLI option applies
+        advice = "or attach a PSF model to the exposure"
+    else:
+        advice = f"or give a PSF model with {option} FILE"
     # The estimator's own wording belongs to diffim.psf; only its trailing full stop is dropped so the
     # advice reads as one sentence.
     text = str(exc).strip().rstrip(".")
@@ -110,7 +115,7 @@ def _psf_failure(exc: DiffimError, label: str) -> DiffimError:
     if text.endswith(generic):
         text = text[: -len(generic)]
     try:
-        return type(exc)(f"{label}: {text}; or give a PSF model with {option} FILE")
+        return type(exc)(f"{label}: {text}; {advice}")
     except TypeError:  # an error class with a different constructor: keep the original rather than fail here
         return exc
 
