@@ -310,6 +310,17 @@ def test_doSelectSources_doAddMetrics_control_sample(pair, default_run):
     assert res.subtractedExposure is not None and abs(noise_ratio(task) - 1) < 0.06
 
 
+def test_doAddMetrics_without_selected_sources(pair):
+    """doAddMetrics alone (no doSelectSources): the metrics are of the subtraction's own kernel candidates,
+    and there is no control sample to report (it crashed on the candidates' type, and reported the kernel
+    candidates again as the 'control' sample)."""
+    task, res = cached_run(pair, "metrics_only", doAddMetrics=True, **SUBTRACT_ONLY)
+    md = task.metadata.to_plain()
+    assert md["kernel_n"] >= 3 and np.isfinite(md["kernel_chi2_MEDIAN"])
+    assert 0.5 < md["kernel_chi2_MEDIAN"] < 2.0  # kernel stars of a good subtraction: unit χ² per pixel
+    assert not any(k.startswith("control_") for k in md)
+
+
 def test_controlStepSize_and_controlRandomSeed(pair):
     """The control sample is every Nth star of a seeded shuffle: N sets its size, the seed which stars."""
     science = pair.science

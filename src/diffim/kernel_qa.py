@@ -13,15 +13,25 @@ import numpy as np
 __all__ = ["kernel_candidate_metrics"]
 
 
+def _position(s) -> tuple[float, float]:
+    """(x, y) of one source: a footprint (its first peak), an object with ``x``/``y`` (a kernel candidate) or
+    a sequence."""
+    if hasattr(s, "peaks"):
+        return s.peaks[0].x, s.peaks[0].y
+    if hasattr(s, "x") and hasattr(s, "y"):
+        return s.x, s.y
+    return s[0], s[1]
+
+
 def _positions(sources) -> tuple[np.ndarray, np.ndarray]:
     if hasattr(sources, "colnames"):
         return np.asarray(sources["x"], float), np.asarray(sources["y"], float)
-    arr = np.asarray([(s[0], s[1]) if not hasattr(s, "peaks") else (s.peaks[0].x, s.peaks[0].y) for s in sources], float)
+    arr = np.asarray([_position(s) for s in sources], float).reshape(-1, 2)
     return arr[:, 0], arr[:, 1]
 
 
 def kernel_candidate_metrics(difference, kernel, sources, *, half_width: int | None = None) -> dict:
-    """Residual statistics of ``difference`` around ``sources`` (table with x, y, or footprints).
+    """Residual statistics of ``difference`` around ``sources`` (table with x, y; footprints; kernel candidates).
 
     Returns a dict with ``n``, ``residualMean_MEAN/MEDIAN/STDEV``, ``residualStd_MEAN/MEDIAN/STDEV``,
     ``chi2_MEAN/MEDIAN/STDEV`` and ``nBad`` (stars whose |mean| > 0.25 or std > 1.5, LSST's rejection rule).

@@ -792,7 +792,7 @@ class ImageDifferenceTask(Task):
         diff = subtractRes.subtractedExposure
         kern = subtractRes.psfMatchingKernel
         for label, src in (("kernel", kernelSources), ("control", controlSources)):
-            if src is None:
+            if src is None and label == "kernel":  # no selected sources: the subtraction's own candidates
                 src = getattr(subtractRes, "kernelCandidates", None)
             if src is None or len(src) == 0:
                 continue
