@@ -32,3 +32,11 @@ def test_bad_value_message_is_short_and_names_the_field():
     msg = str(info.value)
     assert "detection.thresholdValue" in msg and "abc" in msg
     assert "For more information" not in msg and "\n" not in msg
+
+
+def test_validation_error_is_one_line():
+    """A combination pex_config's validate() rejects: one line naming the fields, no source-file trailer."""
+    with pytest.raises(ConfigError) as info:
+        make_config(["detection.thresholdType=variance", "detection.thresholdPolarity=both"])
+    msg = str(info.value)
+    assert "thresholdPolarity" in msg and "For more information" not in msg and "\n" not in msg

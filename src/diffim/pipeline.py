@@ -45,9 +45,11 @@ def make_config(overrides=(), files=(), *, subtract_only: bool = False):
     except Exception as exc:
         from .errors import ConfigError
 
+        from .tasks.base import short_config_message
+
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"Invalid configuration: {exc}") from None
+        raise ConfigError(f"Invalid configuration: {short_config_message(exc)}") from None
     return config
 
 

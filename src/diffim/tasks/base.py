@@ -210,11 +210,11 @@ def apply_config_overrides(
                     raise TypeError
                 setattr(obj, attr, value.strip())
             except Exception:
-                raise ConfigError(f"Bad value for config field {key!r}: {value!r} ({_first_lines(exc)}).") from None
+                raise ConfigError(f"Bad value for config field {key!r}: {value!r} ({short_config_message(exc)}).") from None
     return config
 
 
-def _first_lines(exc: Exception) -> str:
+def short_config_message(exc: Exception) -> str:
     """The message of a pex_config error without its "For more information see the Field definition at"
     trailer (a file path and line of pex_config's own source, noise to a command-line user)."""
     text = str(exc).split("For more information", 1)[0]
