@@ -1058,6 +1058,12 @@ def _astrometric_variance(
 class CellPsf(Psf):
     """A PSF given as one stamp per rectangular cell (parent coordinates), like LSST's per-cell CoaddPsf of P_D.
 
+    When the cells form a regular grid (as :func:`zogy_subtract` makes them) the stamps are interpolated
+    linearly between the cell centres, and extrapolated linearly beyond the outer ones, with the weights that
+    blend the cells' D and S (:func:`_hat_weights`): that is the PSF the blended image has, to first order in
+    the PSFs' variation. Constant stamps per cell were wrong at first order, by up to half a cell's change of
+    the PSF: on a 512² field whose FWHM varies by 30 % ZOGY's PSF fluxes scattered 2.6× their errors.
+
     Parameters
     ----------
     boxes
@@ -1084,8 +1090,33 @@ class CellPsf(Psf):
             average_position = ((x0 + x1 - 1) / 2.0, (y0 + y1 - 1) / 2.0)
         super().__init__(average_position)
         self._centres = np.array([b.center for b in boxes], dtype=float)
+        # A regular grid: every (x centre, y centre) pair is one cell.
+        self._xc = np.unique(self._centres[:, 0])
+        self._yc = np.unique(self._centres[:, 1])
+        self._grid = None
+        if self._xc.size * self._yc.size == len(boxes):
+            index = {(float(cx), float(cy)): k for k, (cx, cy) in enumerate(self._centres)}
+            self._grid = [[index.get((float(cx), float(cy))) for cx in self._xc] for cy in self._yc]
+            if any(k is None for row in self._grid for k in row):
+                self._grid = None
+
+    @staticmethod
+    def _axis_weights(centres: np.ndarray, t: float) -> list[tuple[int, float]]:
+        """(node, weight) pairs of linear interpolation at ``t`` (linear extrapolation beyond the ends)."""
+        if centres.size == 1:
+            return [(0, 1.0)]
+        i = int(np.clip(np.searchsorted(centres, t) - 1, 0, centres.size - 2))
+        f = (t - centres[i]) / (centres[i + 1] - centres[i])
+        return [(i, 1.0 - f), (i + 1, f)]
 
     def _kernel_image(self, x: float, y: float) -> np.ndarray:
+        if self._grid is not None and len(self.boxes) > 1:
+            out = np.zeros_like(self.stamps[0])
+            for j, wy in self._axis_weights(self._yc, y):
+                for i, wx in self._axis_weights(self._xc, x):
+                    if wx * wy != 0.0:
+                        out += (wx * wy) * self.stamps[self._grid[j][i]]
+            return out / out.sum()
         for b, s in zip(self.boxes, self.stamps):
             if b.x0 - 0.5 <= x < b.x1 - 0.5 and b.y0 - 0.5 <= y < b.y1 - 0.5:
                 return s
