@@ -123,3 +123,25 @@ def test_score_image_variance_is_not_scaled_low(algorithm):
         factors.append(task.metadata["scaleDiffimVarianceFactor"])
         assert task.metadata["correlatedNoiseFactor"] < 1.012
     assert np.mean(factors) == pytest.approx(1.0, abs=0.015)
+
+
+def test_correlated_noise_factor_with_a_sky_offset_and_no_warnings():
+    """The detection noise factor of a difference left with a sky offset (S/N median 9): the scatter about the
+    median, 1 for white noise with a right variance, and no numpy warnings (the 5σ clip about 0 left nothing
+    and divided by zero; the factor was then missing from the metadata)."""
+    import warnings
+
+    from diffim.model import Exposure, GaussianPsf
+    from diffim.tasks.image_difference import correlated_noise_factor
+
+    rng = np.random.default_rng(0)
+    img = (rng.normal(0.0, 1.0, (300, 300)) + 9.0).astype(np.float32)
+    exp = Exposure(image=img, variance=np.ones_like(img), psf=GaussianPsf(1.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r, tol = correlated_noise_factor(exp, smooth=False, return_tolerance=True)
+    assert abs(r - 1.0) < 0.02 and 1.0 < tol < 1.1
+    # Smoothed with the PSF, correlated noise (every 2×2 block one value) scatters ~2× its variance plane.
+    blocky = np.repeat(np.repeat(rng.normal(0.0, 1.0, (150, 150)), 2, 0), 2, 1).astype(np.float32)
+    r2 = correlated_noise_factor(Exposure(image=blocky, variance=np.ones_like(blocky), psf=GaussianPsf(1.5)))
+    assert 1.6 < r2 < 2.2, r2

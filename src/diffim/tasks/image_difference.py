@@ -85,9 +85,12 @@ def correlated_noise_factor(exposure, *, smooth: bool = True, max_size: int = 10
     with np.errstate(divide="ignore", invalid="ignore"):
         z = img / np.sqrt(var)
     z = z[~bad & np.isfinite(z) & (var > 0)]
+    if z.size:
+        # Sources out by a 5σ clip about the median: a difference left with a sky offset (median S/N far
+        # from 0) still has a noise scatter, and a clip about 0 could leave nothing to measure.
+        z = z[np.abs(z - np.median(z)) < 5.0]
     if z.size < 1000:
         return (1.0, np.inf) if return_tolerance else 1.0
-    z = z[np.abs(z) < 5.0]
     med = np.median(z)
     r = float(1.4826 * np.median(np.abs(z - med)))
     if not return_tolerance:
