@@ -655,3 +655,22 @@ def test_zogy_psf_fluxes_have_unit_pulls_on_a_varying_psf(seed):
     pull = metrics.pull_std(cat, pair.truth, fwhm, diff, scale)
     assert 0.6 < pull < 1.3, pull
     assert abs(metrics.flux_bias(cat, pair.truth, fwhm, diff, scale)) < 0.03
+
+
+def test_zogy_grid_has_two_nodes_per_axis_on_a_small_image():
+    """A broad template makes the grid's unit cell large: on a 512² field (PSF FWHM varying 26 %) the grid was
+    a single cell, so D and its PSF ignored the variation (pull std 3.1, 9.3 false detections / Mpix). A grid
+    has at least two nodes per axis now: 4 cells, pull 1.4, no false detections."""
+    from diffim import ImageDifferenceTask, metrics
+    from diffim.pipeline import make_config
+    from diffim.sim import simulate_pair
+
+    pair = simulate_pair(512, seed=1, template_psf="broader")
+    task = ImageDifferenceTask(config=make_config(["subtract.name=zogy"]))
+    res = task.run(exposure=pair.science, templateExposure=pair.template)
+    assert task.metadata.to_plain()["subtract"]["zogyNumCells"] >= 4
+    fwhm = float(pair.truth.meta["SCIFWHM"])
+    diff, cat = res.subtractedExposure, res.diaSources
+    scale = 1.0 / diff.photo_calib.calibration_mean
+    assert metrics.pull_std(cat, pair.truth, fwhm, diff, scale) < 1.6
+    assert metrics.false_detections_per_mpix(cat, pair.truth, fwhm, diff) <= 1.0

@@ -554,6 +554,11 @@ def zogy_subtract(
     border = zogy_border_size(psf_n_c, psf_r_c)
     unit = zogy_cell_unit(psf_n_c, psf_r_c)
     inner = None if grid_inner_size is None else max(1, int(round(grid_inner_size * unit)))
+    if inner is not None:
+        # A grid was asked for because the PSFs vary: at least two nodes per axis, or the blend cannot follow
+        # even a linear change (a broad template's unit made a 512² field one cell, and PSF fluxes scattered
+        # 3× their errors).
+        inner = (min(inner, max(1, ny // 2)), min(inner, max(1, nx // 2)))
     cells = generate_grid(shape, inner)
     # Cells are nodes of a bilinear interpolation: node (i, j) is computed with the PSFs at its cell centre over
     # the span between the neighbouring nodes' centres, and the results are blended with hat weights. The
