@@ -339,6 +339,12 @@ def test_single_polarity_transients_not_dipoles():
     d = DipoleFitTask(config).run(sources[:1], diff, pos, neg).dipoles
     assert d["dipoleFitAttempted"][0] and not d["isDipole"][0]
     assert d["ip_diffim_DipoleFit_neg_instFlux"][0] < 0.05 * d["ip_diffim_DipoleFit_pos_instFlux"][0]
+    # With one flux for both lobes (the default) the flux-ratio cut cannot fail (each lobe is half the total):
+    # single-signed sources are fitted, measured, and still not dipoles (they were, and took the fit centroid).
+    config = DipoleFitConfig()
+    config.dipoleFit.fitAllDiaSources = True
+    d = DipoleFitTask(config).run(sources, diff, pos, neg).dipoles
+    assert d["dipoleFitAttempted"].all() and not d["isDipole"].any()
 
 
 def test_faint_dipole_fails_sn_cut():
