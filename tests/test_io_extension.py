@@ -66,3 +66,18 @@ def test_same_extension_twice_is_refused_two_are_a_pair(mef):
         _read_pair(f"{mef}[SCI]", f"{mef}[SCI]")
     with pytest.raises(errors.PsfError):  # a real pair, read as one: it fails only later, for want of stars
         _read_pair(f"{mef}[SCI]", f"{mef}[TMPL]", repair_cosmic_rays=False)
+
+
+def test_output_guards_see_the_file_behind_an_extension(mef, tmp_path):
+    """'file.fits[SCI]' reads file.fits: `subtract -o file.fits` must refuse it as an input, and `run -o` the
+    directory holding it (the guards compared the bracketed spelling, which names no file)."""
+    from pathlib import Path
+
+    from diffim.pipeline import _check_outdir, _check_output_file, _input_paths
+
+    inputs = _input_paths(f"{mef}[SCI]", f"{mef}[TMPL]", {"variance": f"{mef}[SCI_VAR]"})
+    assert Path(mef) in inputs
+    with pytest.raises(errors.DiffimIOError, match="is the input"):
+        _check_output_file(mef, inputs)
+    with pytest.raises(errors.DiffimIOError, match="holds the input"):
+        _check_outdir(Path(mef).parent, overwrite=True, inputs=inputs)

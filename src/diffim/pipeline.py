@@ -199,12 +199,17 @@ def _input_paths(science_path, template_path, science_kwargs=None, template_kwar
     Companion keyword values that are not existing paths (HDU names such as ``"SCI_VAR"``, arrays, ``Psf``
     objects) are left out: they name nothing on disk that an output could clobber.
     """
-    paths = [Path(p) for p in (science_path, template_path, coadd_dir) if p is not None]
+    from .io.fits import split_extension
+
+    # 'file.fits[EXT]' reads (and an output could clobber) file.fits.
+    paths = [Path(split_extension(p)[0]) for p in (science_path, template_path, coadd_dir) if p is not None]
     for kw in (science_kwargs, template_kwargs):
         for key in _COMPANION_KEYS:
             value = (kw or {}).get(key)
-            if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
-                paths.append(Path(value))
+            if isinstance(value, (str, os.PathLike)):
+                file = split_extension(value)[0]
+                if os.path.exists(file):
+                    paths.append(Path(file))
     return paths
 
 
@@ -223,6 +228,17 @@ def _same_file(a, b) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist (yet): compare the spellings
         return Path(a).resolve() == Path(b).resolve()
+
+
+def _same_source(path_a, kwargs_a, path_b, kwargs_b) -> bool:
+    """True if two inputs read the same HDU of the same file (``'file.fits[EXT]'`` or ``hdu=`` alike)."""
+    from .io.fits import split_extension
+
+    file_a, ext_a = split_extension(path_a)
+    file_b, ext_b = split_extension(path_b)
+    hdu_a = ext_a if ext_a is not None else (kwargs_a or {}).get("hdu")
+    hdu_b = ext_b if ext_b is not None else (kwargs_b or {}).get("hdu")
+    return _same_file(file_a, file_b) and hdu_a == hdu_b
 
 
 def _check_outdir(outdir: Path, *, overwrite: bool, inputs: list[Path]) -> None:
@@ -331,8 +347,7 @@ def _read_pair(science_path, template_path, science_kwargs=None, template_kwargs
     Both files are read and compared (:func:`_check_pair`) before either is prepared, so a pair that cannot
     give a difference fails before the slow PSF estimation and cosmic-ray repair.
     """
-    if template_path is not None and _same_file(science_path, template_path) \
-            and (science_kwargs or {}).get("hdu") == (template_kwargs or {}).get("hdu"):
+    if template_path is not None and _same_source(science_path, science_kwargs, template_path, template_kwargs):
         # Different HDUs of one file are a legitimate pair (e.g. alert stamps); the same HDU twice is not.
         raise BadInputError(
             f"Science {science_path} and template {template_path} are the same file: there is nothing to "
