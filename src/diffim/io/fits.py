@@ -411,11 +411,7 @@ def read_psf_file(path: str | os.PathLike, hdu: str | int | None = None) -> Psf:
         Extension holding the PSF (default: the first HDU with a ``PSFTYPE`` card, PSFEx's ``PSF_DATA`` table,
         or the first image HDU).
     """
-    path, ext = split_extension(path)
-    if ext is not None:
-        if hdu is not None and hdu != ext:
-            raise BadInputError(f"{path}: extension [{ext}] in the name and hdu={hdu!r} disagree; give one.")
-        hdu = ext
+    path, hdu = _path_and_hdu(path, hdu)
     with _open(path) as hdul:
         if hdu is not None:
             h = _find_hdu(hdul, hdu, path, "PSF")
@@ -469,6 +465,16 @@ def split_extension(path: str | os.PathLike) -> tuple[str, str | int | None]:
         return name, None
     ext = m["ext"].strip()
     return m["file"], int(ext) if ext.isdigit() else ext
+
+
+def _path_and_hdu(path: str | os.PathLike, hdu: str | int | None) -> tuple[str, str | int | None]:
+    """The file and HDU a ``path`` (maybe ``'file.fits[EXT]'``) and an ``hdu=`` argument ask for together."""
+    path, ext = split_extension(path)
+    if ext is None:
+        return path, hdu
+    if hdu is not None and hdu != ext:
+        raise BadInputError(f"{path}: extension [{ext}] in the name and hdu={hdu!r} disagree; give one.")
+    return path, ext
 
 
 def _open_extension(name: str, what: str):
@@ -892,11 +898,7 @@ def read_exposure(
     PsfError
         The PSF cannot be read.
     """
-    path, ext = split_extension(path)
-    if ext is not None:
-        if hdu is not None and hdu != ext:
-            raise BadInputError(f"{path}: extension [{ext}] in the name and hdu={hdu!r} disagree; give one.")
-        hdu = ext
+    path, hdu = _path_and_hdu(path, hdu)
     with _open(path) as hdul:
         layout = _afw_layout(hdul) if hdu is None else None
         if hdu is not None:
