@@ -692,6 +692,16 @@ def mirror_variance_factors(psf: np.ndarray, shape: tuple[int, int]) -> tuple[np
     return out[0], out[1]
 
 
+def _node_segments(centres: np.ndarray, pos) -> tuple[np.ndarray, np.ndarray]:
+    """For positions ``pos`` between (or beyond) ≥ 2 sorted node ``centres``: the interval ``seg`` (nodes
+    ``seg`` and ``seg + 1``; the outer intervals extended) and the fraction ``t`` along it (outside [0, 1]
+    beyond the outer nodes). The weights of the two nodes are ``1 − t`` and ``t``."""
+    centres = np.asarray(centres, dtype=np.float64)
+    pos = np.asarray(pos, dtype=np.float64)
+    seg = np.clip(np.searchsorted(centres, pos) - 1, 0, len(centres) - 2)
+    return seg, (pos - centres[seg]) / (centres[seg + 1] - centres[seg])
+
+
 def _hat_weights(
     centres: np.ndarray, n: int, extrapolate: bool = True
 ) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
@@ -709,8 +719,7 @@ def _hat_weights(
     if k == 1:
         ws[0][:] = 1.0
     else:
-        seg = np.clip(np.searchsorted(centres, pos) - 1, 0, k - 2)  # interval [c_seg, c_seg+1] (extended)
-        t = (pos - centres[seg]) / (centres[seg + 1] - centres[seg])
+        seg, t = _node_segments(centres, pos)
         if not extrapolate:
             t = np.clip(t, 0.0, 1.0)
         for i in range(k):
@@ -1107,11 +1116,11 @@ class CellPsf(Psf):
 
     @staticmethod
     def _axis_weights(centres: np.ndarray, t: float) -> list[tuple[int, float]]:
-        """(node, weight) pairs of linear interpolation at ``t`` (linear extrapolation beyond the ends)."""
+        """(node, weight) pairs at ``t``: :func:`_hat_weights`' interpolation, so P_D blends as D does."""
         if centres.size == 1:
             return [(0, 1.0)]
-        i = int(np.clip(np.searchsorted(centres, t) - 1, 0, centres.size - 2))
-        f = (t - centres[i]) / (centres[i + 1] - centres[i])
+        seg, f = _node_segments(centres, t)
+        i, f = int(seg), float(f)
         return [(i, 1.0 - f), (i + 1, f)]
 
     def _kernel_image(self, x: float, y: float) -> np.ndarray:
