@@ -164,8 +164,6 @@ def _mask_of(obj) -> tuple[np.ndarray, Mask | None, tuple[int, int], tuple[int, 
 
 def _defect_near(mask: Mask | None, shape, xy0, x, y, half: int = 2, planes=DEFECT_PLANES) -> np.ndarray:
     """True where the ``(2 half + 1)²`` box around ``(x, y)`` holds a defect pixel or leaves the image."""
-    from scipy.ndimage import maximum_filter
-
     x = np.asarray(x, float)
     y = np.asarray(y, float)
     ix = np.floor(x + 0.5).astype(int) - xy0[0]
@@ -174,10 +172,16 @@ def _defect_near(mask: Mask | None, shape, xy0, x, y, half: int = 2, planes=DEFE
     inside = (ix >= half) & (ix < nx - half) & (iy >= half) & (iy < ny - half)
     out = ~inside
     if mask is not None and inside.any():
-        bits = mask.bitmask(list(planes), ignore_missing=True)
-        bad = maximum_filter((mask.array & bits) != 0, size=2 * half + 1, mode="constant", cval=False)
-        out[inside] = bad[iy[inside], ix[inside]]
+        out[inside] = _defect_box_map(mask, half, planes)[iy[inside], ix[inside]]
     return out
+
+
+def _defect_box_map(mask: Mask, half: int = 2, planes=DEFECT_PLANES) -> np.ndarray:
+    """True where the ``(2 half + 1)²`` box around a pixel holds a pixel of one of ``planes``."""
+    from scipy.ndimage import maximum_filter
+
+    bits = mask.bitmask(list(planes), ignore_missing=True)
+    return maximum_filter((mask.array & bits) != 0, size=2 * half + 1, mode="constant", cval=False)
 
 
 def _paint_discs(exclude: np.ndarray, xy0, x, y, radius) -> None:
@@ -509,16 +513,13 @@ def counted_area(difference: Exposure | Mask, fwhm: float) -> int:
     """Pixels where a false detection would be counted (:func:`false_detection_flags`): ≥ 6 fwhm from the edge
     and no BAD/SAT/CR/EDGE/NO_DATA pixel in the 5 × 5 box. The denominator for comparing a count with
     :func:`noise_detection_rate`."""
-    from scipy.ndimage import maximum_filter
-
-    arr, m, shape, _ = _mask_of(difference)
+    _, m, shape, _ = _mask_of(difference)
     ny, nx = shape
     e = int(math.ceil(6.0 * float(fwhm)))
     ok = np.zeros(shape, bool)
     ok[e:ny - e, e:nx - e] = True
     if m is not None:
-        bits = m.bitmask(list(DEFECT_PLANES), ignore_missing=True)
-        ok &= ~maximum_filter((arr & bits) != 0, size=5, mode="constant", cval=False)
+        ok &= ~_defect_box_map(m, half=2)
     return int(ok.sum())
 
 

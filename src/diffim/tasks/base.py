@@ -206,7 +206,7 @@ def apply_config_overrides(
             setattr(obj, attr, parsed)
         except Exception as exc:
             try:  # a string field given something that looked like a literal: retry as text
-                if field is not None and isinstance(field, pexConfig.ListField):
+                if isinstance(field, pexConfig.ListField):
                     raise TypeError
                 setattr(obj, attr, value.strip())
             except Exception:
