@@ -477,14 +477,6 @@ def _path_and_hdu(path: str | os.PathLike, hdu: str | int | None) -> tuple[str, 
     return path, ext
 
 
-def _open_extension(name: str, what: str):
-    """``(data, header, label, source)`` of ``'file.fits[EXT]'`` (see :func:`split_extension`)."""
-    file, ext = split_extension(name)
-    with _open(file) as other:
-        h = _find_hdu(other, ext, file, what)
-        return _image_data(h, file, what).copy(), h.header.copy(), h.name or os.path.basename(file), name
-
-
 def _looks_like_path(name: str, hdul: fits.HDUList) -> bool:
     """A string argument names a file (rather than an extension) if it is not an extension name of ``hdul``."""
     if any(h.name.upper() == name.upper() for h in hdul):
@@ -701,15 +693,18 @@ def _external_or_hdu(arg, hdul: fits.HDUList, path: str, what: str):
         h = _find_hdu(hdul, int(arg), path, what)
         return _image_data(h, path, what), h.header, h.name, f"{path}[{h.name or int(arg)}]"
     name = os.fspath(arg)
-    if split_extension(name)[1] is not None:
-        return _open_extension(name, what)
-    if _looks_like_path(name, hdul):
-        with _open(name) as other:
-            idx = next((i for i, h in enumerate(other) if _is_image(h)), None)
-            if idx is None:
-                raise BadInputError(f"{name}: no image data found for the {what}.")
-            h = other[idx]
-            return _image_data(h, name, what).copy(), h.header.copy(), os.path.basename(name), name
+    file, ext = split_extension(name)
+    if ext is not None or _looks_like_path(name, hdul):
+        with _open(file) as other:
+            if ext is not None:  # 'file.fits[EXT]': that extension
+                h = _find_hdu(other, ext, file, what)
+                label = h.name or os.path.basename(file)
+            else:  # a file: its first image HDU
+                h = next((h for h in other if _is_image(h)), None)
+                if h is None:
+                    raise BadInputError(f"{name}: no image data found for the {what}.")
+                label = os.path.basename(name)
+            return _image_data(h, file, what).copy(), h.header.copy(), label, name
     h = _find_hdu(hdul, name, path, what)
     return _image_data(h, path, what), h.header, h.name, f"{path}[{h.name}]"
 
