@@ -47,8 +47,6 @@ MIN_SELECTED_KERNEL_SOURCES = 25
 #: The PSF-smoothed S/N of white noise scatters by 1; the measured scatter is taken as correlated noise only
 #: when it exceeds 1 by this many of its own standard errors (see :func:`correlated_noise_factor`).
 CORRELATED_NOISE_NSIGMA = 3.0
-#: Relative standard error of a MAD-based σ from n independent Gaussian values is ≈ this / √n (37 % efficiency).
-_MAD_SIGMA_ERROR = 1.17
 
 
 def correlated_noise_factor(exposure, *, smooth: bool = True, max_size: int = 1024,
@@ -58,11 +56,12 @@ def correlated_noise_factor(exposure, *, smooth: bool = True, max_size: int = 10
     1 for white noise whose variance plane is right; larger when the noise is correlated on the PSF scale.
     Evaluated on a central cut-out of at most ``max_size``² pixels (it is a global property), with sources
     rejected by a 5σ clip. With ``return_tolerance``, also the level ``1 + CORRELATED_NOISE_NSIGMA·ε`` above
-    which the excess is significant, ``ε = 1.17/√n_eff`` the estimate's relative standard error and
-    ``n_eff`` the number of pixels used divided by the smoothed noise's correlation area ``4πσ²``.
+    which the excess is significant, ε the estimate's relative standard error for the S/N map's own measured
+    autocorrelation (:func:`diffim.statistics.mad_sigma_relative_error`).
     """
     from ..detection import smooth_for_detection
     from ..model.box import Box
+    from ..statistics import mad_sigma_relative_error
 
     b = exposure.bbox
     w, h = min(max_size, b.width), min(max_size, b.height)
@@ -84,20 +83,22 @@ def correlated_noise_factor(exposure, *, smooth: bool = True, max_size: int = 10
         bad[:edge], bad[-edge:], bad[:, :edge], bad[:, -edge:] = True, True, True, True
     with np.errstate(divide="ignore", invalid="ignore"):
         z = img / np.sqrt(var)
-    z = z[~bad & np.isfinite(z) & (var > 0)]
-    if z.size:
+    valid = ~bad & np.isfinite(z) & (var > 0)
+    if valid.any():
         # Sources out by a 5σ clip about the median: a difference left with a sky offset (median S/N far
         # from 0) still has a noise scatter, and a clip about 0 could leave nothing to measure.
-        z = z[np.abs(z - np.median(z)) < 5.0]
-    if z.size < 1000:
+        valid &= np.abs(z - np.median(z[valid])) < 5.0
+    if valid.sum() < 1000:
         return (1.0, np.inf) if return_tolerance else 1.0
-    med = np.median(z)
-    r = float(1.4826 * np.median(np.abs(z - med)))
+    zv = z[valid]
+    r = float(1.4826 * np.median(np.abs(zv - np.median(zv))))
     if not return_tolerance:
         return r
+    # The error of a MAD of correlated values: a smoothed S/N map's neighbours are not independent.
     psf_sigma = float(exposure.require_psf().sigma(*exposure.psf_position()))
-    n_eff = z.size / max(1.0, 4.0 * np.pi * psf_sigma ** 2)
-    return r, 1.0 + CORRELATED_NOISE_NSIGMA * _MAD_SIGMA_ERROR / np.sqrt(n_eff)
+    max_lag = int(np.clip(np.ceil(4.0 * psf_sigma), 4, 32)) if np.isfinite(psf_sigma) else 16
+    eps = mad_sigma_relative_error(z, valid, max_lag=max_lag)
+    return r, 1.0 + CORRELATED_NOISE_NSIGMA * eps
 
 #: g−r limits of LSST's ``DiaCatalogSourceSelector`` (grMin, grMax): reference stars outside are "extreme colour"
 #: (doSelectDcrCatalog adds them to the control sample).
