@@ -347,6 +347,64 @@ def test_spatially_varying_decorrelation_whitens_everywhere_and_is_seamless():
     assert jumps[edges].max() < 1.1 * np.median(jumps)
 
 
+@pytest.mark.parametrize("template_matched", [True, False])
+def test_decorrelated_psf_follows_the_spatially_varying_filter(template_matched):
+    """Point sources (Gaussian PSF σ = 2) on an otherwise empty difference, decorrelated with the BlendKernel
+    filter grid: the stamp each source becomes is :class:`DecorrelatedPsf` with the grid's ``nodes`` at its
+    position (max residual < 0.5 % of the peak, 0.1–0.3 % measured: the blend weights change across a stamp),
+    whereas the one centre filter misses by 32–39 % of the peak near the edges of the field. With the variances
+    swapped, a convolved science (``template_matched=False``) has the same filters: both paths agree."""
+    from diffim.decorrelated_psf import DecorrelatedPsf
+    from diffim.decorrelation import spatial_decorrelation_nodes
+
+    n, svar, tvar, step, half = 512, 1.0, 30.0, 128, 12
+    k = BlendKernel(n)
+    if not template_matched:  # a convolved science: its variance is the one multiplied by |K̂|²
+        svar, tvar = tvar, svar
+    base = GaussianPsf(2.0, 2 * half + 1)
+    stamp = base.compute_kernel_image()
+    D = np.zeros((n, n))
+    xs = [40, 200, 256, 330, 470]
+    for x in xs:
+        D[256 - half : 256 + half + 1, x - half : x + half + 1] += stamp
+    out, _, _ = decorrelate_spatial(D, np.ones_like(D), k, svar, tvar, cell_step=step,
+                                    template_matched=template_matched)
+    nodes = spatial_decorrelation_nodes(k, svar, tvar, D.shape, cell_step=step)
+    kc = k.kernel_image(n / 2, n / 2)
+    grid = DecorrelatedPsf(base, kc, svar, tvar, template_matched=template_matched, nodes=nodes, cache_step=0)
+    centre = DecorrelatedPsf(base, kc, svar, tvar, template_matched=template_matched, cache_step=0)
+    worst_centre = 0.0
+    for x in xs:
+        got = out[256 - half : 256 + half + 1, x - half : x + half + 1]
+        got = got / got.sum()
+        peak = got.max()
+        assert np.abs(got - grid.compute_kernel_image(x, 256)).max() < 5e-3 * peak, x
+        worst_centre = max(worst_centre, np.abs(got - centre.compute_kernel_image(x, 256)).max() / peak)
+    assert worst_centre > 0.2
+
+
+def test_decorrelated_psf_with_nodes_survives_a_fits_round_trip(tmp_path):
+    """A difference written with a grid DecorrelatedPsf reads back with the same grid and the same PSF at the
+    field's edges and centre (a reader that dropped the nodes would return the centre filter everywhere)."""
+    from diffim import read_exposure, write_exposure
+    from diffim.decorrelated_psf import DecorrelatedPsf
+    from diffim.decorrelation import spatial_decorrelation_nodes
+
+    n = 300
+    k = BlendKernel(n, x0=1000)
+    nodes = spatial_decorrelation_nodes(k, 1.0, 30.0, (n, n), xy0=(1000, 50), cell_step=100)
+    psf = DecorrelatedPsf(GaussianPsf(2.0, 21), k.kernel_image(1150, 200), 1.0, 30.0, nodes=nodes)
+    exp = Exposure(image=np.zeros((n, n), np.float32), variance=np.ones((n, n), np.float32), xy0=(1000, 50),
+                   psf=psf)
+    write_exposure(exp, tmp_path / "d.fits")
+    back = read_exposure(tmp_path / "d.fits").psf
+    assert isinstance(back, DecorrelatedPsf) and back.nodes.shape == nodes.shape == (4, 4)
+    assert np.array_equal(back.nodes.x, nodes.x) and np.array_equal(back.nodes.y, nodes.y)
+    for x, y in ((1000, 50), (1299, 349), (1150, 200)):
+        assert np.allclose(back.compute_kernel_image(x, y), psf.compute_kernel_image(x, y), atol=1e-12)
+    assert not np.allclose(back.compute_kernel_image(1000, 50), back.compute_kernel_image(1299, 50), atol=1e-3)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Tasks
 # ----------------------------------------------------------------------------------------------------------
@@ -478,3 +536,25 @@ def test_invalid_border_does_not_leak_into_the_score():
     assert np.max(np.abs(out[inner] - ref[inner])) == 0.0  # the border's values are not used at all
     # (the check has teeth: filtering the garbage itself moves the valid pixels next to it by many σ)
     assert np.max(np.abs(leak[inner] - ref[inner])) > 1.0 * noise
+
+
+@pytest.mark.slow
+def test_spatially_varying_decorrelation_of_a_convolved_science_gives_unit_pulls():
+    """doSpatiallyVarying with convolveTemplate=False on a simulated 1024² pair (template broader, PSFs varying
+    across the field): the difference's PSF is blended from the filter grid, so PSF fluxes of the transients
+    scatter as their errors say. With the centre filter everywhere the pull std was 1.57 (1.30, 1.69 on
+    seeds 1, 2); now 0.97 (1.00, 1.14)."""
+    from diffim.metrics import evaluate
+    from diffim.sim import simulate_pair
+    from diffim.tasks.image_difference import ImageDifferenceConfig, ImageDifferenceTask
+
+    pair = simulate_pair(size=1024, seed=0, template_psf="broader")
+    config = ImageDifferenceConfig()
+    config.doSpatiallyVarying = True
+    config.convolveTemplate = False
+    res = ImageDifferenceTask(config=config).run(exposure=pair.science.copy(), templateExposure=pair.template.copy())
+    assert res.subtractedExposure.psf.nodes is not None
+    e = evaluate(res.subtractedExposure, res.diaSources, pair.truth, flux_unit_scale=res.subtractedExposure.photo_calib)
+    assert e["n_pull"] >= 40
+    assert 0.8 < e["pull_std"] < 1.25, e["pull_std"]
+    assert abs(e["flux_bias"]) < 0.01

@@ -218,6 +218,9 @@ def test_doSpatiallyVarying(pair, default_run):
     assert not np.allclose(d0[ok], d1[ok], rtol=0, atol=1e-3)
     assert abs(noise_ratio(task) - 1.0) < 0.05
     assert lag1_correlation(res.subtractedExposure) < 0.03
+    # its PSF model blends the same grid of filters (not the centre filter everywhere)
+    nodes = res.subtractedExposure.psf.nodes
+    assert nodes is not None and nodes.kernels.shape[:2] == nodes.shape
 
 
 def test_convolveTemplate_false_convolves_the_science(pair, default_run):

@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,8 @@ __all__ = [
     "decorrelate",
     "decorrelate_psf",
     "decorrelate_spatial",
+    "DecorrelationNodes",
+    "spatial_decorrelation_nodes",
     "kernel_image_at",
 ]
 
@@ -625,6 +628,78 @@ def _local_value(value: Any, ignore: np.ndarray | None, yc: int, xc: int, half: 
     return v
 
 
+@dataclass(frozen=True)
+class DecorrelationNodes:
+    """The grid a spatially varying decorrelation filter was built on.
+
+    ``x`` and ``y`` are the node axes in parent pixels (increasing); node ``(i, j)`` at ``(x[j], y[i])`` holds
+    the matching kernel ``kernels[i, j]`` and the local mean variances ``svar[i, j]``, ``tvar[i, j]`` of science
+    and template its filter φ was computed from. Between nodes the filtered images are blended with the
+    bilinear weights of :meth:`weights`, so a point source there responds with the same blend of the node
+    filters (what :class:`~diffim.decorrelated_psf.DecorrelatedPsf` evaluates).
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    kernels: np.ndarray
+    svar: np.ndarray
+    tvar: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.y.size), int(self.x.size)
+
+    def weights(self, x: np.ndarray, y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Bilinear weights of positions ``x, y`` (arrays, parent pixels) on the nodes: a list of up to four
+        ``(i, j, w)`` arrays (node row, node column, weight), the weights summing to 1 per position. Positions
+        beyond the outer nodes take the outer nodes' values, as the image blend does at its edges."""
+
+        def axis(nodes: np.ndarray, v: np.ndarray):
+            v = np.asarray(v, dtype=np.float64)
+            if nodes.size == 1:
+                z = np.zeros(v.shape, dtype=np.intp)
+                return z, z, np.zeros(v.shape)
+            k = np.clip(np.searchsorted(nodes, v, side="right") - 1, 0, nodes.size - 2)
+            t = np.clip((v - nodes[k]) / (nodes[k + 1] - nodes[k]), 0.0, 1.0)
+            return k, k + 1, t
+
+        ia, ib, ty = axis(np.asarray(self.y, float), y)
+        ja, jb, tx = axis(np.asarray(self.x, float), x)
+        return [(ia, ja, (1 - ty) * (1 - tx)), (ia, jb, (1 - ty) * tx), (ib, ja, ty * (1 - tx)), (ib, jb, ty * tx)]
+
+
+def spatial_decorrelation_nodes(
+    kernel: Any,
+    science_variance: np.ndarray | float,
+    template_variance: np.ndarray | float,
+    shape: tuple[int, int],
+    *,
+    xy0: tuple[int, int] = (0, 0),
+    cell_step: int = 256,
+    cell_size: int | None = None,
+    science_ignore: np.ndarray | None = None,
+    template_ignore: np.ndarray | None = None,
+) -> DecorrelationNodes:
+    """The nodes of :func:`decorrelate_spatial` for an image of ``shape``: positions spaced by at most
+    ``cell_step`` (both edges included), the kernel there and the clipped-mean variances in a ``cell_size``
+    window (default ``cell_step``). Arguments as in :func:`decorrelate_spatial`."""
+    ny, nx = int(shape[0]), int(shape[1])
+    x0, y0 = int(xy0[0]), int(xy0[1])
+    nodes_y = _grid_nodes(ny, cell_step)
+    nodes_x = _grid_nodes(nx, cell_step)
+    half = (cell_step if cell_size is None else int(cell_size)) // 2
+    kernels, sv, tv = [], np.zeros((nodes_y.size, nodes_x.size)), np.zeros((nodes_y.size, nodes_x.size))
+    for i, yc in enumerate(nodes_y):
+        row = []
+        for j, xc in enumerate(nodes_x):
+            row.append(kernel_image_at(kernel, x0 + int(xc), y0 + int(yc)))
+            sv[i, j] = _local_value(science_variance, science_ignore, int(yc), int(xc), half)
+            tv[i, j] = _local_value(template_variance, template_ignore, int(yc), int(xc), half)
+        kernels.append(row)
+    return DecorrelationNodes(x=(x0 + nodes_x).astype(np.float64), y=(y0 + nodes_y).astype(np.float64),
+                              kernels=np.asarray(kernels, dtype=np.float64), svar=sv, tvar=tv)
+
+
 def decorrelate_spatial(
     diff_image: np.ndarray,
     diff_variance: np.ndarray,
@@ -643,6 +718,7 @@ def decorrelate_spatial(
     border: int | None = None,
     workers: int = 2,
     invalid: np.ndarray | None = None,
+    nodes: DecorrelationNodes | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Decorrelate with a filter that follows the spatial variation of the kernel and of the noise.
 
@@ -671,6 +747,9 @@ def decorrelate_spatial(
         twice the kernel size, at least 16).
     invalid
         As in :func:`decorrelate`.
+    nodes
+        The grid from :func:`spatial_decorrelation_nodes` for these arguments, if the caller already has it
+        (e.g. to build the difference's PSF from the same filters); computed here otherwise.
 
     Returns
     -------
@@ -687,9 +766,16 @@ def decorrelate_spatial(
     for name, v in (("science_variance", science_variance), ("template_variance", template_variance)):
         if np.ndim(v) == 2 and np.shape(v) != img.shape:
             raise BadInputError(f"{name} of shape {np.shape(v)} must match the difference {img.shape}.")
-    nodes_y = _grid_nodes(ny, cell_step)
-    nodes_x = _grid_nodes(nx, cell_step)
     half = (cell_step if cell_size is None else int(cell_size)) // 2
+    if nodes is None:
+        nodes = spatial_decorrelation_nodes(kernel, science_variance, template_variance, img.shape, xy0=xy0,
+                                            cell_step=cell_step, cell_size=cell_size,
+                                            science_ignore=science_ignore, template_ignore=template_ignore)
+    elif nodes.kernels.shape[:2] != nodes.shape:
+        raise BadInputError(f"DecorrelationNodes: kernels {nodes.kernels.shape[:2]} do not match the grid "
+                            f"{nodes.shape}.")
+    nodes_y = np.round(nodes.y - y0).astype(np.intp)
+    nodes_x = np.round(nodes.x - x0).astype(np.intp)
 
     k_centre = kernel_image_at(kernel, x0 + (nx - 1) / 2.0, y0 + (ny - 1) / 2.0)
     if border is None:
@@ -711,9 +797,8 @@ def decorrelate_spatial(
         if (i, j) in phis:
             return phis[(i, j)]
         yc, xc = int(nodes_y[i]), int(nodes_x[j])
-        kap = kernel_image_at(kernel, x0 + xc, y0 + yc)
-        sv = _local_value(science_variance, science_ignore, yc, xc, half)
-        tv = _local_value(template_variance, template_ignore, yc, xc, half)
+        kap = nodes.kernels[i, j]
+        sv, tv = float(nodes.svar[i, j]), float(nodes.tvar[i, j])
         k2 = _power(kap, tile, 1, dtype=np.float32)
         phi = decorrelation_kernel_fourier(kap, sv, tv, tile, preconv_kernel, template_matched=template_matched,
                                            _kernel_power=k2)

@@ -14,7 +14,7 @@ from typing import Any
 import lsst.pex.config as pexConfig
 import numpy as np
 
-from ..decorrelation import decorrelate, decorrelate_spatial, kernel_image_at
+from ..decorrelation import decorrelate, decorrelate_spatial, kernel_image_at, spatial_decorrelation_nodes
 from ..model import Exposure, ImagePsf
 from ..model.psf import FWHM_PER_SIGMA
 from ..statistics import clipped_mean
@@ -221,8 +221,11 @@ class DecorrelateALKernelSpatialTask(Task):
     ``spatiallyVarying=False`` runs :class:`DecorrelateALKernelTask` on the whole image. ``True`` evaluates the
     filter on a grid of nodes (local kernel, local clipped-mean variances) and blends bilinearly in between
     (:func:`diffim.decorrelation.decorrelate_spatial`); the variance plane then always uses the Parseval
-    factors (``completeVarPlanePropagation`` applies to the whole-image mode only) and the PSF is the
-    decorrelated PSF at the image centre.
+    factors (``completeVarPlanePropagation`` applies to the whole-image mode only) and the PSF set on the
+    exposure is the decorrelated PSF at the image centre. ``run`` returns
+    ``Struct(correctedExposure, decorrelationNodes)``, the latter the filter grid
+    (:class:`~diffim.decorrelation.DecorrelationNodes`, None for a whole-image filter) from which
+    :class:`~diffim.decorrelated_psf.DecorrelatedPsf` gives the PSF at any position.
     """
 
     ConfigClass = DecorrelateALKernelSpatialConfig
@@ -253,11 +256,12 @@ class DecorrelateALKernelSpatialTask(Task):
         svar = self.computeVarianceMean(scienceExposure)
         tvar = self.computeVarianceMean(templateExposure)
         if not spatiallyVarying or not (np.isfinite(svar) and np.isfinite(tvar)):
-            return self.decorrelate.run(
+            res = self.decorrelate.run(
                 scienceExposure, templateExposure, subtractedExposure, psfMatchingKernel,
                 preConvKernel=preConvKernel, svar=svar, tvar=tvar,
                 templateMatched=templateMatched, preConvMode=preConvMode,
             )
+            return Struct(correctedExposure=res.correctedExposure, decorrelationNodes=None)
         bbox = subtractedExposure.bbox
         xcen, ycen = (bbox.x0 + bbox.x1) / 2.0, (bbox.y0 + bbox.y1) / 2.0
         psf = _diff_psf(subtractedExposure, scienceExposure, templateExposure, templateMatched)
@@ -284,6 +288,9 @@ class DecorrelateALKernelSpatialTask(Task):
         preconv = _kernel_array(preConvKernel, xcen, ycen) if preConvMode else None
         self.log.info("Spatially varying decorrelation: node spacing %d px, statistics window %d px, border %d px",
                       step, cell, border)
+        nodes = spatial_decorrelation_nodes(psfMatchingKernel, sv_plane, tv_plane, subtractedExposure.image.shape,
+                                            xy0=subtractedExposure.xy0, cell_step=step, cell_size=cell,
+                                            science_ignore=s_ign, template_ignore=t_ign)
         image, variance, psf_dec = decorrelate_spatial(
             subtractedExposure.image,
             subtractedExposure.variance,
@@ -300,6 +307,7 @@ class DecorrelateALKernelSpatialTask(Task):
             cell_size=cell,
             border=border,
             invalid=_invalid_pixels(subtractedExposure),
+            nodes=nodes,
         )
         subtractedExposure.image[...] = image
         subtractedExposure.variance[...] = variance
@@ -307,4 +315,4 @@ class DecorrelateALKernelSpatialTask(Task):
             avg = psf._average_position
             subtractedExposure.psf = ImagePsf(psf_dec, average_position=avg if avg is not None else (xcen, ycen))
         self.metadata["svar"], self.metadata["tvar"] = float(svar), float(tvar)
-        return Struct(correctedExposure=subtractedExposure)
+        return Struct(correctedExposure=subtractedExposure, decorrelationNodes=nodes)

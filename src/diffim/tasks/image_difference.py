@@ -517,12 +517,14 @@ class ImageDifferenceTask(Task):
             if cfg.subtract.name != "zogy" and cfg.doDecorrelation:
                 with self._stage("decorrelate"):
                     base_psf = subtractedExposure.psf
-                    subtractedExposure = self.decorrelate.run(
+                    dec = self.decorrelate.run(
                         science, warpedExposure, subtractedExposure, subtractRes.psfMatchingKernel,
                         spatiallyVarying=cfg.doSpatiallyVarying, templateMatched=self._conv_template,
-                    ).correctedExposure
-                    subtractedExposure.psf = self._decorrelated_psf(base_psf, subtractedExposure,
-                                                                    subtractRes.psfMatchingKernel, self._conv_template)
+                    )
+                    subtractedExposure = dec.correctedExposure
+                    subtractedExposure.psf = self._decorrelated_psf(
+                        base_psf, subtractedExposure, subtractRes.psfMatchingKernel, self._conv_template,
+                        nodes=getattr(dec, "decorrelationNodes", None))
             if cfg.subtract.name != "zogy" and cfg.useScoreImageDetection:
                 with self._stage("scoreImage"):
                     scoreExposure = self._al_score_image(science, warpedExposure, kernelSources)
@@ -648,8 +650,9 @@ class ImageDifferenceTask(Task):
             self._sky_cache = cache
         return cache[1]
 
-    def _decorrelated_psf(self, base_psf, diff, kernel, template_matched, preconv_kernel=None):
-        """PSF of the decorrelated difference, φ ⊗ (the un-convolved image's PSF), valid across the field."""
+    def _decorrelated_psf(self, base_psf, diff, kernel, template_matched, preconv_kernel=None, nodes=None):
+        """PSF of the decorrelated difference, φ ⊗ (the un-convolved image's PSF), valid across the field (with
+        ``nodes``, the grid of a spatially varying filter, φ blended between them as the image was)."""
         from ..decorrelated_psf import DecorrelatedPsf
         from ..decorrelation import kernel_image_at
 
@@ -661,7 +664,7 @@ class ImageDifferenceTask(Task):
             return diff.psf
         xc, yc = diff.bbox.center
         return DecorrelatedPsf(base_psf, kernel_image_at(kernel, xc, yc), svar, tvar,
-                               template_matched=template_matched, preconv_kernel=preconv_kernel)
+                               template_matched=template_matched, preconv_kernel=preconv_kernel, nodes=nodes)
 
     def _select_kernel_sources(self, science, selectSources):
         """Kernel sources (and a control sample) from ``selectSources`` via ``sourceSelector`` (doSelectSources).
