@@ -90,3 +90,37 @@ def test_regularization_matrix_annihilates_planes():
     bump = np.zeros(size * size)
     bump[3 * size + 3] = 1.0
     assert bump @ H @ bump > 1.0
+
+
+def test_forward_difference_operator_follows_the_spec():
+    """Forward differences (spec §2.3): on a 5×5 kernel, order 1 maps a constant to zero except on the right
+    and top edges (the border penalty there), order 2 also a ramp; B is the sum of the x and y operators."""
+    from diffim.errors import ConfigError
+    from diffim.psfmatch.basis import forward_difference_operator
+
+    size = 5
+    y, x = np.mgrid[:size, :size]
+    const = np.ones(size * size)
+    B1 = forward_difference_operator(size, (1,), border_penalty=3.0)
+    out = (B1 @ const).reshape(size, size)
+    # interior: x and y first differences of a constant are 0; right column: x term is the penalty 3, y is 0;
+    # top row: y term 3; the top-right corner gets both.
+    expected = 3.0 * (x == size - 1) + 3.0 * (y == size - 1)
+    assert np.allclose(out, expected)
+    # row of pixel (1, 1): x part −1 at (1,1), +1 at (2,1); y part −1 at (1,1), +1 at (1,2)
+    row = B1[1 * size + 1].reshape(size, size)
+    assert row[1, 1] == -2.0 and row[1, 2] == 1.0 and row[2, 1] == 1.0 and np.count_nonzero(row) == 3
+    B2 = forward_difference_operator(size, (2,), border_penalty=0.0)
+    ramp = (2.0 * x + 3.0 * y).ravel().astype(float)
+    r2 = (B2 @ ramp).reshape(size, size)
+    # second differences of a ramp vanish where the full order fits (x ≤ 2, y ≤ 2); nearer the edge the order is
+    # tapered to 1, whose difference of the ramp is the slope (negated by the [−1, 1] sign convention: +slope).
+    assert np.allclose(r2[:3, :3], 0.0)
+    assert np.allclose(r2[0, 3], 2.0)  # x order tapered to 1: −f(x)+f(x+1) = 2; y order 2: 0
+    with pytest.raises(ConfigError):
+        forward_difference_operator(size, (4,))
+    H = regularization_matrix(size, kind="forwardDifference", orders=(1, 2), border_penalty=3.0)
+    B = forward_difference_operator(size, (1, 2), 3.0)
+    assert np.allclose(H, B.T @ B)
+    with pytest.raises(ConfigError):
+        regularization_matrix(size, kind="secondDifference")

@@ -1,4 +1,4 @@
-"""Alard–Lupton PSF matching: kernel bases, candidates, the least-squares solve and spatial kernels."""
+"""Alard–Lupton PSF matching: kernel bases, candidates, the least-squares solve, PCA bases and spatial kernels."""
 
 from .basis import (
     KernelBasis,
@@ -9,6 +9,7 @@ from .basis import (
 )
 from .candidates import KernelCandidate, SpatialCellSet, detect_kernel_sources, make_kernel_candidates
 from .kernel import KernelSolution, SpatialBackground, SpatialFunction, SpatialKernel
+from .pca import PcaBasis, pca_kernel_basis
 from .solve import SpatialDesign, build_stamp_system, clipped_mean_std, fit_spatial, solve_psf_matching
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "SpatialBackground",
     "SpatialFunction",
     "SpatialKernel",
+    "PcaBasis",
+    "pca_kernel_basis",
     "SpatialDesign",
     "build_stamp_system",
     "clipped_mean_std",

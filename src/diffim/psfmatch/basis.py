@@ -24,6 +24,8 @@ __all__ = [
     "delta_function_basis",
     "basis_sigmas",
     "make_kernel_basis_list",
+    "regularization_matrix",
+    "forward_difference_operator",
     "polynomial_terms",
     "FLOAT32_EPS",
 ]
@@ -308,13 +310,20 @@ def make_kernel_basis_list(
     return basis, meta
 
 
-def regularization_matrix(size: int, stencil: int = 9, border_penalty: float = 3.0) -> np.ndarray:
-    """``H = BᵀB`` for central-difference (Laplacian) regularisation of a delta-function kernel (spec §2.3).
+def regularization_matrix(size: int, stencil: int = 9, border_penalty: float = 3.0, *,
+                          kind: str = "centralDifference", orders=(1, 2)) -> np.ndarray:
+    """``H = BᵀB`` regularising a delta-function kernel (spec §2.3).
 
-    Row ``i`` of ``B`` (pixel ``(i % size, i // size)``) holds the stencil over the pixel's 3×3 neighbourhood
-    (5-point ``[[0,1,0],[1,−4,1],[0,1,0]]`` or 9-point ``[[1,4,1],[4,−20,4],[1,4,1]]/6``) for interior pixels,
-    and ``border_penalty`` on the diagonal for pixels on the kernel border.
+    ``kind="centralDifference"``: row ``i`` of ``B`` (pixel ``(i % size, i // size)``) holds the stencil over
+    the pixel's 3×3 neighbourhood (5-point ``[[0,1,0],[1,−4,1],[0,1,0]]`` or 9-point
+    ``[[1,4,1],[4,−20,4],[1,4,1]]/6``) for interior pixels, and ``border_penalty`` on the diagonal for pixels on
+    the kernel border. ``kind="forwardDifference"``: :func:`forward_difference_operator` of ``orders``.
     """
+    if kind == "forwardDifference":
+        B = forward_difference_operator(size, orders, border_penalty)
+        return B.T @ B
+    if kind != "centralDifference":
+        raise ConfigError(f"regularizationType must be 'centralDifference' or 'forwardDifference', got {kind!r}.")
     if stencil == 5:
         st = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], float)
     elif stencil == 9:
@@ -332,3 +341,31 @@ def regularization_matrix(size: int, stencil: int = 9, border_penalty: float = 3
             for dx in (-1, 0, 1):
                 B[i, (y0 + dy) * size + (x0 + dx)] = st[dy + 1, dx + 1]
     return B.T @ B
+
+
+def forward_difference_operator(size: int, orders=(1, 2), border_penalty: float = 3.0) -> np.ndarray:
+    """``B = Σ_o (B_x,o + B_y,o)`` of LSST's forward-difference regularisation (spec §2.3), ``(size², size²)``.
+
+    Row ``i`` (pixel ``(x, y) = (i % size, i // size)``) of ``B_x,o`` holds the order-``o`` forward difference
+    ``c_j = (−1)^{j+1} C(o, j)`` (``[−1, 1]``, ``[−1, 2, −1]``, ``[−1, 3, −3, 1]``) on pixels ``x … x + o``; the
+    order drops to the distance to the right edge, and a pixel on that edge (order 0) gets ``border_penalty`` on
+    the diagonal. ``B_y,o`` does the same upwards (pixels ``i + j·size``). The terms are summed, not stacked.
+    """
+    orders = [int(o) for o in orders]
+    if not orders or min(orders) < 1 or max(orders) > 3:
+        raise ConfigError(f"forwardRegularizationOrders must be 1, 2 or 3, got {orders}.")
+    n = size * size
+    B = np.zeros((n, n))
+    idx = np.arange(n)
+    x, y = idx % size, idx // size
+    for o in orders:
+        for pos, step in ((x, 1), (y, size)):
+            eff = np.minimum(o, size - 1 - pos)
+            for e in range(o + 1):
+                rows = idx[eff == e]
+                if e == 0:
+                    B[rows, rows] += border_penalty
+                    continue
+                for j in range(e + 1):
+                    B[rows, rows + j * step] += (-1.0) ** (j + 1) * math.comb(e, j)
+    return B

@@ -28,6 +28,7 @@ from ..model.exposure import MaskedImage
 from .basis import KernelBasis
 from .candidates import BAD, GOOD, KernelCandidate, SpatialCellSet
 from .kernel import KernelSolution, SpatialBackground, SpatialFunction, SpatialKernel
+from .pca import pca_kernel_basis
 
 __all__ = [
     "clipped_mean_std",
@@ -39,6 +40,7 @@ __all__ = [
     "SpatialDesign",
     "spatial_design",
     "fit_spatial",
+    "project_system",
     "solve_psf_matching",
 ]
 
@@ -60,6 +62,28 @@ def _single_threaded_blas():
     except Exception:  # threadpoolctl is optional
         import contextlib
 
+        return contextlib.nullcontext()
+
+
+#: Normal matrices at least this large (delta-function bases: ~1100 × spatial terms) are decomposed with every
+#: BLAS thread: one O(n³) LAPACK call, not thousands of small products.
+_LARGE_SYSTEM = 1000
+
+
+def _all_blas_threads(n: int):
+    """Context lifting the single-thread BLAS limit for an ``n × n`` decomposition (no-op below
+    :data:`_LARGE_SYSTEM` or without ``threadpoolctl``)."""
+    import contextlib
+
+    if n < _LARGE_SYSTEM:
+        return contextlib.nullcontext()
+    try:
+        import os
+
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(limits=os.cpu_count() or 1, user_api="blas")
+    except Exception:
         return contextlib.nullcontext()
 
 
@@ -152,6 +176,7 @@ def build_stamp_system(
     template_noise_correction: bool = False,
     noise_correlation: np.ndarray | None = None,
     regularization: np.ndarray | None = None,
+    regularization_scaling: float | None = None,
     chunk: int = 128,
 ) -> StampSystem:
     """Design matrices and normal equations for the stamps ``boxes`` (all the same size).
@@ -163,7 +188,9 @@ def build_stamp_system(
     normal matrix (:func:`template_noise_matrix`, with the noise autocorrelation ``noise_correlation``) is
     stored as ``system.noise``; ``M`` itself stays the ordinary one (single-candidate fits use it) and the
     spatial fit removes the noise part (:func:`fit_spatial`). ``regularization``
-    (``λH``, basis-sized) is added to every candidate's normal matrix (delta-function bases).
+    (``λH``, basis-sized) is added to every candidate's normal matrix (delta-function bases); with
+    ``regularization_scaling`` it is ``H`` and each candidate gets its own ``λ_c = tr(M_c)/tr(H) · scaling``
+    (LSST ``lambdaType="relative"``), so the penalty follows the star's brightness.
     """
     if not boxes:
         raise NoKernelCandidatesError("No kernel candidate stamps to fit; supply more stars or relax the mask cuts.")
@@ -215,7 +242,12 @@ def build_stamp_system(
                 b[c] = cw @ S[c]
     yy = (S * S).sum(axis=1) / wv_ if wpix is None else (wpix * S * S).sum(axis=1)
     if regularization is not None:
-        M[:, :N, :N] += regularization
+        H = np.asarray(regularization, dtype=np.float64)
+        if regularization_scaling is None:
+            M[:, :N, :N] += H
+        else:
+            lam = np.trace(M[:, :N, :N], axis1=1, axis2=2) / np.trace(H) * float(regularization_scaling)
+            M[:, :N, :N] += lam[:, None, None] * H
     system = StampSystem(C, S, VS, VT, wv_, M, b, fit_background, (hv, wv))
     system.yy = yy  # weighted Σ S² per candidate: with M and b it gives any fit's residual sum of squares
     if template_noise_correction:
@@ -375,7 +407,8 @@ def _eigen_solve(M: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def condition_number(M: np.ndarray) -> float:
     """Eigenvalue condition number ``max|λ| / min|λ|`` of a symmetric matrix."""
-    lam = np.abs(np.linalg.eigvalsh(0.5 * (M + M.T)))
+    with _all_blas_threads(len(M)):
+        lam = np.abs(np.linalg.eigvalsh(0.5 * (M + M.T)))
     return float(lam.max() / lam.min()) if lam.min() > 0 else math.inf
 
 
@@ -510,7 +543,7 @@ class SpatialDesign:
                 if not len(ib):
                     continue
                 F2 = (self.features[ga][:, :, None] * self.features[gb][:, None, :]).reshape(nc, L * L)
-                Msub = M[:, ia][:, :, ib].reshape(nc, len(ia) * len(ib))
+                Msub = M[:, _as_slice(ia)][:, :, _as_slice(ib)].reshape(nc, len(ia) * len(ib))
                 T = (Msub.T @ F2).reshape(len(ia), len(ib), L, L)  # [i, j, k, l]
                 rows = self.index[ia]  # (na, L)
                 cols = self.index[ib]
@@ -527,6 +560,13 @@ class SpatialDesign:
             r = self.index[ia].reshape(-1)
             np.add.at(w, r[r >= 0], contrib[r >= 0])
         return Q, w
+
+
+def _as_slice(index: np.ndarray):
+    """``index`` as a slice when it is a contiguous run (a view instead of a fancy-indexing copy)."""
+    if len(index) and np.all(np.diff(index) == 1):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
 
 
 def spatial_design(xs, ys, n_basis, kernel_spatial, bg_spatial, constant_first_term=True) -> np.ndarray:
@@ -575,6 +615,7 @@ def fit_spatial(
     noise: np.ndarray | None = None,
     yy: np.ndarray | None = None,
     npix: int | None = None,
+    condition: bool = True,
 ) -> tuple[np.ndarray, SpatialDesign, float]:
     """Solve ``Σ_c P_cᵀ M_c P_c θ = Σ_c P_cᵀ b_c``. Returns θ, the :class:`SpatialDesign` and the eigenvalue
     condition number of the normal matrix.
@@ -586,7 +627,8 @@ def fit_spatial(
     and the bias this removes is measured above the noise it amplifies (:func:`_correction_gains`; the noise
     ``s²`` of the coefficients is the least-squares residual variance per unit weight, from ``yy`` — each
     candidate's weighted ``Σ S²`` — and ``npix`` pixels per candidate; without them the full correction).
-    ``design.n_noise_corrected`` records how many directions were corrected.
+    ``design.n_noise_corrected`` records how many directions were corrected. ``condition=False`` skips the
+    condition number (NaN), an eigenvalue decomposition as costly as the solve for large bases.
     """
     design = SpatialDesign(xs, ys, n_basis, kernel_spatial, bg_spatial, constant_first_term)
     M = np.asarray(M, float)
@@ -603,7 +645,8 @@ def fit_spatial(
             full[:, :n_basis, :n_basis] = noise
             Qn = design.normal_equations(full, np.zeros(M.shape[:2]))[0]
         try:
-            alpha, V = sla.eigh(0.5 * (Qn + Qn.T), 0.5 * (Q + Q.T))  # Vᵀ Q V = I, Vᵀ Q_n V = diag(α)
+            with _all_blas_threads(len(Q)):
+                alpha, V = sla.eigh(0.5 * (Qn + Qn.T), 0.5 * (Q + Q.T))  # Vᵀ Q V = I, Vᵀ Q_n V = diag(α)
         except (np.linalg.LinAlgError, ValueError):
             alpha = None  # Q not numerically positive definite: no correction
         if alpha is not None:
@@ -618,10 +661,12 @@ def fit_spatial(
             theta = V @ (gain * c)
             design.n_noise_corrected = int(np.count_nonzero((gain > 1.0) & (alpha > 1e-9)))
     if theta is None:
-        theta = solve_normal_equations(Q, w)
+        with _all_blas_threads(len(Q)):
+            theta = solve_normal_equations(Q, w)
     if not np.all(np.isfinite(theta)):
         raise NoKernelCandidatesError("The spatial kernel solution has NaN coefficients; too few usable stars.")
-    return theta, design, condition_number(Q)
+    design.normal_matrix = Q
+    return theta, design, (condition_number(Q) if condition else math.nan)
 
 
 def _theta_to_kernel(theta, n_basis, kernel_spatial, bg_spatial, constant_first_term, basis):
@@ -668,6 +713,40 @@ def _affordable_spatial(n: int, kspatial, bspatial, bbox, kind: str, log):
     return ks, bs
 
 
+def project_system(system: StampSystem, rows: np.ndarray, transform: np.ndarray):
+    """Normal equations of candidates ``rows`` in a basis of combinations ``transform`` ``(N, m)`` of the
+    system's basis: ``(M', b', noise')`` with ``M' = T̃ᵀ M T̃``, ``b' = T̃ᵀ b`` (``T̃`` = ``transform`` plus the
+    background column unchanged) and the template-noise part projected alike (None without one)."""
+    rows = np.asarray(rows)
+    T = np.asarray(transform, dtype=np.float64)
+    N, m = T.shape
+    M = system.M[rows]
+    n = M.shape[1]
+    Tt = np.zeros((n, m + (n - N)))
+    Tt[:N, :m] = T
+    if n > N:
+        Tt[N:, m:] = np.eye(n - N)
+    Mp = np.einsum("ia,cij,jb->cab", Tt, M, Tt, optimize=True)
+    bp = system.b[rows] @ Tt
+    noise = None
+    if system.noise is not None:
+        src = system.noise[rows]
+        if isinstance(src, DeltaFunctionNoise):
+            # N_c = ½(diag(W_c) R + R diag(W_c)): Tᵀ N_c T = ½(X_c + X_cᵀ), X_c = (W_c ∘ T)ᵀ (R T).
+            RT = src.R @ T
+            X = np.einsum("ci,ia,ib->cab", src.W, T, RT, optimize=True)
+            noise = 0.5 * (X + X.transpose(0, 2, 1))
+        else:
+            noise = np.einsum("ia,cij,jb->cab", T, np.asarray(src, dtype=np.float64), T, optimize=True)
+    return Mp, bp, noise
+
+
+def _fit_weights(system: StampSystem, rows: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
+    """S/N² of each candidate's fitted model, ``xᵀ M x`` (weighted model power over the noise)."""
+    x = np.where(np.isfinite(coeffs), coeffs, 0.0)
+    return np.einsum("ci,cij,cj->c", x, system.M[np.asarray(rows)], x, optimize=True)
+
+
 @_with_single_threaded_blas
 def solve_psf_matching(
     template: MaskedImage,
@@ -695,15 +774,23 @@ def solve_psf_matching(
     template_noise_correction: bool = False,
     noise_correlation: np.ndarray | None = None,
     regularization: np.ndarray | None = None,
+    regularization_scaling: float | None = None,
+    use_pca: bool = False,
+    n_pca_components: int = 5,
+    subtract_mean_for_pca: bool = True,
     log: logging.Logger | None = None,
 ) -> KernelSolution:
     """The full AL solve loop (spec §2.7): single kernels, kernel-sum clipping, spatial fit, spatial clipping.
 
     ``template`` is the image that gets convolved, ``science`` the one it is matched to. Candidates are
     modified in place (status, kernel_sum, residual statistics). ``regularization`` (``λH``, basis-sized) is
-    added to every candidate's normal matrix (delta-function bases). ``template_noise_correction`` removes the
+    added to every candidate's normal matrix (delta-function bases; ``regularization_scaling``: relative λ, see
+    :func:`build_stamp_system`). ``template_noise_correction`` removes the
     template's own noise (autocorrelation ``noise_correlation``) from the spatial normal equations
-    (:func:`build_stamp_system`, :func:`fit_spatial`). Raises
+    (:func:`build_stamp_system`, :func:`fit_spatial`). With ``use_pca`` the spatial fit is made in the basis
+    of the mean and leading principal components of the accepted single kernels
+    (:func:`diffim.psfmatch.pca.pca_kernel_basis`, ``n_pca_components`` kernels), rebuilt at every spatial
+    iteration from the candidates still accepted; the returned kernel is expressed in that basis. Raises
     :class:`~diffim.errors.NoKernelCandidatesError` when every candidate is rejected.
     """
     log = log or _log
@@ -728,7 +815,7 @@ def solve_psf_matching(
         basis, template, science, [c.box for c in cands],
         fit_background=fit_for_background, constant_variance_weighting=constant_variance_weighting,
         template_noise_correction=template_noise_correction, noise_correlation=noise_correlation,
-        regularization=regularization,
+        regularization=regularization, regularization_scaling=regularization_scaling,
     )
     single = solve_single(system)
     smean, srms, schi2 = residual_statistics(system, single, basis)
@@ -785,16 +872,41 @@ def solve_psf_matching(
                 continue
         idx = np.array([index[id(c)] for c in visited])
         ks_fit, bs_fit = _affordable_spatial(len(idx), kspatial, bspatial, bbox, spatial_model_type, log)
-        theta, design, cond = fit_spatial(
-            system.M[idx], system.b[idx], xs_all[idx], ys_all[idx], n_basis, ks_fit, bs_fit, constant_first_term,
-            noise=None if system.noise is None else system.noise[idx], yy=system.yy[idx],
-            npix=system.S.shape[1],
+        pca = None
+        if use_pca:
+            mean_kernel = None
+            if subtract_mean_for_pca:
+                # Kernel 0 of the PCA basis: the spatially constant kernel fitted to all these candidates at
+                # once (the average of single kernels is as noisy as they are, and a delta-function single
+                # kernel fits ~1100 pixels to ~1200).
+                k0 = SpatialFunction(0, bbox, spatial_model_type)
+                th0, d0, _ = fit_spatial(system.M[idx], system.b[idx], xs_all[idx], ys_all[idx], n_basis, k0, bs_fit,
+                                         constant_first_term,
+                                         noise=None if system.noise is None else system.noise[idx],
+                                         yy=system.yy[idx], npix=system.S.shape[1], condition=False)
+                mean_kernel = d0.local(th0)[0, :n_basis]
+            pca = pca_kernel_basis(single[idx, :n_basis], basis, n_pca_components,
+                                   subtract_mean=subtract_mean_for_pca,
+                                   weights=_fit_weights(system, idx, single[idx]), mean=mean_kernel)
+            M_fit, b_fit, noise_fit = project_system(system, idx, pca.transform)
+            n_fit, first_fit = len(pca), pca.mean_first
+        else:
+            M_fit, b_fit = system.M[idx], system.b[idx]
+            noise_fit = None if system.noise is None else system.noise[idx]
+            n_fit, first_fit = n_basis, constant_first_term
+        theta, design, _ = fit_spatial(
+            M_fit, b_fit, xs_all[idx], ys_all[idx], n_fit, ks_fit, bs_fit, first_fit,
+            noise=noise_fit, yy=system.yy[idx], npix=system.S.shape[1], condition=False,
         )
-        solution = (theta, idx, cond, ks_fit, bs_fit, design.n_noise_corrected)
+        del M_fit, b_fit, noise_fit
+        # The condition number (an eigendecomposition as costly as the solve) is computed for the final fit only.
+        solution = (theta, idx, design.normal_matrix, ks_fit, bs_fit, design.n_noise_corrected, pca)
         if it >= max_spatial_iterations:
             break
-        # Assess every visited candidate with the spatial kernel at its centre.
+        # Assess every visited candidate with the spatial kernel at its centre (in the original basis).
         loc = design.local(theta)
+        if pca is not None:
+            loc = pca.expand(loc)
         mean, rms, chi2 = residual_statistics(system, loc, basis, rows=idx)
         n_bad = 0
         for c, m, r, q in zip(visited, mean, rms, chi2):
@@ -812,8 +924,12 @@ def solve_psf_matching(
             pass  # let the next pass refill the cells or raise
         it += 1
 
-    theta, idx, cond, kspatial, bspatial, n_corrected = solution
-    kernel, background = _theta_to_kernel(theta, n_basis, kspatial, bspatial, constant_first_term, basis)
+    theta, idx, normal_matrix, kspatial, bspatial, n_corrected, pca = solution
+    cond = condition_number(normal_matrix)
+    if pca is None:
+        kernel, background = _theta_to_kernel(theta, n_basis, kspatial, bspatial, constant_first_term, basis)
+    else:
+        kernel, background = _theta_to_kernel(theta, len(pca), kspatial, bspatial, pca.mean_first, pca.basis)
     n_used = len(idx)
     if n_used < 1:
         raise NoKernelCandidatesError("The final spatial kernel fit used no candidates.")
@@ -834,6 +950,9 @@ def solve_psf_matching(
     }
     if system.noise is not None:
         meta["nTemplateNoiseCorrectedModes"] = n_corrected
+    if pca is not None:
+        meta["nPcaComponents"] = len(pca)
+        meta["pcaExplainedFraction"] = pca.explained
     log.info(
         "Kernel solved with %d of %d candidates; kernel sum at centre %.5f; condition number %.3g.",
         n_used, len(cands), meta["spatialKernelSum"], cond,

@@ -62,8 +62,10 @@ class PsfMatchConfig(pexConfig.Config):
     sizeCellY = pexConfig.Field(dtype=int, doc="Size (y) of the spatial cells, pixels.", default=128)
     nStarPerCell = pexConfig.Field(dtype=int, doc="Candidates used per cell (-1: all).", default=5)
     maxSpatialIterations = pexConfig.Field(dtype=int, doc="Spatial clipping iterations.", default=3)
-    usePcaForSpatialKernel = pexConfig.Field(dtype=bool, doc="PCA basis for the spatial fit (not implemented: "
-                                             "the original basis is used).", default=False)
+    usePcaForSpatialKernel = pexConfig.Field(
+        dtype=bool, default=False,
+        doc="Fit the spatial kernel model in the basis of the mean and principal components of the single-candidate "
+            "kernels (diffim.psfmatch.pca) instead of the original basis.")
     subtractMeanForPca = pexConfig.Field(dtype=bool, doc="Subtract the mean kernel before PCA.", default=True)
     numPrincipalComponents = pexConfig.Field(dtype=int, doc="PCA components incl. the mean.", default=5)
     singleKernelClipping = pexConfig.Field(dtype=bool, doc="Reject candidates on single-kernel residuals.", default=True)
@@ -94,6 +96,9 @@ class PsfMatchConfig(pexConfig.Config):
         super().validate()
         if self.kernelSize % 2 == 0:
             raise pexConfig.FieldValidationError(PsfMatchConfig.kernelSize, self, "kernelSize must be odd")
+        if self.numPrincipalComponents < 1:
+            raise pexConfig.FieldValidationError(PsfMatchConfig.numPrincipalComponents, self,
+                                                 "numPrincipalComponents must be at least 1 (the mean kernel)")
 
 
 class PsfMatchConfigAL(PsfMatchConfig):
@@ -150,7 +155,9 @@ class PsfMatchConfigDF(PsfMatchConfig):
         super().setDefaults()
         self.kernelBasisSet = "delta-function"
         self.maxConditionNumber = 5.0e6
-        self.usePcaForSpatialKernel = True
+        # LSST sets usePcaForSpatialKernel = True here. A single delta-function kernel (~1100 pixels fitted to
+        # ~1200) is noise, so principal components of single kernels miss the spatial variation (docs/deviations.md).
+        self.usePcaForSpatialKernel = False
 
 
 class DetectionConfig(pexConfig.Config):
@@ -323,12 +330,17 @@ class ImagePsfMatchTask(Task):
         return basis
 
     # -- fitting ----------------------------------------------------------------------------------------------
-    def _regularization(self, basis):
+    def _regularization(self, basis) -> tuple[np.ndarray | None, float | None]:
+        """``(matrix, relative scaling)`` for :func:`~diffim.psfmatch.solve.solve_psf_matching`: ``(λH, None)``
+        for ``lambdaType="absolute"``, ``(H, lambdaScaling)`` for ``"relative"``, ``(None, None)`` without."""
         kc = self.config.kernel.active
         if kc.kernelBasisSet != "delta-function" or not getattr(kc, "useRegularization", False):
-            return None
-        H = regularization_matrix(basis.size, kc.centralRegularizationStencil, kc.regularizationBorderPenalty)
-        return kc.lambdaValue * H
+            return None, None
+        H = regularization_matrix(basis.size, kc.centralRegularizationStencil, kc.regularizationBorderPenalty,
+                                  kind=kc.regularizationType, orders=tuple(kc.forwardRegularizationOrders))
+        if kc.lambdaType == "relative":
+            return H, float(kc.lambdaScaling)
+        return kc.lambdaValue * H, None
 
     def _fit(self, target: Exposure, reference: Exposure, candidateList, residualMeanScale: float = 1.0):
         """Fit ``reference ≈ corr(K, target) + bg``; returns (solution, basis). ``residualMeanScale``: see
@@ -393,6 +405,7 @@ class ImagePsfMatchTask(Task):
             self.metadata["templateNoiseCorrelation1"] = float(0.25 * (rho[1, 2] + rho[3, 2] + rho[2, 1] + rho[2, 3]))
             self.metadata["templateNoiseVarianceRatio"] = scale
             rho = rho * scale
+        reg, reg_scaling = self._regularization(basis)
         solution = solve_psf_matching(
             target.masked_image, reference.masked_image, cands, basis, bbox=bbox,
             spatial_kernel_order=kc.spatialKernelOrder, spatial_bg_order=kc.spatialBgOrder,
@@ -404,7 +417,9 @@ class ImagePsfMatchTask(Task):
             candidate_residual_std_max=kc.candidateResidualStdMax, max_ksum_sigma=kc.maxKsumSigma,
             constant_variance_weighting=kc.constantVarianceWeighting,
             template_noise_correction=self.config.templateNoiseCorrection, noise_correlation=rho,
-            regularization=self._regularization(basis),
+            regularization=reg, regularization_scaling=reg_scaling,
+            use_pca=kc.usePcaForSpatialKernel, n_pca_components=kc.numPrincipalComponents,
+            subtract_mean_for_pca=kc.subtractMeanForPca,
             log=self.log,
         )
         self.metadata.update(solution.metadata)
