@@ -864,3 +864,20 @@ def test_config_fields_doc_covers_every_field_and_names_real_tests():
         assert f"def {name}(" in sources[prefix], f"{prefix}::{name} named in config_fields.md does not exist"
     for path, name in re.findall(r"`(tests/test_\w+\.py)::(test_\w+)", text):
         assert f"def {name}(" in (root / path).read_text(), f"{path}::{name}"
+
+
+def test_deconvolving_direction_is_warned_about(caplog):
+    """convolveTemplate=True with a template broader than the science in both axes is a deconvolution: the run
+    goes on (LSST's default behaviour) but says so, with the ways out, and records it in the metadata; the
+    automatic mode and the natural direction say nothing."""
+    import logging
+
+    pair = simulate_pair(size=256, seed=3, template_psf="broader")
+    for overrides, warned in (({}, True), ({"convolveTemplate": False}, False),
+                              ({"subtract.active.mode": "auto"}, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            task, _ = run_task(pair, **SUBTRACT_ONLY, **overrides)
+        said = any("deconvolution" in r.getMessage() for r in caplog.records)
+        assert said is warned, overrides
+        assert task.metadata.get("convolutionDeconvolves", False) is warned
