@@ -117,5 +117,8 @@ def test_zogy_peer_failure_cases(options):
           f"noise ratio {ratio:.3f}, replaced pixels {int(res.zogyResult.bad.sum())}")
     assert comp["completeness_snr7"] == 1.0
     assert false.sum() <= 2
-    assert int(res.zogyResult.bad.sum()) == 0
+    # Nothing replaced but the saturated cores and the bad column (replaceMaskPlanes, grown by 3 px): properimage
+    # masks most pixels of a sky-subtracted image.
+    assert res.zogyResult.bad.mean() < 0.01
+    assert not diff.mask.get("NO_DATA").any()
     assert abs(ratio - 1.0) < (0.25 if options.get("template_psf") == "broader" else 0.03)

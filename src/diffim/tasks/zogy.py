@@ -59,6 +59,19 @@ class ZogyConfig(pexConfig.Config):
         doc="Input mask planes grown by the PSF-stamp radius when OR-ed into D and S (the filters spread a "
             "defect over that reach, as afw convolution does for AL). LSST's ZOGY did not grow masks.",
     )
+    replaceMaskPlanes = pexConfig.ListField(
+        dtype=str, default=("SAT", "BAD", "NO_DATA"),
+        doc="Pixels flagged with any of these planes in either image are replaced by the background level in both "
+            "images before the FFTs (not an LSST field). A saturated core, its bleed trail or a bad column is not "
+            "sky ⊗ PSF; ZOGY's filters, which partly deconvolve the template, spread it tens of pixels beyond the "
+            "grown mask.",
+    )
+    replaceMaskGrow = pexConfig.RangeField(
+        dtype=int, default=3, min=0,
+        doc="Grow the replaced pixels (replaceMaskPlanes) by this many pixels (not an LSST field): the pixels next "
+            "to a saturated core sit on the steepest part of the star and, in a warped template, carry the "
+            "interpolation's ringing of the flat top (a Lanczos-3 warp spreads a pixel over ±3).",
+    )
     doSubtractBackground = pexConfig.Field(
         dtype=bool, default=True,
         doc="Fit and remove a smooth differential background from D (and, matched-filtered, from S); the "
@@ -247,6 +260,15 @@ class ZogyImagePsfMatchTask(Task):
         ignore_r = mask_r.get(list(cfg.ignoreMaskPlanes), ignore_missing=True)
         nodata_n = mask_n.get("NO_DATA", ignore_missing=True)
         nodata_r = mask_r.get("NO_DATA", ignore_missing=True)
+        # One hole in both images: a saturated star cut out of one image only would leave its core.
+        planes = list(cfg.replaceMaskPlanes)
+        replace = mask_n.get(planes, ignore_missing=True) | mask_r.get(planes, ignore_missing=True)
+        if cfg.replaceMaskGrow > 0 and replace.any():
+            from scipy.ndimage import binary_dilation
+
+            replace = binary_dilation(replace, iterations=int(cfg.replaceMaskGrow))
+        replace_n, replace_r = replace | nodata_n, replace | nodata_r
+        flagged_only = replace & ~(nodata_n | nodata_r)  # replaced, but keep their own planes (not NO_DATA)
 
         max_dist = cfg.maxPsfCentroidDist
 
@@ -270,7 +292,7 @@ class ZogyImagePsfMatchTask(Task):
             flux_science=f_n, flux_template=f_r,
             sigma_x=cfg.astrometricNoiseX, sigma_y=cfg.astrometricNoiseY,
             grid_inner_size=cfg.gridInnerSize if grid else None,
-            replace_science=nodata_n, replace_template=nodata_r,
+            replace_science=replace_n, replace_template=replace_r,
             stats_ignore_science=ignore_n, stats_ignore_template=ignore_r,
             subtract_background=cfg.correctBackground,
             difference_background_bin=cfg.backgroundBinSize if cfg.doSubtractBackground else None,
@@ -289,7 +311,9 @@ class ZogyImagePsfMatchTask(Task):
         diff.mask.array |= grow_mask_bits(tmask, diff.mask.bitmask(list(cfg.growMaskPlanes), ignore_missing=True),
                                           radius)
         if res.bad.any():
-            diff.mask.set("NO_DATA", res.bad)
+            finite = (np.isfinite(science.image) & np.isfinite(science.variance) & np.isfinite(template.image)
+                      & np.isfinite(template.variance))
+            diff.mask.set("NO_DATA", res.bad & ~(flagged_only & finite))
         diff.psf = self._cell_psf(res, science, "P_D")
         diff.photo_calib = science.photo_calib if science.photo_calib is not None else PhotoCalib(1.0)
 
