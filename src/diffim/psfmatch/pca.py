@@ -76,7 +76,8 @@ def pca_kernel_basis(coeffs: np.ndarray, basis: KernelBasis, n_components: int, 
         The basis they are expressed in.
     n_components
         Kernels in the result, the mean included when ``subtract_mean`` (LSST ``numPrincipalComponents``).
-        At most ``n`` (``n − 1`` components about the mean) are kept.
+        Components with a negligible singular value (fewer kernels than components, or identical kernels) are
+        dropped.
     subtract_mean
         Kernel 0 is the weighted mean kernel (scaled to unit sum) and the components describe the scatter about
         it (LSST ``subtractMeanForPca``); otherwise the components of the kernels themselves.
@@ -134,7 +135,7 @@ def pca_kernel_basis(coeffs: np.ndarray, basis: KernelBasis, n_components: int, 
                 # the mean kernel's coefficient, constant when that coefficient is.
                 e = e - (e @ basis.sums) * cols[0]
             cols.append(e)
-    if not cols:  # no mean and no component (cannot happen for n_components ≥ 1 and n ≥ 1; kept for safety)
+    if not cols:  # without the mean, all-zero kernels leave no component: keep their (zero) average
         cols.append(mean)
     T = np.stack(cols, axis=1)  # (N, m)
     images = np.tensordot(T.T, basis.images, axes=1)
