@@ -119,7 +119,7 @@ class DecorrelatedPsf(Psf):
         return [base.compute_kernel_image(float(a), float(b)) for a, b in zip(xs, ys)]
 
     def _fill(self, xs: np.ndarray, ys: np.ndarray) -> None:
-        """Compute and cache the node images of the (rounded) positions not cached yet."""
+        """Compute and cache the kernel images of the (cache-grid rounded) positions not cached yet."""
         keys = list(dict.fromkeys(zip(xs.tolist(), ys.tolist())))
         missing = [k for k in keys if k not in self._images]
         if not missing:
