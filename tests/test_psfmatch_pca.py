@@ -96,3 +96,16 @@ def test_project_system_is_the_normal_equations_of_the_combined_basis():
         assert np.allclose(bp[k], system.b[c] @ Tt)
         dense = system.noise[[c]].dense()[0]
         assert np.allclose(noise[k], T.T @ dense @ T)
+
+
+def test_delta_function_config_refuses_negative_penalties_and_unknown_orders():
+    import lsst.pex.config as pexConfig
+
+    from diffim.tasks.image_psf_match import PsfMatchConfigDF
+
+    PsfMatchConfigDF().validate()
+    for name, value in (("lambdaValue", -0.1), ("lambdaScaling", -1e-4), ("forwardRegularizationOrders", [4])):
+        cfg = PsfMatchConfigDF()
+        setattr(cfg, name, value)
+        with pytest.raises(pexConfig.FieldValidationError, match=name):
+            cfg.validate()

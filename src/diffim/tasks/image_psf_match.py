@@ -151,6 +151,17 @@ class PsfMatchConfigDF(PsfMatchConfig):
     lambdaMax = pexConfig.Field(dtype=float, doc="Lambda scan end (log10, unused).", default=2.0)
     lambdaStep = pexConfig.Field(dtype=float, doc="Lambda scan step (unused).", default=0.1)
 
+    def validate(self):
+        super().validate()
+        for name in ("lambdaValue", "lambdaScaling", "regularizationBorderPenalty"):
+            if not getattr(self, name) >= 0:
+                raise pexConfig.FieldValidationError(getattr(PsfMatchConfigDF, name), self,
+                                                     f"{name} must be ≥ 0 (a negative penalty rewards rough kernels)")
+        orders = list(self.forwardRegularizationOrders)
+        if not orders or any(o not in (1, 2, 3) for o in orders):
+            raise pexConfig.FieldValidationError(PsfMatchConfigDF.forwardRegularizationOrders, self,
+                                                 f"forwardRegularizationOrders must be 1, 2 or 3, got {orders}")
+
     def setDefaults(self):
         super().setDefaults()
         self.kernelBasisSet = "delta-function"
