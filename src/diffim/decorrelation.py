@@ -602,15 +602,22 @@ def _grid_nodes(n: int, step: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, n - 1, count)).astype(np.intp))
 
 
+def _segments(nodes: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For positions ``x`` and ≥ 2 increasing ``nodes``: the interval ``j`` (nodes ``j``, ``j + 1``; the outer
+    intervals extended) and the fraction ``t`` along it, the nodes' hat weights being ``1 − t`` and ``t``."""
+    nodes = np.asarray(nodes, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    j = np.clip(np.searchsorted(nodes, x, side="right") - 1, 0, nodes.size - 2)
+    return j, (x - nodes[j]) / (nodes[j + 1] - nodes[j])
+
+
 def _tent_matrix(n: int, nodes: np.ndarray) -> np.ndarray:
     """``(n, len(nodes))`` bilinear (hat-function) weights of every pixel on the nodes; rows sum to 1."""
     w = np.zeros((n, nodes.size))
     if nodes.size == 1:
         w[:, 0] = 1.0
         return w
-    x = np.arange(n, dtype=np.float64)
-    j = np.clip(np.searchsorted(nodes, x, side="right") - 1, 0, nodes.size - 2)
-    t = (x - nodes[j]) / (nodes[j + 1] - nodes[j])
+    j, t = _segments(nodes, np.arange(n, dtype=np.float64))
     w[np.arange(n), j] = 1.0 - t
     w[np.arange(n), j + 1] = t
     return w
@@ -659,9 +666,8 @@ class DecorrelationNodes:
             if nodes.size == 1:
                 z = np.zeros(v.shape, dtype=np.intp)
                 return z, z, np.zeros(v.shape)
-            k = np.clip(np.searchsorted(nodes, v, side="right") - 1, 0, nodes.size - 2)
-            t = np.clip((v - nodes[k]) / (nodes[k + 1] - nodes[k]), 0.0, 1.0)
-            return k, k + 1, t
+            k, t = _segments(nodes, v)
+            return k, k + 1, np.clip(t, 0.0, 1.0)
 
         ia, ib, ty = axis(np.asarray(self.y, float), y)
         ja, jb, tx = axis(np.asarray(self.x, float), x)
