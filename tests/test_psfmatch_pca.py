@@ -87,7 +87,7 @@ def test_project_system_is_the_normal_equations_of_the_combined_basis():
     N = len(basis)
     T = rng.normal(size=(N, 3))
     rows = np.array([0, 2])
-    Mp, bp, noise = project_system(system, rows, T)
+    Mp, bp, noise = project_system(system.M[rows], system.b[rows], system.noise[rows], T)
     Tt = np.zeros((N + 1, 4))
     Tt[:N, :3] = T
     Tt[N, 3] = 1.0

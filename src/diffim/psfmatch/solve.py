@@ -713,38 +713,33 @@ def _affordable_spatial(n: int, kspatial, bspatial, bbox, kind: str, log):
     return ks, bs
 
 
-def project_system(system: StampSystem, rows: np.ndarray, transform: np.ndarray):
-    """Normal equations of candidates ``rows`` in a basis of combinations ``transform`` ``(N, m)`` of the
-    system's basis: ``(M', b', noise')`` with ``M' = T̃ᵀ M T̃``, ``b' = T̃ᵀ b`` (``T̃`` = ``transform`` plus the
-    background column unchanged) and the template-noise part projected alike (None without one)."""
-    rows = np.asarray(rows)
+def project_system(M: np.ndarray, b: np.ndarray, noise, transform: np.ndarray):
+    """Normal equations ``M`` ``(nc, n, n)``, ``b`` ``(nc, n)`` and template-noise part ``noise`` (a
+    :class:`DeltaFunctionNoise`, ``(nc, N, N)`` matrices or None) in a basis of combinations ``transform``
+    ``(N, m)`` of their basis: ``(M', b', noise')`` with ``M' = T̃ᵀ M T̃``, ``b' = T̃ᵀ b`` (``T̃`` = ``transform``
+    plus the background column unchanged) and the noise part projected alike."""
     T = np.asarray(transform, dtype=np.float64)
     N, m = T.shape
-    M = system.M[rows]
     n = M.shape[1]
     Tt = np.zeros((n, m + (n - N)))
     Tt[:N, :m] = T
     if n > N:
         Tt[N:, m:] = np.eye(n - N)
     Mp = np.einsum("ia,cij,jb->cab", Tt, M, Tt, optimize=True)
-    bp = system.b[rows] @ Tt
-    noise = None
-    if system.noise is not None:
-        src = system.noise[rows]
-        if isinstance(src, DeltaFunctionNoise):
-            # N_c = ½(diag(W_c) R + R diag(W_c)): Tᵀ N_c T = ½(X_c + X_cᵀ), X_c = (W_c ∘ T)ᵀ (R T).
-            RT = src.R @ T
-            X = np.einsum("ci,ia,ib->cab", src.W, T, RT, optimize=True)
-            noise = 0.5 * (X + X.transpose(0, 2, 1))
-        else:
-            noise = np.einsum("ia,cij,jb->cab", T, np.asarray(src, dtype=np.float64), T, optimize=True)
-    return Mp, bp, noise
+    bp = b @ Tt
+    if noise is None:
+        return Mp, bp, None
+    if isinstance(noise, DeltaFunctionNoise):
+        # N_c = ½(diag(W_c) R + R diag(W_c)): Tᵀ N_c T = ½(X_c + X_cᵀ), X_c = (W_c ∘ T)ᵀ (R T).
+        X = np.einsum("ci,ia,ib->cab", noise.W, T, noise.R @ T, optimize=True)
+        return Mp, bp, 0.5 * (X + X.transpose(0, 2, 1))
+    return Mp, bp, np.einsum("ia,cij,jb->cab", T, np.asarray(noise, dtype=np.float64), T, optimize=True)
 
 
-def _fit_weights(system: StampSystem, rows: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
+def _fit_weights(M: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
     """S/N² of each candidate's fitted model, ``xᵀ M x`` (weighted model power over the noise)."""
     x = np.where(np.isfinite(coeffs), coeffs, 0.0)
-    return np.einsum("ci,cij,cj->c", x, system.M[np.asarray(rows)], x, optimize=True)
+    return np.einsum("ci,cij,cj->c", x, M, x, optimize=True)
 
 
 @_with_single_threaded_blas
@@ -873,6 +868,10 @@ def solve_psf_matching(
         idx = np.array([index[id(c)] for c in visited])
         ks_fit, bs_fit = _affordable_spatial(len(idx), kspatial, bspatial, bbox, spatial_model_type, log)
         pca = None
+        # The visited candidates' normal equations, gathered once (a delta-function basis: ~10 MB each).
+        M_fit, b_fit = system.M[idx], system.b[idx]
+        noise_fit = None if system.noise is None else system.noise[idx]
+        n_fit, first_fit = n_basis, constant_first_term
         if use_pca:
             mean_kernel = None
             if subtract_mean_for_pca:
@@ -880,20 +879,15 @@ def solve_psf_matching(
                 # once (the average of single kernels is as noisy as they are, and a delta-function single
                 # kernel fits ~1100 pixels to ~1200).
                 k0 = SpatialFunction(0, bbox, spatial_model_type)
-                th0, d0, _ = fit_spatial(system.M[idx], system.b[idx], xs_all[idx], ys_all[idx], n_basis, k0, bs_fit,
-                                         constant_first_term,
-                                         noise=None if system.noise is None else system.noise[idx],
-                                         yy=system.yy[idx], npix=system.S.shape[1], condition=False)
+                th0, d0, _ = fit_spatial(M_fit, b_fit, xs_all[idx], ys_all[idx], n_basis, k0, bs_fit,
+                                         constant_first_term, noise=noise_fit, yy=system.yy[idx],
+                                         npix=system.S.shape[1], condition=False)
                 mean_kernel = d0.local(th0)[0, :n_basis]
             pca = pca_kernel_basis(single[idx, :n_basis], basis, n_pca_components,
                                    subtract_mean=subtract_mean_for_pca,
-                                   weights=_fit_weights(system, idx, single[idx]), mean=mean_kernel)
-            M_fit, b_fit, noise_fit = project_system(system, idx, pca.transform)
+                                   weights=_fit_weights(M_fit, single[idx]), mean=mean_kernel)
+            M_fit, b_fit, noise_fit = project_system(M_fit, b_fit, noise_fit, pca.transform)
             n_fit, first_fit = len(pca), pca.mean_first
-        else:
-            M_fit, b_fit = system.M[idx], system.b[idx]
-            noise_fit = None if system.noise is None else system.noise[idx]
-            n_fit, first_fit = n_basis, constant_first_term
         theta, design, _ = fit_spatial(
             M_fit, b_fit, xs_all[idx], ys_all[idx], n_fit, ks_fit, bs_fit, first_fit,
             noise=noise_fit, yy=system.yy[idx], npix=system.S.shape[1], condition=False,
