@@ -45,6 +45,7 @@ __all__ = [
     "gaussian_kernel_1d",
     "correlate_separable",
     "smear_mask",
+    "box_any",
     "Smoothed",
     "smooth_for_detection",
     "clipped_stdev",
@@ -215,7 +216,7 @@ def smear_mask(mask: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def _box_any(flags: np.ndarray, width: int) -> np.ndarray:
+def box_any(flags: np.ndarray, width: int) -> np.ndarray:
     """Boolean dilation of ``flags`` by a ``width × width`` box (separable running maximum)."""
     u = flags.view(np.uint8) if flags.dtype == bool else flags.astype(np.uint8)
     out = ndimage.maximum_filter1d(u, width, axis=0, mode="constant", cval=0)
@@ -837,7 +838,7 @@ def detect_footprints_smoothed(
         if mask is not None and stats_bits:
             bad = (np.asarray(mask) & int(stats_bits)) != 0
             if kw > 1:
-                bad = _box_any(bad, kw)
+                bad = box_any(bad, kw)
             vals = vals[~bad[sm.middle]]
         scale = clipped_stdev(vals)
         if not (np.isfinite(scale) and scale > 0):
