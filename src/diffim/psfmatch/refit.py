@@ -51,15 +51,20 @@ class BackgroundRefit:
     reason: str = ""
 
 
+def _block_views(a: np.ndarray, step: int):
+    """The ``step²`` strided views whose element-wise combination reduces ``a`` over ``step × step`` blocks (a
+    trailing partial row or column of blocks is dropped)."""
+    ny, nx = (a.shape[0] // step) * step, (a.shape[1] // step) * step
+    return [a[dy:ny:step, dx:nx:step] for dy in range(step) for dx in range(step)]
+
+
 def _block_mean(a: np.ndarray, step: int) -> np.ndarray:
-    """Mean over ``step × step`` blocks (a trailing partial row or column of blocks is dropped)."""
     if step == 1:
         return a
-    ny, nx = (a.shape[0] // step) * step, (a.shape[1] // step) * step
-    out = np.zeros((ny // step, nx // step), np.float32)
-    for dy in range(step):
-        for dx in range(step):
-            out += a[dy:ny:step, dx:nx:step]
+    views = _block_views(a, step)
+    out = np.zeros(views[0].shape, np.float32)
+    for v in views:
+        out += v
     out /= np.float32(step * step)
     return out
 
@@ -67,11 +72,10 @@ def _block_mean(a: np.ndarray, step: int) -> np.ndarray:
 def _block_any(a: np.ndarray, step: int) -> np.ndarray:
     if step == 1:
         return a
-    ny, nx = (a.shape[0] // step) * step, (a.shape[1] // step) * step
-    out = np.zeros((ny // step, nx // step), bool)
-    for dy in range(step):
-        for dx in range(step):
-            out |= a[dy:ny:step, dx:nx:step]
+    views = _block_views(a, step)
+    out = np.zeros(views[0].shape, bool)
+    for v in views:
+        out |= v
     return out
 
 
