@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["fft_workers", "limit_threads", "DEFAULT_FFT_WORKERS", "ENV_FFT_WORKERS"]
+__all__ = ["fft_workers", "blas_threads", "limit_threads", "DEFAULT_FFT_WORKERS", "ENV_FFT_WORKERS"]
 
 #: Environment variable read by :func:`fft_workers`.
 ENV_FFT_WORKERS = "DIFFIM_FFT_WORKERS"
@@ -59,6 +59,22 @@ def fft_workers(default: int | None = None) -> int:
     if default is not None:
         return max(1, int(default))
     return min(DEFAULT_FFT_WORKERS, _available_cpus())
+
+
+def blas_threads(n: int):
+    """Context manager limiting BLAS to ``n`` threads (``threadpoolctl`` if installed, else a no-op).
+
+    Code that wants more than one BLAS thread should pass :func:`fft_workers` (the process's thread budget, 1 in
+    a batch worker) rather than the machine's CPU count.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(limits=max(1, int(n)), user_api="blas")
+    except Exception:  # threadpoolctl is optional
+        import contextlib
+
+        return contextlib.nullcontext()
 
 
 # Modules that keep a module-level FFT thread count (attribute names), updated by limit_threads.

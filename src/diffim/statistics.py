@@ -222,6 +222,9 @@ def mad_sigma_relative_error(z: np.ndarray, valid: np.ndarray, max_lag: int = 16
     """
     import scipy.fft as sfft
 
+    from ._threads import fft_workers
+
+    workers = fft_workers()
     valid = np.asarray(valid, dtype=bool)
     n = int(valid.sum())
     if n < 2:
@@ -234,8 +237,8 @@ def mad_sigma_relative_error(z: np.ndarray, valid: np.ndarray, max_lag: int = 16
     shape = (sfft.next_fast_len(ny + L, real=True), sfft.next_fast_len(nx + L, real=True))
 
     def autocorrelation(a):
-        fa = sfft.rfft2(a, s=shape, workers=-1)
-        full = sfft.irfft2(fa * np.conj(fa), s=shape, workers=-1)
+        fa = sfft.rfft2(a, s=shape, workers=workers)
+        full = sfft.irfft2(fa * np.conj(fa), s=shape, workers=workers)
         return np.roll(np.roll(full, L, 0), L, 1)[: 2 * L + 1, : 2 * L + 1]
 
     pairs = autocorrelation(m)

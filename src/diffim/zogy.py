@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.fft as sfft
 
-from ._threads import fft_workers
+from ._threads import blas_threads, fft_workers
 from .errors import BadInputError, PsfError, ShapeMismatchError
 from .model.box import Box
 from .model.psf import Psf, kernel_moments, register_psf_type
@@ -915,17 +915,6 @@ def _compact(kernel: np.ndarray, rtol: float) -> np.ndarray:
     return kernel[cy - r : cy + r + 1, cx - r : cx + r + 1]
 
 
-def _single_threaded_blas():
-    try:
-        from threadpoolctl import threadpool_limits
-
-        return threadpool_limits(limits=1, user_api="blas")
-    except Exception:  # threadpoolctl is optional
-        import contextlib
-
-        return contextlib.nullcontext()
-
-
 _POOL: ThreadPoolExecutor | None = None
 _POOL_KEY: tuple[int, int] | None = None
 
@@ -959,7 +948,7 @@ class _StampSpectrum:
         stamp = _odd_crop(np.asarray(stamp, dtype=np.float64), ny, nx)
         sh, sw = stamp.shape
         cy, cx = sh // 2, sw // 2
-        with _single_threaded_blas():  # a tiny SVD: BLAS threads only add start-up and contention cost
+        with blas_threads(1):  # a tiny SVD: BLAS threads only add start-up and contention cost
             u, sv, vt = np.linalg.svd(stamp)
         r = max(1, int(np.sum(sv > rtol * sv[0]))) if sv[0] > 0 else 1
         cols = np.zeros((ny, r))

@@ -22,6 +22,7 @@ import numpy as np
 import scipy.fft as sfft
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .._threads import blas_threads, fft_workers
 from ..errors import InsufficientKernelCandidatesError, NoKernelCandidatesError
 from ..model.box import Box
 from ..model.exposure import MaskedImage
@@ -55,36 +56,21 @@ def _single_threaded_blas():
     everything else. On the 2048² bench pair (1000 stamps) build_stamp_system takes 0.4–0.5 s of CPU with
     one BLAS thread against 1.9–4.1 s with two.
     """
-    try:
-        from threadpoolctl import threadpool_limits
-
-        return threadpool_limits(limits=1, user_api="blas")
-    except Exception:  # threadpoolctl is optional
-        import contextlib
-
-        return contextlib.nullcontext()
+    return blas_threads(1)
 
 
 #: Normal matrices at least this large (delta-function bases: ~1100 × spatial terms) are decomposed with every
-#: BLAS thread: one O(n³) LAPACK call, not thousands of small products.
+#: BLAS thread the process may use: one O(n³) LAPACK call, not thousands of small products.
 _LARGE_SYSTEM = 1000
 
 
 def _all_blas_threads(n: int):
-    """Context lifting the single-thread BLAS limit for an ``n × n`` decomposition (no-op below
-    :data:`_LARGE_SYSTEM` or without ``threadpoolctl``)."""
+    """Context lifting the single-thread BLAS limit to the process's thread budget
+    (:func:`diffim._threads.fft_workers`: 1 in a batch worker) for an ``n × n`` decomposition (no-op below
+    :data:`_LARGE_SYSTEM`)."""
     import contextlib
 
-    if n < _LARGE_SYSTEM:
-        return contextlib.nullcontext()
-    try:
-        import os
-
-        from threadpoolctl import threadpool_limits
-
-        return threadpool_limits(limits=os.cpu_count() or 1, user_api="blas")
-    except Exception:
-        return contextlib.nullcontext()
+    return contextlib.nullcontext() if n < _LARGE_SYSTEM else blas_threads(fft_workers())
 
 
 def _with_single_threaded_blas(func):
