@@ -172,8 +172,12 @@ class SpatialBackground:
 
 def _evaluate_on_grid(spatial: SpatialFunction, weights: np.ndarray, bbox: Box) -> np.ndarray:
     """``Σ_k w_k f_k`` on every pixel of ``bbox`` via the separable factors (one small matmul)."""
-    xs = np.arange(bbox.x0, bbox.x1, dtype=float)
-    ys = np.arange(bbox.y0, bbox.y1, dtype=float)
+    return evaluate_on_axes(spatial, weights, np.arange(bbox.x0, bbox.x1, dtype=float),
+                            np.arange(bbox.y0, bbox.y1, dtype=float))
+
+
+def evaluate_on_axes(spatial: SpatialFunction, weights: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """``Σ_k w_k f_k`` on the grid ``ys × xs`` (parent coordinates; float32 ``(len(ys), len(xs))``)."""
     fx, _ = spatial.factors(xs, np.zeros_like(xs))
     _, fy = spatial.factors(np.zeros_like(ys), ys)
     return (fy * weights).astype(np.float32) @ fx.T.astype(np.float32)

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..background import bin_statistics
 from ..detection import box_any, smooth_for_detection
-from .kernel import SpatialBackground
+from .kernel import SpatialBackground, evaluate_on_axes
 
 __all__ = ["BackgroundRefit", "refit_background", "source_mask"]
 
@@ -95,13 +95,6 @@ def _smoothed(image: np.ndarray, variance: np.ndarray, invalid: np.ndarray, sigm
     del img, var
     near = box_any(bad, sm.kernel_width) if bad.any() else bad
     return sm.image, sm.variance, near
-
-
-def _model_on_grid(spatial, coef: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """``Σ_k coef_k f_k(x, y)`` on the grid ``ys × xs`` (parent coordinates), via the separable factors."""
-    fx, _ = spatial.factors(xs, np.zeros_like(xs))
-    _, fy = spatial.factors(np.zeros_like(ys), ys)
-    return ((fy * coef) @ fx.T).astype(np.float32)
 
 
 def _hot(resid: np.ndarray, smoothed_variance: np.ndarray, usable: np.ndarray, threshold: float,
@@ -222,7 +215,7 @@ def refit_background(image: np.ndarray, variance: np.ndarray, exclude: np.ndarra
         if fit is None:
             break
         coef, n_used = fit
-        model = _model_on_grid(spatial, coef, xs, ys)
+        model = evaluate_on_axes(spatial, coef, xs, ys)
     if model is None:
         return BackgroundRefit(None, 0, 0.0, f"fewer than {3 * n_terms} source-free super-pixels for {n_terms} "
                                              "background terms")
