@@ -558,3 +558,47 @@ def test_spatially_varying_decorrelation_of_a_convolved_science_gives_unit_pulls
     assert e["n_pull"] >= 40
     assert 0.8 < e["pull_std"] < 1.25, e["pull_std"]
     assert abs(e["flux_bias"]) < 0.01
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+@pytest.mark.parametrize("template_matched", [True, False])
+def test_bad_column_of_the_unconvolved_image_is_not_filtered(spatial, template_matched):
+    """A bad column keeps its garbage in the image that enters the difference unconvolved (the convolution fills
+    the other image's BAD pixels). The filter spread it over the neighbouring pixels (here +28σ on average within
+    4 px; on a sky-50 simulation its negative side lobes left a −0.8σ trough and 85 DIA sources along the
+    column); its pixels are now left out. The convolved image's BAD plane, grown over the kernel box, holds sane values:
+    those pixels are still filtered."""
+    n, col = 256, 128
+    science, template = make_pair(0.04, 0.04, n=n, n_sources=0, seed=7)
+    unconv = science if template_matched else template
+    unconv.mask.set("BAD", np.zeros((n, n), bool))
+    unconv.image[:, col] += 1000.0 * np.sqrt(0.04)
+    unconv.mask.array[:, col] |= unconv.mask.bitmask(["BAD"])
+    kernel = lsst_matching_kernel()
+    if template_matched:
+        diff = make_diff(science, template, kernel)
+    else:  # template − κ ⊗ science, the template's PSF
+        d = make_diff(template, science, kernel)
+        diff = Exposure(image=-d.image, variance=d.variance, psf=template.psf)
+    diff.mask.array[:, col] |= diff.mask.bitmask(["BAD"])
+    # The convolved image's bad pixels: flagged over a kernel box in the difference, values sane.
+    diff.mask.array[40:60, 20:40] |= diff.mask.bitmask(["BAD"])
+    clean = diff.image.copy()
+    clean[:, col] -= (1.0 if template_matched else -1.0) * 1000.0 * np.sqrt(0.04)
+    out = DecorrelateALKernelSpatialTask().run(science, template, diff, kernel, spatiallyVarying=spatial,
+                                               templateMatched=template_matched).correctedExposure
+    z = out.image / np.sqrt(out.variance)
+    beside = np.concatenate([z[20:-20, col + o] for o in (-4, -3, -2, -1, 1, 2, 3, 4)])
+    assert abs(float(np.mean(beside))) < 0.05, np.mean(beside)  # 27.6 when the column is filtered
+    # The column itself holds the filtered replacement (≈ 0), not +1000σ.
+    assert np.max(np.abs(z[20:-20, col])) < 6.0
+    # Pixels flagged BAD in the difference only (the convolved image's grown mask) are filtered as before:
+    # the same output as decorrelating the garbage-free difference there.
+    ref = clean.copy()
+    diff2 = Exposure(image=ref, variance=diff.variance.copy(), psf=diff.psf)
+    diff2.mask.array[...] = diff.mask.array
+    out2 = DecorrelateALKernelSpatialTask().run(science, template, diff2, kernel, spatiallyVarying=spatial,
+                                                templateMatched=template_matched).correctedExposure
+    far = (slice(45, 55), slice(25, 35))
+    assert np.allclose(out.image[far], out2.image[far], atol=1e-3 * float(np.std(out2.image)))
+    assert np.std(out.image[far] - clean[far]) > 0.05 * np.std(clean)  # filtered, not passed through

@@ -84,11 +84,31 @@ def _variance_on(exposure: Exposure, bbox) -> np.ndarray | None:
 #: ``invalid``: a border of them is mirrored from the interior, others are set to the background level).
 FILTER_EXCLUDED_PLANES = ("EDGE", "NO_DATA")
 
+#: Planes of the *unconvolved* image whose pixels are also left out. The matching convolution replaces such
+#: pixels of the image it convolves by the background level (:data:`diffim.convolve.DEFAULT_FILL_PLANES`), but the
+#: other image enters the difference as it is: a bad column keeps its garbage (+1000 counts in the simulator),
+#: and the filter's negative side lobes turned it into a trough of −2σ pixels a few pixels either side, detected
+#: as a negative source beside the column (measured on a sky-50 scene). Only the flagged pixels themselves are
+#: excluded: the image's BAD plane is not grown, unlike the convolved image's (OR-ed over the kernel box), whose
+#: values are sane and must stay.
+UNCONVOLVED_EXCLUDED_PLANES = ("BAD",)
 
-def _invalid_pixels(exposure: Exposure) -> np.ndarray | None:
-    """Pixels left out of the decorrelation filter (:data:`FILTER_EXCLUDED_PLANES`), or None if there are none."""
+
+def _invalid_pixels(exposure: Exposure, unconvolved: Exposure | None = None) -> np.ndarray | None:
+    """Pixels left out of the decorrelation filter, or None if there are none: those of ``exposure`` with a
+    :data:`FILTER_EXCLUDED_PLANES` bit and, given the image that entered the difference unconvolved, those with a
+    :data:`UNCONVOLVED_EXCLUDED_PLANES` bit there."""
     bad = exposure.mask.get(list(FILTER_EXCLUDED_PLANES), ignore_missing=True)
+    if unconvolved is not None and unconvolved.bbox.contains(exposure.bbox):
+        bad = bad | unconvolved[exposure.bbox].mask.get(list(UNCONVOLVED_EXCLUDED_PLANES), ignore_missing=True)
     return bad if bad.any() else None
+
+
+def _unconvolved(science: Exposure, template: Exposure, template_matched: bool, pre_conv_mode: bool):
+    """The image that entered the difference as it is (None for a pre-convolution score: both were convolved)."""
+    if pre_conv_mode:
+        return None
+    return science if template_matched else template
 
 
 def _diff_psf(subtracted: Exposure, science: Exposure, template: Exposure, template_matched: bool):
@@ -168,7 +188,8 @@ class DecorrelateALKernelTask(Task):
             complete_variance=self.config.completeVarPlanePropagation,
             kernel_at=psfMatchingKernel if hasattr(psfMatchingKernel, "kernel_image") else None,
             origin=(bbox.x0, bbox.y0),
-            invalid=_invalid_pixels(subtractedExposure),
+            invalid=_invalid_pixels(subtractedExposure, _unconvolved(scienceExposure, templateExposure,
+                                                                     templateMatched, preConvMode)),
         )
         subtractedExposure.image[...] = image
         subtractedExposure.variance[...] = variance
@@ -306,7 +327,8 @@ class DecorrelateALKernelSpatialTask(Task):
             cell_step=step,
             cell_size=cell,
             border=border,
-            invalid=_invalid_pixels(subtractedExposure),
+            invalid=_invalid_pixels(subtractedExposure, _unconvolved(scienceExposure, templateExposure,
+                                                                     templateMatched, preConvMode)),
             nodes=nodes,
         )
         subtractedExposure.image[...] = image
