@@ -470,6 +470,37 @@ def test_render_point_sources_generic_psf_path():
     np.testing.assert_allclose(a[box.slices()], 1000.0 * stamp, atol=1e-9)
 
 
+def test_bright_stars_keep_their_wings_beyond_the_model_stamp():
+    """``wing_floor``: a bright Moffat star is rendered on a stamp wide enough that its wing at the border is below
+    the floor, so the profile continues past the model's stamp (99.5 % of the light) instead of stopping with a
+    step there; a faint one keeps the model's stamp. Total flux and the profile inside the stamp are the
+    Moffat's (the wide stamp is normalised over its own extent)."""
+    from diffim.sim import render_point_sources
+
+    psf = VaryingMoffatPsf(4.0, beta=2.5, bbox=Box(0, 0, 301, 301))
+    h = psf.size // 2
+    n, c = 301, 150
+    flux = np.array([7.0e6, 3.0e3])
+    floor = 0.5
+    bright = render_point_sources((n, n), psf, [c], [c], flux[:1], wing_floor=floor)
+    cut = render_point_sources((n, n), psf, [c], [c], flux[:1])
+    faint = render_point_sources((n, n), psf, [c], [c], flux[1:], wing_floor=floor)
+    np.testing.assert_array_equal(faint, render_point_sources((n, n), psf, [c], [c], flux[1:]))
+    assert bright.sum() == pytest.approx(flux[0], rel=1e-9)
+    # Just outside the model stamp: nothing when cut, the Moffat's wing (≈ 40 counts) when not.
+    alpha = moffat_alpha(4.0, 2.5)
+
+    def moffat(r):
+        return flux[0] * (2.5 - 1.0) / (math.pi * alpha**2) * (1.0 + (r / alpha) ** 2) ** -2.5
+
+    assert cut[c, c + h + 1] == 0.0 and cut[c, c + h] > 10.0  # the step the cut left
+    for r in (h - 2, h + 1, h + 8, h + 20):
+        assert bright[c, c + r] == pytest.approx(moffat(r), rel=0.03), r
+    row = bright[c, c:]
+    reach = int(np.flatnonzero(row > 0)[-1])  # the wide stamp's half-width
+    assert reach > h + 20 and moffat(reach) <= floor < moffat(reach / 1.5)  # as wide as the floor asks, no more
+
+
 def test_galaxy_orientation_on_a_rotated_template():
     """Galaxies keep their sky orientation: position angle θ in science pixels is θ − rotation in the template's
     (unweighted second moments of the noiseless models, sky removed, isolated elongated galaxies, ±3°)."""

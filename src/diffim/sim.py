@@ -45,7 +45,11 @@ Stars and galaxies
     F^-alpha), ``n_saturated`` (3: extra stars 2–10× the saturation flux), ``saturation`` (60000.0 counts in
     the science; the template saturates at ``template_scale ×`` that), ``bleed`` (True: bleed trails along
     columns), ``n_galaxies`` (100), ``galaxy_flux_range`` ((2000, 1e5)), ``galaxy_radius_range`` ((1.5, 6.0)
-    px half-light radius), ``galaxy_dev_fraction`` (0.2: de Vaucouleurs n = 4, others exponential n = 1).
+    px half-light radius), ``galaxy_dev_fraction`` (0.2: de Vaucouleurs n = 4, others exponential n = 1),
+    ``star_wing_floor`` (0.02: point sources are rendered on stamps wide enough that their wings stay below
+    this many science sky σ per pixel at the stamp's border; the PSF models handed to the pipeline keep their
+    own size, as fitted models do. None: every source on the model's stamp, whose border cut a bright
+    Moffat star's wings with a 2σ step).
 Changes
     ``n_transients`` (60 isolated-ish field transients), ``n_host_transients`` (15 on galaxies),
     ``n_transient_pairs`` (3 pairs 2–4 FWHM apart), ``n_cr_transients`` (3 with a cosmic ray 1–2 FWHM away),
@@ -141,6 +145,7 @@ DEFAULT_OPTIONS: dict[str, Any] = dict(
     galaxy_flux_range=(2000.0, 1e5),
     galaxy_radius_range=(1.5, 6.0),
     galaxy_dev_fraction=0.2,
+    star_wing_floor=0.02,
     n_transients=60,
     n_host_transients=15,
     n_transient_pairs=3,
@@ -260,6 +265,33 @@ class SimulatedPair:
 # ----------------------------------------------------------------------------------------------------------
 # Rendering helpers
 # ----------------------------------------------------------------------------------------------------------
+#: Widest stamp (pixels) a bright source's wings are rendered to (:func:`render_point_sources`' ``wing_floor``).
+MAX_WING_STAMP = 401
+
+
+def _wing_stamp_sizes(psf, flux: np.ndarray, floor: float) -> np.ndarray:
+    """Odd stamp size per source such that ``flux`` times the unit stamp's largest border pixel stays below
+    ``floor``: the PSF's own size for most, wider ones (growing by 1.5×, at most :data:`MAX_WING_STAMP`) for the
+    bright. The border is measured on the broadest profile of the PSF's box (its corners and centre)."""
+    b = psf.bbox
+    xs = np.array([b.x0, b.x1 - 1, b.x0, b.x1 - 1, b.center[0]], float)
+    ys = np.array([b.y0, b.y0, b.y1 - 1, b.y1 - 1, b.center[1]], float)
+    sizes = np.full(flux.size, psf.size, int)
+    todo = np.ones(flux.size, bool)
+    size = psf.size
+    while todo.any():
+        st = (psf if size == psf.size else psf.resized(size)).stamps(xs, ys, 0.0, 0.0)
+        edge = max(float(np.abs(st[:, [0, -1], :]).max()), float(np.abs(st[:, :, [0, -1]]).max()))
+        fits = np.abs(flux) * edge <= floor
+        sizes[todo & fits] = size
+        todo &= ~fits
+        if size >= MAX_WING_STAMP:
+            sizes[todo] = size
+            break
+        size = min(MAX_WING_STAMP, 2 * int(math.ceil(0.75 * size)) + 1)
+    return sizes
+
+
 def render_point_sources(
     shape: tuple[int, int],
     psf: Psf,
@@ -267,12 +299,19 @@ def render_point_sources(
     y: np.ndarray,
     flux: np.ndarray,
     xy0: tuple[int, int] = (0, 0),
+    wing_floor: float | None = None,
 ) -> np.ndarray:
     """Sum of point sources ``flux · PSF(x, y)`` on an image of ``shape`` whose first pixel is at ``xy0``.
 
     Each source is the PSF evaluated at its own sub-pixel position (``psf.compute_image``; the analytic PSFs of
     :mod:`diffim.testing.psfs` are evaluated in vectorised batches). Stamps falling partly off the image are
     clipped. Returns a float64 array.
+
+    With ``wing_floor`` (image units; analytic PSFs only) a source whose wings would still exceed it per pixel
+    at the border of the PSF's stamp is rendered on a wider one (:func:`_wing_stamp_sizes`). A star's light does
+    not end at a model's stamp: a Moffat stamp holds 99.5 % of it, and a 7·10⁶-count star cut there has a
+    40-count (2σ) step at its border — at a different radius in two images of different seeing, a ring no
+    matching kernel can reproduce.
     """
     ny, nx = shape
     x = np.asarray(x, float).ravel()
@@ -281,6 +320,14 @@ def render_point_sources(
     out = np.zeros(ny * nx)
     if x.size == 0:
         return out.reshape(shape)
+    if wing_floor is not None and hasattr(psf, "resized") and hasattr(psf, "stamps"):
+        sizes = _wing_stamp_sizes(psf, flux, float(wing_floor))
+        img = np.zeros(shape)
+        for size in np.unique(sizes):
+            sel = sizes == size
+            img += render_point_sources(shape, psf if size == psf.size else psf.resized(int(size)),
+                                        x[sel], y[sel], flux[sel], xy0)
+        return img
     if hasattr(psf, "stamps"):
         h = psf.size // 2
         off = np.arange(-h, h + 1)
@@ -479,6 +526,9 @@ def _resolve_options(size: int, options: dict) -> dict:
             f"The science background variance must be > 0 everywhere (science_sky={opt['science_sky']}, gradient "
             f"{tuple(opt['science_sky_gradient'])}, read_noise={opt['read_noise']}): S/N-defined fluxes need noise."
         )
+    wf = opt["star_wing_floor"]
+    if wf is not None and not (isinstance(wf, (int, float)) and math.isfinite(wf) and wf > 0):
+        raise DiffimValueError(f"star_wing_floor must be a number > 0 (science sky σ per pixel) or None, got {wf!r}.")
     if not (opt["gain"] > 0 and opt["template_scale"] > 0 and opt["template_depth"] > 0):
         raise DiffimValueError("gain, template_scale and template_depth must be > 0.")
     if opt["template_psf"] not in ("sharper", "broader", "mixed", "same"):
@@ -782,14 +832,20 @@ def simulate_pair(size: int = 1024, seed: int = 0, **options: Any) -> SimulatedP
     # ---- render the science -----------------------------------------------------------------------------
     is_pt = np.isin(kind, ["star", "transient", "variable", "mover", "dipole"])
     sci_pt = is_pt & (FS > 0)
-    stars_img = render_point_sources(shape, sci_psf, X[sci_pt], Y[sci_pt], FS[sci_pt])
+    # Per-pixel level below which the wings may be cut (science counts; template counts: × scale, so that a
+    # static star's stamp reaches as far in both images).
+    floor = None
+    if opt["star_wing_floor"] is not None:
+        sky_min = opt["science_sky"] - abs(opt["science_sky_gradient"][0]) - abs(opt["science_sky_gradient"][1])
+        floor = float(opt["star_wing_floor"]) * math.sqrt(sky_min / gain + opt["read_noise"] ** 2)
+    stars_img = render_point_sources(shape, sci_psf, X[sci_pt], Y[sci_pt], FS[sci_pt], wing_floor=floor)
     # Static scene as seen by the science (template brightness and positions, science PSF and scale).
     st_pt = is_pt & (FT > 0) & (kind != "mover")
     xs_st, ys_st = X[st_pt].copy(), Y[st_pt].copy()
     if n_dip:
         dsel = kind[st_pt] == "dipole"
         xs_st[dsel], ys_st[dsel] = dip_tx, dip_ty
-    static_pts = render_point_sources(shape, sci_psf, xs_st, ys_st, FT[st_pt] / scale)
+    static_pts = render_point_sources(shape, sci_psf, xs_st, ys_st, FT[st_pt] / scale, wing_floor=floor)
 
     gal_img_s = np.zeros(shape)
     gal_img_t = np.zeros((tsize, tsize))
@@ -860,7 +916,8 @@ def simulate_pair(size: int = 1024, seed: int = 0, **options: Any) -> SimulatedP
     # ---- render the template ----------------------------------------------------------------------------
     tshape = (tsize, tsize)
     t_pt = is_pt & (FT > 0)
-    tstars = render_point_sources(tshape, tmpl_psf, XT[t_pt], YT[t_pt], FT[t_pt])
+    tstars = render_point_sources(tshape, tmpl_psf, XT[t_pt], YT[t_pt], FT[t_pt],
+                                  wing_floor=None if floor is None else floor * scale)
     tsrc = tstars + gal_img_t
     sky_t = _sky(tshape, opt["template_sky"], opt["template_sky_gradient"])
     # Science sky seen on the template grid (for the template's noise level): same level and gradient,
