@@ -786,6 +786,7 @@ def detect_footprints_smoothed(
     smooth_mask: bool = False,
     xy0: tuple[int, int] = (0, 0),
     extra_variance: np.ndarray | None = None,
+    extra_offset: np.ndarray | None = None,
 ) -> tuple[list[Footprint], list[Footprint], Smoothed, np.ndarray, np.ndarray]:
     """:func:`detect_footprints` also returning the :class:`Smoothed` planes and the positive and negative
     detection maps (grown footprints, booleans of the image shape). Same parameters, and:
@@ -795,6 +796,10 @@ def detect_footprints_smoothed(
         :func:`diffim.star_residuals.residual_variance`), same shape. With ``thresholdType='stdev'`` the
         level becomes ``t·√(stdev² + extra)`` (the threshold is then applied as ``pixel_stdev`` on that
         variance).
+    extra_offset
+        Image subtracted from the *smoothed* image before thresholding, same shape: a model of a systematic
+        residual (bright stars' halos, :func:`diffim.star_residuals.halo_model`). The returned ``Smoothed``
+        image is the corrected one.
     """
     if polarity not in POLARITIES:
         raise DiffimValueError(f"Unknown threshold polarity {polarity!r}; use one of {POLARITIES}.")
@@ -832,6 +837,13 @@ def detect_footprints_smoothed(
     if excluded is not None:
         sm.image[excluded & np.isfinite(sm.image)] = 0.0
     del excluded
+    if extra_offset is not None:
+        off = np.asarray(extra_offset, dtype=np.float32)
+        if off.shape != image.shape:
+            from .errors import ShapeMismatchError
+
+            raise ShapeMismatchError(f"extra_offset {off.shape} must have the image's shape {image.shape}.")
+        sm.image = sm.image - off  # a new array: the unsmoothed path may share the caller's image
     scale = 1.0
     if threshold_type == "stdev":
         vals = sm.image[sm.middle]

@@ -130,12 +130,15 @@ class SourceDetectionTask(Task):
 
     @timeMethod
     def run(self, exposure: Exposure, doSmooth: bool = True, sigma: float | None = None,
-            clearMask: bool = True, extraVariance: np.ndarray | None = None) -> Struct:
+            clearMask: bool = True, extraVariance: np.ndarray | None = None,
+            extraOffset: np.ndarray | None = None) -> Struct:
         """Detect sources and return them as footprints.
 
         ``extraVariance`` (diffim extension, not in LSST): variance added to that of the smoothed image before
         thresholding, e.g. what static stars' registration residuals add
-        (:func:`diffim.star_residuals.residual_variance`).
+        (:func:`diffim.star_residuals.residual_variance`). ``extraOffset`` (diffim extension): subtracted from
+        the smoothed image before thresholding, e.g. bright stars' measured halos
+        (:func:`diffim.star_residuals.halo_model`).
 
         Returns
         -------
@@ -145,13 +148,14 @@ class SourceDetectionTask(Task):
             (:class:`diffim.detection.Smoothed`), ``background`` (subtracted array or None), ``sigma``.
         """
         result = self.detectFootprints(exposure, doSmooth=doSmooth, sigma=sigma, clearMask=clearMask,
-                                       extraVariance=extraVariance)
+                                       extraVariance=extraVariance, extraOffset=extraOffset)
         result.sources = list(result.negative) + list(result.positive)
         return result
 
     @timeMethod
     def detectFootprints(self, exposure: Exposure, doSmooth: bool = True, sigma: float | None = None,
-                         clearMask: bool = True, extraVariance: np.ndarray | None = None) -> Struct:
+                         clearMask: bool = True, extraVariance: np.ndarray | None = None,
+                         extraOffset: np.ndarray | None = None) -> Struct:
         """LSST ``detectFootprints``: smooth, threshold, find peaks, grow, set the mask planes."""
         cfg = self.config
         mask = exposure.mask
@@ -186,6 +190,7 @@ class SourceDetectionTask(Task):
             exclude_bits=mask.bitmask(list(cfg.excludeMaskPlanes), ignore_missing=True),
             xy0=exposure.xy0,
             extra_variance=extraVariance,
+            extra_offset=extraOffset,
         )
         self.metadata["doSmooth"] = bool(doSmooth)
         self.metadata["sigma"] = sigma

@@ -289,6 +289,16 @@ class ImageDifferenceConfig(pexConfig.Config):
         "at S/N >= 50. Zero when the fitted terms explain the stars. diffim extension.",
     )
 
+    doBrightStarHalos = pexConfig.Field(
+        dtype=bool,
+        default=True,
+        doc="With doStarResidualVariance: also measure, on each saturated or very bright (smoothed S/N >= 1000) "
+        "static star, the residual halo it leaves in the detection image (medians in cells of radius and angle, "
+        "pooled over neighbouring angles, out to 12 FWHM; significant cells only); detection subtracts it and "
+        "adds its uncertainty to the variance. Wing differences of such stars reach beyond the star-averaged "
+        "profile of doStarResidualProfile. diffim extension.",
+    )
+
     def setDefaults(self) -> None:
         super().setDefaults()
         # Difference-image detection: both polarities, 5σ per pixel after decorrelation, no background
@@ -871,7 +881,9 @@ class ImageDifferenceTask(Task):
                 extra = self._star_residual_variance(science, detExp, diffExp, matchedExposure, warpedExposure,
                                                      score_pair=score_pair if useScore else None,
                                                      static_score=static_score if useScore else None)
-            det = self.detection.run(target, doSmooth=not useScore, extraVariance=extra)
+            det = self.detection.run(target, doSmooth=not useScore, extraVariance=extra,
+                                     extraOffset=getattr(self, "_halo_offset", None) if extra is not None else None)
+            self._halo_offset = None
             del extra
             if useScore:  # detection masks travel to the difference that is measured
                 for plane in ("DETECTED", "DETECTED_NEGATIVE", "EDGE"):
@@ -1037,7 +1049,62 @@ class ImageDifferenceTask(Task):
                           "to the detection variance), flux scatter %.4f.", label, n, shift, width, flux)
         if self.config.doStarResidualProfile and fits is not None:
             extra = self._add_mismatch_variance(extra, flux, resid, kernel, model, fits, peaks, sigma, fwhm, prefix)
+        self._halo_offset = None
+        if self.config.doBrightStarHalos:
+            extra = self._add_halos(extra, resid, kernel, model, peaks, sigma, fwhm, prefix)
         return extra
+
+    @staticmethod
+    def _profile_radius(fwhm: float) -> int:
+        """Outer radius (px) of the static-star residual profile: 3 FWHM of what detection sees, the PSF
+        convolved once more (the smoothing, or the score's matched filter)."""
+        return int(np.ceil(3.0 * fwhm * np.sqrt(2.0)))
+
+    #: Static peaks at least this bright (smoothed S/N of the static model) have their halo measured
+    #: (doBrightStarHalos), besides every saturated core; at most this many of them.
+    HALO_MIN_SNR = 1000.0
+    HALO_MAX_STARS = 300
+
+    def _add_halos(self, extra, resid, kernel, model, peaks, sigma, fwhm, prefix):
+        """Measure the residual halos of saturated cores and of the brightest static peaks, each on the star
+        itself (:func:`diffim.star_residuals.halo_model`, ``doBrightStarHalos``): the halo model is kept for
+        detection to subtract (``self._halo_offset``) and ``extra`` is returned plus its uncertainty.
+        ``resid``: the detection image (smoothed here with ``kernel`` if given); ``model``: the static model in
+        the detection domain; ``peaks``: its bright peaks."""
+        from scipy import ndimage
+
+        from .. import star_residuals as sr
+
+        centres = []
+        sat = resid.mask.get(["SAT"], ignore_missing=True)
+        if sat.any():
+            lab, n = ndimage.label(sat)
+            if n:
+                com = ndimage.center_of_mass(sat, lab, range(1, n + 1))
+                centres += [(int(round(cy)), int(round(cx))) for cy, cx in com]
+        if peaks is not None and len(peaks):
+            amp = self._peak_amplitudes(model, peaks[:, 0], peaks[:, 1])
+            v_s = self._typical_variance(resid.variance)
+            if kernel is not None:
+                v_s *= float(np.sum(np.asarray(kernel) ** 2)) ** 2
+            bright = np.flatnonzero(amp >= self.HALO_MIN_SNR * np.sqrt(v_s))[: self.HALO_MAX_STARS]
+            centres += [tuple(int(v) for v in peaks[i]) for i in bright]
+        self.metadata[f"{prefix}HaloNStars"] = len(centres)
+        if not centres:
+            return extra
+        r_max = int(min(150, np.ceil(12.0 * fwhm)))
+        halos = sr.halo_model(resid.image, resid.variance, np.array(centres, int), r_max, kernel=kernel,
+                              bad=resid.mask.get(self._STAR_BAD_PLANES, ignore_missing=True),
+                              corr_area=4.0 * np.pi * sigma * sigma, ring_width=max(2, int(round(fwhm))),
+                              n_sectors=12,
+                              r_min=self._profile_radius(fwhm) if self.config.doStarResidualProfile else 0.0)
+        if halos is None:
+            return extra
+        self._halo_offset = halos.offset
+        self.log.info("Bright-star halos %s: measured around %d saturated or very bright stars (up to %d px), "
+                      "subtracted for detection.", "in the score" if prefix == "score" else "in the difference",
+                      len(centres), r_max)
+        return halos.variance if extra is None else extra + halos.variance
 
     def _add_mismatch_variance(self, extra, flux, resid, kernel, model, fits, peaks, sigma, fwhm, prefix):
         """``extra`` plus the variance of what the fitted terms leave around static stars
@@ -1050,8 +1117,7 @@ class ImageDifferenceTask(Task):
 
         from .. import star_residuals as sr
 
-        # Detection sees the PSF convolved once more (the smoothing, or the score's matched filter).
-        r_max = int(np.ceil(3.0 * fwhm * np.sqrt(2.0)))
+        r_max = self._profile_radius(fwhm)
         ys = np.rint(fits.y).astype(int)
         xs = np.rint(fits.x).astype(int)
         use = np.ones(ys.size, bool) if fits.kept is None else fits.kept.copy()
