@@ -1080,7 +1080,11 @@ class ImageDifferenceTask(Task):
         if sat.any():
             lab, n = ndimage.label(sat)
             if n:
-                com = ndimage.center_of_mass(sat, lab, range(1, n + 1))
+                # The largest saturated regions first (the brightest stars), at most HALO_MAX_STARS of them: a
+                # frame peppered with saturated hot pixels must not cost a halo measurement each.
+                sizes = np.bincount(lab.ravel())[1:]
+                keep = np.argsort(-sizes, kind="stable")[: self.HALO_MAX_STARS] + 1
+                com = ndimage.center_of_mass(sat, lab, keep)
                 centres += [(int(round(cy)), int(round(cx))) for cy, cx in com]
         if peaks is not None and len(peaks):
             amp = self._peak_amplitudes(model, peaks[:, 0], peaks[:, 1])
