@@ -46,6 +46,7 @@ The brightest stars' halos reach beyond that profile, where fainter stars show n
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -559,7 +560,8 @@ def halo_model(residual: np.ndarray, variance: np.ndarray, centres: np.ndarray, 
         Smallest: within it nothing is measured or modelled. The task passes the radius of
         :func:`mismatch_profile`, whose variance covers a star's own neighbourhood: there a residual's lobes
         (a quadrupole 8–12 px out, measured on a 2·10⁶-count Moffat star) are as compact as a transient, and
-        a model pooled over angle had them with the wrong sign in places (6 false detections where it had 1).
+        a model pooled over angle had them with the wrong sign in places (6 false detections where it had 1;
+        taking the cell's own median where it agreed in sign and was smaller did not help).
     bad
         Pixels left out of the cells (saturated cores, bad columns).
     corr_area
@@ -613,43 +615,47 @@ def halo_model(residual: np.ndarray, variance: np.ndarray, centres: np.ndarray, 
         # Per cell: median residual and pixel count; then, per ring, a running median over ``2·pool + 1``
         # neighbouring sectors: a halo varies slowly with angle, while a transient in it (a PSF-sized bump that
         # fills most of one cell) must not set its own cell's level. Significance against the pooled noise.
-        level = np.zeros(n_rings * n_sectors)
-        level_noise2 = np.zeros(n_rings * n_sectors)
+        n_cells = n_rings * n_sectors
         idx = cell[ok]
-        order = np.argsort(idx, kind="stable")
-        vals, vvals, idx = R[ok][order], V[ok][order], idx[order]
-        bounds = np.searchsorted(idx, np.arange(n_rings * n_sectors + 1))
-        counts = np.diff(bounds)
+        counts = np.bincount(idx, minlength=n_cells)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        meds = np.full(n_cells, np.nan)
+        vmed = np.full(n_cells, np.nan)
+        has = counts >= 4
+        lo = bounds[:-1][has] + (counts[has] - 1) // 2
+        hi = bounds[:-1][has] + counts[has] // 2
+        for arr, target in ((R[ok], meds), (V[ok], vmed)):
+            v = arr[np.lexsort((arr, idx))]  # by cell, then by value: each cell's median from its middle
+            target[has] = 0.5 * (v[lo] + v[hi])
+        meds = meds.reshape(n_rings, n_sectors)
+        vmed = vmed.reshape(n_rings, n_sectors)
+        cnt = counts.reshape(n_rings, n_sectors)
         pool = max(1, n_sectors // 6)
-        empty_run = 0
-        for r in range(n_rings):
-            meds = np.full(n_sectors, np.nan)
-            vmed = np.full(n_sectors, np.nan)
-            for s_ in range(n_sectors):
-                c = r * n_sectors + s_
-                if counts[c] >= 4:
-                    a, b = bounds[c], bounds[c + 1]
-                    meds[s_] = np.median(vals[a:b])
-                    vmed[s_] = np.median(vvals[a:b])
-            if not np.isfinite(meds).any():  # inside a saturated core (all bad): nothing measured yet
-                continue
-            any_sig = False
-            ring_counts = counts[r * n_sectors : (r + 1) * n_sectors]
-            for s_ in range(n_sectors):
-                if not np.isfinite(meds[s_]):
-                    continue
-                win = [(s_ + d) % n_sectors for d in range(-pool, pool + 1)]
-                w = [j for j in win if np.isfinite(meds[j])]
-                med = float(np.median(meds[w]))
-                n = int(ring_counts[w].sum())
-                noise = math.sqrt(0.5 * math.pi * float(np.median(vmed[w])) * max(corr_area, 1.0) / n)
-                if abs(med) > nsigma * noise:
-                    level[r * n_sectors + s_] = med
-                    level_noise2[r * n_sectors + s_] = noise * noise
-                    any_sig = True
-            empty_run = 0 if any_sig else empty_run + 1
-            if empty_run >= n_empty:
+        shifts = range(-pool, pool + 1)
+        win_med = np.stack([np.roll(meds, -d, axis=1) for d in shifts], axis=-1)
+        win_var = np.stack([np.roll(vmed, -d, axis=1) for d in shifts], axis=-1)
+        win_cnt = np.stack([np.roll(np.where(has.reshape(n_rings, n_sectors), cnt, 0), -d, axis=1) for d in shifts],
+                           axis=-1).sum(axis=-1)
+        measured = np.isfinite(meds)
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows (fully masked) stay NaN
+            med = np.nanmedian(win_med, axis=-1)
+            noise = np.sqrt(0.5 * math.pi * np.nanmedian(win_var, axis=-1) * max(corr_area, 1.0)
+                            / np.maximum(win_cnt, 1))
+            sig = measured & (np.abs(med) > nsigma * noise)
+        # Outwards from the first measured ring until n_empty measured rings in a row have nothing significant.
+        ring_measured = measured.any(axis=1)
+        ring_sig = sig.any(axis=1)
+        stop = n_rings
+        run = 0
+        for r in np.flatnonzero(ring_measured):
+            run = 0 if ring_sig[r] else run + 1
+            if run >= n_empty:
+                stop = r + 1
                 break
+        sig[stop:] = False
+        level = np.where(sig, med, 0.0).ravel()
+        level_noise2 = np.where(sig, noise * noise, 0.0).ravel()
         if not level.any():
             continue
         # Sectors with too few pixels to measure (a bleed trail's column, an image edge) take their ring's mean

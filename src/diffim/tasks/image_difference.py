@@ -1082,10 +1082,13 @@ class ImageDifferenceTask(Task):
             if n:
                 # The largest saturated regions first (the brightest stars), at most HALO_MAX_STARS of them: a
                 # frame peppered with saturated hot pixels must not cost a halo measurement each.
-                sizes = np.bincount(lab.ravel())[1:]
-                keep = np.argsort(-sizes, kind="stable")[: self.HALO_MAX_STARS] + 1
-                com = ndimage.center_of_mass(sat, lab, keep)
-                centres += [(int(round(cy)), int(round(cx))) for cy, cx in com]
+                ys, xs = np.nonzero(sat)
+                labels = lab[ys, xs]
+                sizes = np.bincount(labels, minlength=n + 1)
+                keep = np.argsort(-sizes[1:], kind="stable")[: self.HALO_MAX_STARS] + 1
+                cy = np.bincount(labels, weights=ys, minlength=n + 1)[keep] / sizes[keep]
+                cx = np.bincount(labels, weights=xs, minlength=n + 1)[keep] / sizes[keep]
+                centres += [(int(round(a)), int(round(b))) for a, b in zip(cy, cx)]
         if peaks is not None and len(peaks):
             amp = self._peak_amplitudes(model, peaks[:, 0], peaks[:, 1])
             v_s = self._typical_variance(resid.variance)
