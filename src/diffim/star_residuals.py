@@ -525,9 +525,10 @@ HALO_MODEL_ERROR = 0.25
 
 
 def halo_model(residual: np.ndarray, variance: np.ndarray, centres: np.ndarray, r_max: int, *,
-               kernel: np.ndarray | None = None, bad: np.ndarray | None = None, corr_area: float = 1.0,
+               kernel: np.ndarray | None = None, bad: np.ndarray | None = None,
+               excluded: np.ndarray | None = None, corr_area: float = 1.0,
                ring_width: int = 2, n_sectors: int = 12, nsigma: float = 2.0, n_empty: int = 3,
-               model_error: float = HALO_MODEL_ERROR, r_min: float = 0.0) -> Halos | None:
+               model_error: float = HALO_MODEL_ERROR, r_min: float | np.ndarray = 0.0) -> Halos | None:
     """The residual halos of the brightest static stars, measured on each star itself.
 
     :func:`mismatch_profile` learns a PSF mismatch from many moderately bright stars, within a few FWHM. The
@@ -557,13 +558,17 @@ def halo_model(residual: np.ndarray, variance: np.ndarray, centres: np.ndarray, 
     r_max
         Largest halo radius measured (pixels).
     r_min
-        Smallest: within it nothing is measured or modelled. The task passes the radius of
+        Smallest radius, one for all or one per centre: within it nothing is measured or modelled. The task passes the radius of
         :func:`mismatch_profile`, whose variance covers a star's own neighbourhood: there a residual's lobes
         (a quadrupole 8–12 px out, measured on a 2·10⁶-count Moffat star) are as compact as a transient, and
         a model pooled over angle had them with the wrong sign in places (6 false detections where it had 1;
         taking the cell's own median where it agreed in sign and was smaller did not help).
     bad
         Pixels left out of the cells (saturated cores, bad columns).
+    excluded
+        Pixels whose values detection does not smooth (its ``excludeMaskPlanes``): zeroed here too before
+        smoothing, so that the cells see what detection will. Default: ``bad`` (then the cells also leave out
+        what the zeroed pixels' smoothing reaches).
     corr_area
         Noise-correlation area of the (smoothed) detection image in pixels.
 
@@ -588,8 +593,9 @@ def halo_model(residual: np.ndarray, variance: np.ndarray, centres: np.ndarray, 
     sector = ((theta + np.pi) / (2.0 * np.pi) * n_sectors).astype(int) % n_sectors
     cell = ring * n_sectors + sector
     inside = rr <= r_max
+    r_mins = np.broadcast_to(np.asarray(r_min, float), (pos.shape[0],))
     out = out_var = None
-    for y, x in pos:
+    for (y, x), r_min in zip(pos, r_mins):
         # Stamp (clipped at the image edges: pixels outside count as bad).
         y0, y1, x0, x1 = y - m, y + m + 1, x - m, x + m + 1
         cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, ny), max(x0, 0), min(x1, nx)
@@ -598,18 +604,26 @@ def halo_model(residual: np.ndarray, variance: np.ndarray, centres: np.ndarray, 
         R = np.zeros((2 * m + 1, 2 * m + 1))
         V = np.zeros_like(R)
         B = np.ones(R.shape, bool)
+        X = np.ones(R.shape, bool)
         sl = (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
         R[sl] = res[cy0:cy1, cx0:cx1]
         V[sl] = var[cy0:cy1, cx0:cx1]
         B[sl] = False if bad is None else np.asarray(bad[cy0:cy1, cx0:cx1], bool)
-        B |= ~(np.isfinite(R) & np.isfinite(V))
-        R[B], V[B] = 0.0, 0.0
+        if excluded is None:
+            X = B.copy()
+        else:
+            X[sl] = np.asarray(excluded[cy0:cy1, cx0:cx1], bool)
+        nonfinite = ~(np.isfinite(R) & np.isfinite(V))
+        B |= nonfinite
+        X |= nonfinite
+        R[X], V[X] = 0.0, 0.0
         if kernel is not None:
             k = np.asarray(kernel, np.float64)
             for axis in (0, 1):
                 R = correlate1d(R, k, axis=axis, mode="constant")
                 V = correlate1d(V, k * k, axis=axis, mode="constant")
-                B = correlate1d(B.astype(np.float64), np.abs(k), axis=axis, mode="constant") > 1e-3
+                if excluded is None:
+                    B = correlate1d(B.astype(np.float64), np.abs(k), axis=axis, mode="constant") > 1e-3
             R, V, B = (a[h : h + 2 * r_max + 1, h : h + 2 * r_max + 1] for a in (R, V, B))
         ok = inside & ~B & (V > 0) & (rr >= r_min)
         # Per cell: median residual and pixel count; then, per ring, a running median over ``2·pool + 1``

@@ -1076,6 +1076,8 @@ class ImageDifferenceTask(Task):
         from .. import star_residuals as sr
 
         centres = []
+        r_min = []
+        profile_r = float(self._profile_radius(fwhm)) if self.config.doStarResidualProfile else 0.0
         sat = resid.mask.get(["SAT"], ignore_missing=True)
         if sat.any():
             lab, n = ndimage.label(sat)
@@ -1089,6 +1091,11 @@ class ImageDifferenceTask(Task):
                 cy = np.bincount(labels, weights=ys, minlength=n + 1)[keep] / sizes[keep]
                 cx = np.bincount(labels, weights=xs, minlength=n + 1)[keep] / sizes[keep]
                 centres += [(int(round(a)), int(round(b))) for a, b in zip(cy, cx)]
+                # A saturated region wider than the PSF hides the star's peak, so the residual profile's
+                # amplitude for it is unknown: its halo is modelled from the region's edge. A star saturated in
+                # a few pixels only is the profile's, like an unsaturated one.
+                big = sizes[keep] >= np.pi * fwhm * fwhm
+                r_min += [0.0 if b else profile_r for b in big]
         if peaks is not None and len(peaks):
             amp = self._peak_amplitudes(model, peaks[:, 0], peaks[:, 1])
             v_s = self._typical_variance(resid.variance)
@@ -1096,15 +1103,17 @@ class ImageDifferenceTask(Task):
                 v_s *= float(np.sum(np.asarray(kernel) ** 2)) ** 2
             bright = np.flatnonzero(amp >= self.HALO_MIN_SNR * np.sqrt(v_s))[: self.HALO_MAX_STARS]
             centres += [tuple(int(v) for v in peaks[i]) for i in bright]
+            r_min += [profile_r] * len(bright)
         self.metadata[f"{prefix}HaloNStars"] = len(centres)
         if not centres:
             return extra
         r_max = int(min(150, np.ceil(12.0 * fwhm)))
         halos = sr.halo_model(resid.image, resid.variance, np.array(centres, int), r_max, kernel=kernel,
                               bad=resid.mask.get(self._STAR_BAD_PLANES, ignore_missing=True),
+                              excluded=resid.mask.get(list(self.detection.config.excludeMaskPlanes),
+                                                      ignore_missing=True) if kernel is not None else None,
                               corr_area=4.0 * np.pi * sigma * sigma, ring_width=max(2, int(round(fwhm))),
-                              n_sectors=12,
-                              r_min=self._profile_radius(fwhm) if self.config.doStarResidualProfile else 0.0)
+                              n_sectors=12, r_min=np.array(r_min))
         if halos is None:
             return extra
         self._halo_offset = halos.offset
