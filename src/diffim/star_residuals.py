@@ -558,11 +558,13 @@ def halo_model(residual: np.ndarray, variance: np.ndarray, centres: np.ndarray, 
     r_max
         Largest halo radius measured (pixels).
     r_min
-        Smallest radius, one for all or one per centre: within it nothing is measured or modelled. The task passes the radius of
-        :func:`mismatch_profile`, whose variance covers a star's own neighbourhood: there a residual's lobes
-        (a quadrupole 8–12 px out, measured on a 2·10⁶-count Moffat star) are as compact as a transient, and
-        a model pooled over angle had them with the wrong sign in places (6 false detections where it had 1;
-        taking the cell's own median where it agreed in sign and was smaller did not help).
+        Smallest radius, one for all or one per centre: within it nothing is measured or modelled. For peaks
+        and for stars saturated in only a few pixels the task passes the radius of :func:`mismatch_profile`,
+        whose variance covers a star's own neighbourhood: there a residual's lobes (a quadrupole 8–12 px out,
+        measured on a 2·10⁶-count Moffat star) are as compact as a transient, and a model pooled over angle
+        had them with the wrong sign in places (6 false detections where it had 1; taking the cell's own median
+        where it agreed in sign and was smaller did not help). For larger saturated regions 0: their peak is
+        hidden, so the profile's amplitude is unknown, and their own pixels are ``bad`` anyway.
     bad
         Pixels left out of the cells (saturated cores, bad columns).
     excluded
