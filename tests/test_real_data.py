@@ -363,7 +363,7 @@ def test_properimage_template_half_blank(tmp_path_factory, tmp_path):
     subtracts as the whole pair does. The template PSF, fitted on the left half's stars, was extrapolated
     over the blank half; the AL basis sized from it (σ 2.6–10 px instead of 0.4–1.6) left 130 DIA sources,
     with exit 0. Then 12 (the whole pair: 13), 1 counted false (the −5σ feature of the null-pair tests); with
-    the bright-star halo model 10, 0 false."""
+    the bright-star halo model 9 (the whole pair: 12), 0 false."""
     from astropy.io import fits
 
     a, b = PROPER / "aligned_eso085-030-004.fit", PROPER / "aligned_eso085-030-005.fit"
