@@ -595,6 +595,17 @@ def halo_model(residual: np.ndarray, variance: np.ndarray, centres: np.ndarray, 
     sector = ((theta + np.pi) / (2.0 * np.pi) * n_sectors).astype(int) % n_sectors
     cell = ring * n_sectors + sector
     inside = rr <= r_max
+    # Bilinear interpolation between cell centres, the same for every star: radial and angular indices and
+    # weights of each stamp pixel (the innermost ring holds its value to the centre).
+    fr = np.clip(rr / ring_width - 0.5, 0.0, n_rings - 1.0)
+    ft = (theta + np.pi) / (2.0 * np.pi) * n_sectors - 0.5
+    r0 = np.floor(fr).astype(int)
+    r1 = np.minimum(r0 + 1, n_rings - 1)
+    wr = fr - r0
+    t0 = np.floor(ft).astype(int)
+    wt = ft - t0
+    t0 %= n_sectors
+    t1 = (t0 + 1) % n_sectors
     r_mins = np.broadcast_to(np.asarray(r_min, float), (pos.shape[0],))
     out = out_var = None
     for (y, x), r_min in zip(pos, r_mins):
@@ -676,24 +687,11 @@ def halo_model(residual: np.ndarray, variance: np.ndarray, centres: np.ndarray, 
             continue
         # Sectors with too few pixels to measure (a bleed trail's column, an image edge) take their ring's mean
         # over the measured sectors: a halo does not stop at a bleed trail.
-        unmeasured = counts.reshape(n_rings, n_sectors) < 4
-        measured_rings = (~unmeasured).any(axis=1)
         maps = []
         for arr in (level, level_noise2):
             lv = arr.reshape(n_rings, n_sectors)
-            ring_mean = np.where(measured_rings,
-                                 (lv * ~unmeasured).sum(axis=1) / np.maximum((~unmeasured).sum(axis=1), 1), 0.0)
-            maps.append(np.where(unmeasured & measured_rings[:, None], ring_mean[:, None], lv))
-        # Bilinear in (radius, angle) between cell centres; the innermost ring holds its value to the centre.
-        fr = np.clip(rr / ring_width - 0.5, 0.0, n_rings - 1.0)
-        ft = (theta + np.pi) / (2.0 * np.pi) * n_sectors - 0.5
-        r0 = np.floor(fr).astype(int)
-        r1 = np.minimum(r0 + 1, n_rings - 1)
-        wr = fr - r0
-        t0 = np.floor(ft).astype(int)
-        wt = ft - t0
-        t0 %= n_sectors
-        t1 = (t0 + 1) % n_sectors
+            ring_mean = (lv * measured).sum(axis=1) / np.maximum(measured.sum(axis=1), 1)
+            maps.append(np.where(~measured & ring_measured[:, None], ring_mean[:, None], lv))
 
         def interp(lv):
             v = (1 - wr) * ((1 - wt) * lv[r0, t0] + wt * lv[r0, t1]) + wr * ((1 - wt) * lv[r1, t0] + wt * lv[r1, t1])
