@@ -872,19 +872,17 @@ class ImageDifferenceTask(Task):
                 mi = detExp.masked_image
                 target = detExp.copy(deep=False)
                 target.masked_image = type(mi)(mi.image, mi.mask, mi.variance * np.float32(r * r), mi.xy0)
-            extra = None
+            extra = offset = None
             score_pair = getattr(self, "_score_pair", None)
             static_score = getattr(self, "_static_score", None)
             if cfg.doStarResidualVariance and (not useScore or score_pair is not None or static_score is not None):
                 # Fitted on the difference with its own variance plane: the per-star noise errors are per-pixel
                 # ones, which the correlated-noise factor (a property of the smoothed image) would overstate.
-                extra = self._star_residual_variance(science, detExp, diffExp, matchedExposure, warpedExposure,
-                                                     score_pair=score_pair if useScore else None,
-                                                     static_score=static_score if useScore else None)
-            det = self.detection.run(target, doSmooth=not useScore, extraVariance=extra,
-                                     extraOffset=getattr(self, "_halo_offset", None) if extra is not None else None)
-            self._halo_offset = None
-            del extra
+                extra, offset = self._star_residual_variance(
+                    science, detExp, diffExp, matchedExposure, warpedExposure,
+                    score_pair=score_pair if useScore else None, static_score=static_score if useScore else None)
+            det = self.detection.run(target, doSmooth=not useScore, extraVariance=extra, extraOffset=offset)
+            del extra, offset
             if useScore:  # detection masks travel to the difference that is measured
                 for plane in ("DETECTED", "DETECTED_NEGATIVE", "EDGE"):
                     if detExp.mask.has_plane(plane):
@@ -976,8 +974,9 @@ class ImageDifferenceTask(Task):
                      "DIFFIM STARRESID NSTARS")
 
     def _star_residual_variance(self, science, det, diffExp, matched, warped, score_pair=None, static_score=None):
-        """Variance that static stars' registration and flux-matching residuals add to the detection image
-        ``det`` (:mod:`diffim.star_residuals`), or None when no residual scatter is resolved.
+        """``(variance, offset)``: the variance that static stars' registration and flux-matching residuals add
+        to the detection image ``det`` (:mod:`diffim.star_residuals`), or None when no residual scatter is
+        resolved, and the bright-star halos for detection to subtract (``doBrightStarHalos``), or None.
 
         The static model is the template side of the subtraction — the matched template (or, when the science
         was convolved, the template itself; ZOGY: the warped template) — never the science, whose transients
@@ -994,13 +993,13 @@ class ImageDifferenceTask(Task):
         from ..detection import correlate_separable, gaussian_kernel_1d, smoothing_kernel_width
 
         if not (science.shape == det.shape and science.xy0 == det.xy0):
-            return None
+            return None, None
         fitted = det if score_pair is not None else diffExp  # the image the scatters are fitted on
         where = fitted.psf_position()
         sigma = float(fitted.require_psf().determinant_radius(*where))
         fwhm = float(fitted.psf.fwhm(*where))
         if not (np.isfinite(sigma) and sigma > 0):
-            return None
+            return None, None
         fits = peaks = None
         if score_pair is not None:
             shift, flux, width, n, model, fits, peaks = self._fit_star_residuals(score_pair[1], det, None,
@@ -1049,10 +1048,10 @@ class ImageDifferenceTask(Task):
                           "to the detection variance), flux scatter %.4f.", label, n, shift, width, flux)
         if self.config.doStarResidualProfile and fits is not None:
             extra = self._add_mismatch_variance(extra, flux, resid, kernel, model, fits, peaks, sigma, fwhm, prefix)
-        self._halo_offset = None
+        offset = None
         if self.config.doBrightStarHalos:
-            extra = self._add_halos(extra, resid, kernel, model, peaks, sigma, fwhm, prefix)
-        return extra
+            extra, offset = self._add_halos(extra, resid, kernel, model, peaks, sigma, fwhm, prefix)
+        return extra, offset
 
     @staticmethod
     def _profile_radius(fwhm: float) -> int:
@@ -1067,8 +1066,8 @@ class ImageDifferenceTask(Task):
 
     def _add_halos(self, extra, resid, kernel, model, peaks, sigma, fwhm, prefix):
         """Measure the residual halos of saturated cores and of the brightest static peaks, each on the star
-        itself (:func:`diffim.star_residuals.halo_model`, ``doBrightStarHalos``): the halo model is kept for
-        detection to subtract (``self._halo_offset``) and ``extra`` is returned plus its uncertainty.
+        itself (:func:`diffim.star_residuals.halo_model`, ``doBrightStarHalos``): returns ``extra`` plus the
+        model's uncertainty and the model, for detection to subtract (None if no halo is significant).
         ``resid``: the detection image (smoothed here with ``kernel`` if given); ``model``: the static model in
         the detection domain; ``peaks``: its bright peaks."""
         from scipy import ndimage
@@ -1106,7 +1105,7 @@ class ImageDifferenceTask(Task):
             r_min += [profile_r] * len(bright)
         self.metadata[f"{prefix}HaloNStars"] = len(centres)
         if not centres:
-            return extra
+            return extra, None
         r_max = int(min(150, np.ceil(12.0 * fwhm)))
         halos = sr.halo_model(resid.image, resid.variance, np.array(centres, int), r_max, kernel=kernel,
                               bad=resid.mask.get(self._STAR_BAD_PLANES, ignore_missing=True),
@@ -1115,12 +1114,11 @@ class ImageDifferenceTask(Task):
                               corr_area=4.0 * np.pi * sigma * sigma, ring_width=max(2, int(round(fwhm))),
                               n_sectors=12, r_min=np.array(r_min))
         if halos is None:
-            return extra
-        self._halo_offset = halos.offset
+            return extra, None
         self.log.info("Bright-star halos %s: measured around %d saturated or very bright stars (up to %d px), "
                       "subtracted for detection.", "in the score" if prefix == "score" else "in the difference",
                       len(centres), r_max)
-        return halos.variance if extra is None else extra + halos.variance
+        return (halos.variance if extra is None else extra + halos.variance), halos.offset
 
     def _add_mismatch_variance(self, extra, flux, resid, kernel, model, fits, peaks, sigma, fwhm, prefix):
         """``extra`` plus the variance of what the fitted terms leave around static stars
