@@ -492,6 +492,13 @@ OPTION_ALIASES: dict[str, str] = {
 }
 
 
+def _min_science_sky_variance(opt: dict) -> float:
+    """Smallest per-pixel variance of the science background over the image (counts²): the sky level less its
+    full gradient (the linear ramp's lowest corner), over the gain, plus the read noise."""
+    sky_min = opt["science_sky"] - abs(opt["science_sky_gradient"][0]) - abs(opt["science_sky_gradient"][1])
+    return sky_min / opt["gain"] + opt["read_noise"] ** 2
+
+
 def _resolve_options(size: int, options: dict) -> dict:
     options = dict(options)
     for alias, name in OPTION_ALIASES.items():
@@ -520,8 +527,7 @@ def _resolve_options(size: int, options: dict) -> dict:
     opt.update(options)
     if opt["psf_profile"] not in ("gaussian", "moffat"):
         raise DiffimValueError(f"psf_profile must be 'gaussian', 'elliptical' or 'moffat', got {opt['psf_profile']!r}.")
-    sky_min = opt["science_sky"] - abs(opt["science_sky_gradient"][0]) - abs(opt["science_sky_gradient"][1])
-    if not sky_min / opt["gain"] + opt["read_noise"] ** 2 > 0:
+    if not _min_science_sky_variance(opt) > 0:
         raise DiffimValueError(
             f"The science background variance must be > 0 everywhere (science_sky={opt['science_sky']}, gradient "
             f"{tuple(opt['science_sky_gradient'])}, read_noise={opt['read_noise']}): S/N-defined fluxes need noise."
@@ -836,8 +842,7 @@ def simulate_pair(size: int = 1024, seed: int = 0, **options: Any) -> SimulatedP
     # static star's stamp reaches as far in both images).
     floor = None
     if opt["star_wing_floor"] is not None:
-        sky_min = opt["science_sky"] - abs(opt["science_sky_gradient"][0]) - abs(opt["science_sky_gradient"][1])
-        floor = float(opt["star_wing_floor"]) * math.sqrt(sky_min / gain + opt["read_noise"] ** 2)
+        floor = float(opt["star_wing_floor"]) * math.sqrt(_min_science_sky_variance(opt))
     stars_img = render_point_sources(shape, sci_psf, X[sci_pt], Y[sci_pt], FS[sci_pt], wing_floor=floor)
     # Static scene as seen by the science (template brightness and positions, science PSF and scale).
     st_pt = is_pt & (FT > 0) & (kind != "mover")
