@@ -7,7 +7,7 @@ import pytest
 
 from diffim.errors import DiffimValueError
 from diffim.model import GaussianPsf, ImagePsf
-from diffim.measure.apcorr import apply_ap_corr, measure_ap_corr
+from diffim.measure.apcorr import apply_ap_corr, encircled_energy, measure_ap_corr
 from diffim.tasks.apply_ap_corr import ApplyApCorrTask
 from astropy.table import Table
 
@@ -110,6 +110,33 @@ def test_spatially_varying_ap_corr_first_order():
     assert np.max(np.abs(got0 / expected - 1)) > 0.02
 
 
+def test_encircled_energy_of_gaussian_models():
+    """A pixel-integrated Gaussian of σ = 3 px holds 1 − exp(−r²/2σ_eff²) within r (σ_eff² = σ² + 1/12 for the
+    pixel integration): 0.747 at r = 5 (the continuous σ = 3 value is 0.751, σ = 2.9 gives 0.774); all of a
+    model smaller than the circle is inside it."""
+    psf = GaussianPsf(3.0, size=61)
+    ee = encircled_energy(psf, np.array([10.0, 300.0]), np.array([20.0, 40.0]), 5.0)
+    expected = 1 - np.exp(-25.0 / (2 * (9.0 + 1 / 12)))
+    np.testing.assert_allclose(ee, expected, atol=0.003)
+    assert encircled_energy(psf, [0.0], [0.0], 25.0)[0] > 0.9999
+    small = ImagePsf(GaussianPsf(3.0, size=61).compute_kernel_image()[25:36, 25:36])  # an 11 × 11 stamp
+    np.testing.assert_allclose(encircled_energy(small, [0.0], [0.0], 12.0), 1.0, atol=1e-12)
+
+
+def test_to_total_corrects_to_total_not_to_the_aperture():
+    """Stars of an exactly known broad PSF (Gaussian σ = 5 px: 5.6 % of the light beyond 12 px). The plain
+    correction is the aperture's share of the light, EE(12) = 0.944 — PSF fluxes corrected to the 12-px
+    aperture system, as an LSST calibration expects — while ``to_total`` gives 1 within 0.3 %: the model is
+    exact, so the PSF fluxes already are totals."""
+    model = GaussianPsf(5.0, size=61)
+    img, var, x, y = _scene(lambda _: 1.0, model, seed=4)
+    ee12 = 1 - np.exp(-144.0 / (2 * (25.0 + 1 / 12)))
+    plain = measure_ap_corr(img, var, None, model, x, y)
+    total = measure_ap_corr(img, var, None, model, x, y, to_total=True)
+    assert abs(plain.value / ee12 - 1) < 0.003
+    assert abs(total.value - 1) < 0.003
+
+
 def test_too_few_stars_and_missing_model():
     """Too few usable stars raise with a clear message; a missing model flags every source and leaves fluxes."""
     model = _truncated_model()
@@ -142,3 +169,21 @@ def test_apply_ap_corr_task_on_lsst_and_apdb_names():
     out2 = ApplyApCorrTask().run(cat2, None).catalog
     assert out2["base_PsfFlux_flag_apCorr"][0] and out2["base_PsfFlux_flag"][0]
     assert out2["base_PsfFlux_instFlux"][0] == 10.0
+
+
+@pytest.mark.parametrize("seed, options", [(201, {}), (202, {"psf_profile": "moffat", "moffat_beta": 2.5})])
+def test_measured_correction_of_simulated_scenes_is_one(seed, options):
+    """The simulator's PSF models are exact, so the correction the task measures on its science stars must be 1.
+    Two failures it had: a 1.3·10⁵-count star whose aperture held a 7·10³-count transient 8.7 px away — a
+    peak of the star's own detection footprint that deblending did not split off, so the isolation test missed
+    it — gave 1.079 (seed 201); a Moffat β = 2.5 keeps 2 % of its light beyond 12 px, which a correction to
+    the aperture takes off every flux (0.975, seed 202). Now within 1.5 % (1.011 and 0.994)."""
+    from diffim.pipeline import make_config
+    from diffim.sim import simulate_pair
+    from diffim.tasks.image_difference import ImageDifferenceTask
+
+    pair = simulate_pair(size=1024, seed=seed, **options)
+    task = ImageDifferenceTask(config=make_config([]))
+    assert task._measure_ap_corr(pair.science.copy()) is not None
+    assert task.metadata["apCorrNStars"] >= 10
+    assert abs(task.metadata["apCorrValue"] - 1) < 0.015

@@ -37,7 +37,8 @@ def detect_and_measure_sources(exposure: Exposure, *, threshold: float = 10.0, m
         Keep at most this many, brightest first.
     min_significance
         Measure only sources whose peak significance reaches this (the positions of all detections are kept
-        in ``table.meta["all_x"]``, ``["all_y"]`` for isolation tests).
+        in ``table.meta["all_x"]``, ``["all_y"]`` for isolation tests: every peak of every footprint at that
+        detection's threshold, besides each source's own).
     work
         The background-subtracted exposure (:func:`background_subtracted`), if already computed.
     footprints
@@ -62,8 +63,13 @@ def detect_and_measure_sources(exposure: Exposure, *, threshold: float = 10.0, m
             stats_bits=work.mask.bitmask(list(_STATS_PLANES), ignore_missing=True), xy0=work.xy0)
         pos = _per_peak_sources(pos, sm_img, sm_var, work.xy0, sigma, threshold)
         del sm_img, sm_var
-    all_x = np.array([fp.peaks[0].x for fp in pos], float)
-    all_y = np.array([fp.peaks[0].y for fp in pos], float)
+    # Every significant peak, not only each source's own: a neighbour that the per-peak split left inside a
+    # bright star's source (no saddle deep enough between them) is still a neighbour for isolation tests.
+    level = _MARK_THRESHOLD if footprints is not None else threshold
+    peaks = {(p.x, p.y) for fp in pos for p in fp.peaks if not (p.significance < level)}
+    peaks |= {(fp.peaks[0].x, fp.peaks[0].y) for fp in pos}
+    all_x = np.array([q[0] for q in peaks], float)
+    all_y = np.array([q[1] for q in peaks], float)
     pos = [fp for fp in pos if not (fp.peaks[0].significance < min_significance)]
     pos.sort(key=lambda fp: -fp.peaks[0].value)
     pos = pos[:max_sources]
@@ -126,7 +132,11 @@ def _per_peak_sources(footprints, sm_img, sm_var, xy0, sigma: float, threshold: 
     return out
 
 
-def mark_detections(exposure: Exposure, *, threshold: float = 5.0, n_sigma_to_grow: float = 2.4,
+#: Default threshold (σ) of :func:`mark_detections`.
+_MARK_THRESHOLD = 5.0
+
+
+def mark_detections(exposure: Exposure, *, threshold: float = _MARK_THRESHOLD, n_sigma_to_grow: float = 2.4,
                     work: Exposure | None = None, return_sources: bool = False):
     """Set DETECTED on the pixels of sources detected above ``threshold`` σ (in place); return their number.
 

@@ -1273,7 +1273,11 @@ class ImageDifferenceTask(Task):
                 columns[key] = col
 
     def _measure_ap_corr(self, science):
-        """Aperture corrections of PSF fluxes measured on the science stars (when none are supplied)."""
+        """Aperture corrections of PSF fluxes measured on the science stars (when none are supplied).
+
+        They bring PSF fluxes to totals (the 12-px aperture fluxes divided by the PSF model's encircled energy):
+        the science's photometric calibration here is not tied to a 12-px aperture, as an LSST calibration and
+        the apCorrMap that comes with it are."""
         from ..measure.apcorr import measure_ap_corr
         from ..sources import detect_and_measure_sources
 
@@ -1295,7 +1299,8 @@ class ImageDifferenceTask(Task):
             res = measure_ap_corr(work.image, work.variance, work.mask.array, science.require_psf(),
                                   np.asarray(stars["x"], float), np.asarray(stars["y"], float), bbox=science.bbox,
                                   xy0=science.xy0, bad_mask=science.mask.bitmask(
-                                      ["BAD", "SAT", "NO_DATA", "EDGE", "CR", "INTRP"], ignore_missing=True))
+                                      ["BAD", "SAT", "NO_DATA", "EDGE", "CR", "INTRP"], ignore_missing=True),
+                                  to_total=True)
         except Exception as exc:  # too few stars: no correction, each source gets flag_apCorr
             self.log.warning("Aperture corrections not measured: %s", exc)
             return None
