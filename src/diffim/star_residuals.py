@@ -401,7 +401,8 @@ def _random_effects_mean(e: np.ndarray, s2: np.ndarray, iterations: int = 4) -> 
 def mismatch_profile(residual: np.ndarray, variance: np.ndarray, positions: np.ndarray, amplitudes: np.ndarray,
                      r_max: int, *, extra_variance: np.ndarray | None = None, model: np.ndarray | None = None,
                      sigma_flux: float = 0.0, kernel: np.ndarray | None = None, corr_area: float = 1.0,
-                     bad: np.ndarray | None = None, min_stars: int = 5) -> np.ndarray:
+                     bad: np.ndarray | None = None, min_stars: int = 5,
+                     exclude_points: np.ndarray | None = None, exclude_radius: float = 0.0) -> np.ndarray:
     """Radial profile ``Π(r)``, r = 0 … ``r_max`` px, of the mean squared residual static stars leave beyond
     the noise and the fitted terms, per unit squared amplitude of the star in the static model.
 
@@ -438,6 +439,10 @@ def mismatch_profile(residual: np.ndarray, variance: np.ndarray, positions: np.n
         Stars whose stamp touches one of these pixels are not used.
     min_stars
         Fewer usable stars: the profile is 0.
+    exclude_points, exclude_radius
+        ``(k, 2)`` integer (y, x) of unrelated sources — transients, variables, faint neighbours, detected in the
+        science image — whose light may lie in a star's rings: pixels within ``exclude_radius`` of them are left
+        out of the rings' means. None: none.
 
     Returns
     -------
@@ -476,14 +481,30 @@ def mismatch_profile(residual: np.ndarray, variance: np.ndarray, positions: np.n
         excess -= _stamps(np.asarray(extra_variance), ys, xs, r_max)
     if model is not None and sigma_flux > 0:
         excess -= sigma_flux**2 * _stamps(np.asarray(model), ys, xs, r_max).astype(np.float64) ** 2
+    use = np.ones(excess.shape, bool)
+    if exclude_points is not None and len(exclude_points) and exclude_radius > 0:
+        from scipy.spatial import cKDTree
+
+        pts = np.asarray(exclude_points, float).reshape(-1, 2)
+        off = np.arange(-r_max, r_max + 1, dtype=float)
+        near = cKDTree(pts).query_ball_point(np.column_stack([ys, xs]).astype(float), r_max + exclude_radius)
+        for i, idx in enumerate(near):
+            for j in idx:
+                dy, dx = pts[j, 0] - ys[i], pts[j, 1] - xs[i]
+                if dy * dy + dx * dx < 9.0:
+                    continue  # the star's own detection, never unrelated
+                use[i] &= (off[:, None] - dy) ** 2 + (off[None, :] - dx) ** 2 > exclude_radius**2
     rb = _radial_bins(r_max)
     a2 = amp * amp
     for r in range(r_max + 1):
         sel = rb == r
-        n = int(sel.sum())
-        e = excess[:, sel].mean(axis=1) / a2
-        s2 = 2.0 * V[:, sel].mean(axis=1) ** 2 / (a2 * a2) / max(n / max(corr_area, 1.0), 1.0)
-        out[r] = max(_random_effects_mean(e, s2), 0.0)
+        u = use[:, sel]
+        n = u.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            e = np.where(u, excess[:, sel], 0.0).sum(axis=1) / n / a2
+            v_mean = np.where(u, V[:, sel], 0.0).sum(axis=1) / n
+        s2 = 2.0 * v_mean**2 / (a2 * a2) / np.maximum(n / max(corr_area, 1.0), 1.0)
+        out[r] = max(_random_effects_mean(e, s2), 0.0)  # a ring with no pixel left: NaN, not used
     return out
 
 

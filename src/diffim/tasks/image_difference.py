@@ -1146,7 +1146,9 @@ class ImageDifferenceTask(Task):
         prof = sr.mismatch_profile(resid.image, resid.variance, np.column_stack([ys, xs]), amp, r_max,
                                    extra_variance=extra, model=model, sigma_flux=flux, kernel=kernel,
                                    corr_area=2.0 * np.pi * sigma * sigma,
-                                   bad=resid.mask.get(self._STAR_BAD_PLANES, ignore_missing=True))
+                                   bad=resid.mask.get(self._STAR_BAD_PLANES, ignore_missing=True),
+                                   exclude_points=self._unrelated_peaks(resid, peaks),
+                                   exclude_radius=1.2 * fwhm)
         self.metadata[f"{prefix}ResidualProfileNStars"] = int(ys.size)
         self.metadata[f"{prefix}ResidualProfilePeak"] = float(np.sqrt(prof.max())) if prof.size else 0.0
         if not np.any(prof > 0):
@@ -1167,6 +1169,25 @@ class ImageDifferenceTask(Task):
                       "added around %d bright static sources.", "in the score " if prefix == "score" else "",
                       ys.size, float(np.sqrt(prof.max())), r_max, len(peaks))
         return more if extra is None else extra + more
+
+    def _unrelated_peaks(self, image, static_peaks):
+        """``(y, x)`` (pixel indices of ``image``) of the science detections' significant peaks that are not
+        bright static peaks — transients, variables, faint stars and galaxies — or None when the science was
+        not detected here (an LSST exposure arrives with its own DETECTED plane). Their light in a star's rings
+        is not the star's residual; with a broad PSF one ring in three holds some (FWHM 10 px)."""
+        sources = getattr(self, "_science_sources", None)
+        if not sources:
+            return None
+        from scipy.spatial import cKDTree
+
+        from ..sources import _MARK_THRESHOLD
+
+        pts = np.array(sorted({(p.y - image.xy0[1], p.x - image.xy0[0]) for fp in sources for p in fp.peaks
+                               if not (p.significance < _MARK_THRESHOLD)}), float).reshape(-1, 2)
+        if static_peaks is not None and len(static_peaks) and len(pts):
+            d, _ = cKDTree(np.asarray(static_peaks, float)).query(pts)
+            pts = pts[d > 2.0]
+        return pts
 
     @staticmethod
     def _peak_curvature(model, ys, xs):
