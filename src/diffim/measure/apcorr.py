@@ -5,8 +5,8 @@ The correction of an algorithm's flux is the ratio of a large-aperture flux (the
 ``base_CircularApertureFlux_12_0``) to that algorithm's flux for stars, fitted as a constant or a low-order
 Chebyshev polynomial in ``(x, y)`` over the image. With ``to_total`` each aperture flux is first divided by the
 PSF model's encircled energy within the aperture, so that the corrected fluxes are totals, not 12-px aperture
-fluxes (which lose a broad PSF's wings: 16 % of a Moffat β = 3 of FWHM 10 px). An ``ApCorrMap`` is a plain ``dict`` mapping
-``"<algorithm>_instFlux"`` and ``"<algorithm>_instFluxErr"`` to callables ``f(x, y)``.
+fluxes (which lose a broad PSF's wings: 16 % of a Moffat β = 3 of FWHM 10 px). An ``ApCorrMap`` is a plain
+``dict`` mapping ``"<algorithm>_instFlux"`` and ``"<algorithm>_instFluxErr"`` to callables ``f(x, y)``.
 """
 
 from __future__ import annotations

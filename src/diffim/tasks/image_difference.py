@@ -1174,7 +1174,7 @@ class ImageDifferenceTask(Task):
         """``(y, x)`` (pixel indices of ``image``) of the science detections' significant peaks that are not
         bright static peaks — transients, variables, faint stars and galaxies — or None when the science was
         not detected here (an LSST exposure arrives with its own DETECTED plane). Their light in a star's rings
-        is not the star's residual; with a broad PSF one ring in three holds some (FWHM 10 px)."""
+        is not the star's residual; with a broad PSF (FWHM 10 px) one star's stamp in three holds some."""
         sources = getattr(self, "_science_sources", None)
         if not sources:
             return None

@@ -363,7 +363,7 @@ class ImagePsfMatchTask(Task):
             narrow = self.config.narrowKernelBasisDegree
             if narrow is not None and kc.scaleByFwhm and targetFwhmPix and referenceFwhmPix \
                     and referenceFwhmPix >= targetFwhmPix and degrees[0] < narrow:
-                sigma_k = math.sqrt(referenceFwhmPix**2 - targetFwhmPix**2) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+                sigma_k = math.sqrt(referenceFwhmPix**2 - targetFwhmPix**2) / FWHM_PER_SIGMA
                 if sigma_k < kc.alardMinSig:
                     degrees = (narrow,) + degrees[1:]
                     self.log.info("Kernel width %.2f px < alardMinSig %.2f: AL polynomial degrees raised to %s.",
