@@ -65,8 +65,7 @@ def detect_and_measure_sources(exposure: Exposure, *, threshold: float = 10.0, m
         del sm_img, sm_var
     # Every significant peak, not only each source's own: a neighbour that the per-peak split left inside a
     # bright star's source (no saddle deep enough between them) is still a neighbour for isolation tests.
-    level = _MARK_THRESHOLD if footprints is not None else threshold
-    peaks = {(p.x, p.y) for fp in pos for p in fp.peaks if not (p.significance < level)}
+    peaks = significant_peaks(pos, _MARK_THRESHOLD if footprints is not None else threshold)
     peaks |= {(fp.peaks[0].x, fp.peaks[0].y) for fp in pos}
     all_x = np.array([q[0] for q in peaks], float)
     all_y = np.array([q[1] for q in peaks], float)
@@ -134,6 +133,12 @@ def _per_peak_sources(footprints, sm_img, sm_var, xy0, sigma: float, threshold: 
 
 #: Default threshold (σ) of :func:`mark_detections`.
 _MARK_THRESHOLD = 5.0
+
+
+def significant_peaks(footprints, level: float = _MARK_THRESHOLD) -> set[tuple[int, int]]:
+    """The distinct parent ``(x, y)`` of every peak of ``footprints`` whose significance reaches ``level`` (per-peak
+    sources share their parent's peaks, so each position appears once)."""
+    return {(p.x, p.y) for fp in footprints for p in fp.peaks if not (p.significance < level)}
 
 
 def mark_detections(exposure: Exposure, *, threshold: float = _MARK_THRESHOLD, n_sigma_to_grow: float = 2.4,

@@ -1180,10 +1180,10 @@ class ImageDifferenceTask(Task):
             return None
         from scipy.spatial import cKDTree
 
-        from ..sources import _MARK_THRESHOLD
+        from ..sources import significant_peaks
 
-        pts = np.array(sorted({(p.y - image.xy0[1], p.x - image.xy0[0]) for fp in sources for p in fp.peaks
-                               if not (p.significance < _MARK_THRESHOLD)}), float).reshape(-1, 2)
+        pts = np.array(sorted((y - image.xy0[1], x - image.xy0[0]) for x, y in significant_peaks(sources)),
+                       float).reshape(-1, 2)
         if static_peaks is not None and len(static_peaks) and len(pts):
             d, _ = cKDTree(np.asarray(static_peaks, float)).query(pts)
             pts = pts[d > 2.0]
