@@ -17,6 +17,23 @@ def _gauss_grid(n: int, sigma: float) -> np.ndarray:
     return np.exp(-0.5 * (x * x + y * y) / sigma**2)
 
 
+def test_convolved_psf_varies_as_its_base():
+    """ConvolvedPsf of a Gaussian whose FWHM varies ±30 % across the field with a Gaussian of σ 1.5: σ² adds at
+    every position (the pre-convolved science of score detection), and it is odd-sized with unit sum."""
+    from diffim.model import Box
+    from diffim.model.psf import ConvolvedPsf
+    from diffim.testing.psfs import VaryingGaussianPsf
+
+    base = VaryingGaussianPsf(4.0, (0.3, 0.0), bbox=Box(0, 0, 1000, 1000))
+    psf = ConvolvedPsf(base, _gauss_grid(15, 1.5))
+    for x in (0.0, 500.0, 999.0):
+        k = psf.compute_kernel_image(x, 500.0)
+        assert k.shape[0] % 2 == 1 and k.sum() == pytest.approx(1.0)
+        assert psf.sigma(x, 500.0) == pytest.approx(np.hypot(base.sigma(x, 500.0), 1.5), rel=0.01)
+    assert psf.sigma(999.0, 500.0) > 1.2 * psf.sigma(0.0, 500.0)
+    assert psf.average_position == base.average_position
+
+
 def test_polynomial_terms_psfex_order():
     """Degree 2 terms are 1, u, u², v, uv, v² (u fastest), as PSFEx orders its basis."""
     t = polynomial_terms(np.array([2.0]), np.array([3.0]), 2)[0]

@@ -28,6 +28,7 @@ __all__ = [
     "Psf",
     "GaussianPsf",
     "ImagePsf",
+    "ConvolvedPsf",
     "FWHM_PER_SIGMA",
     "register_psf_type",
     "psf_type_registry",
@@ -408,3 +409,37 @@ class ImagePsf(Psf):
 
     def __repr__(self) -> str:
         return f"ImagePsf(shape={self.kernel.shape})"
+
+
+class ConvolvedPsf(Psf):
+    """PSF of an image that was convolved with a fixed kernel: ``base`` at each position convolved with it.
+
+    The pre-convolved science of score-image detection is such an image; its PSF varies across the field as
+    the science's does (a constant model at the centre would tell the kernel fit that the variation is the
+    template's alone). Not persisted: the image it describes is an intermediate product.
+
+    Parameters
+    ----------
+    base
+        PSF of the image before the convolution.
+    kernel
+        The convolution kernel (odd-sized; applied as a convolution, not a correlation).
+    average_position
+        Default: ``base``'s.
+    """
+
+    def __init__(self, base: Psf, kernel: np.ndarray, average_position: tuple[float, float] | None = None) -> None:
+        super().__init__(base.average_position if average_position is None else average_position)
+        k = np.asarray(kernel, dtype=float)
+        if k.ndim != 2 or k.shape[0] % 2 == 0 or k.shape[1] % 2 == 0:
+            raise PsfError(f"ConvolvedPsf needs an odd-sized 2-D kernel, got shape {k.shape}.")
+        self.base = base
+        self.kernel = k
+
+    def _kernel_image(self, x: float, y: float) -> np.ndarray:
+        from scipy.signal import fftconvolve
+
+        return fftconvolve(self.base.compute_kernel_image(x, y), self.kernel, mode="full")
+
+    def __repr__(self) -> str:
+        return f"ConvolvedPsf({self.base!r}, kernel {self.kernel.shape})"

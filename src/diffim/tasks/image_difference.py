@@ -1392,11 +1392,8 @@ def _reference_colour(ref, name):
 
 
 def _preconvolved_psf(psf, pre_kernel, pos):
-    """PSF of an image convolved with ``pre_kernel``: the kernel image at ``pos`` convolved with it."""
-    from scipy.signal import fftconvolve
+    """PSF of an image convolved with ``pre_kernel`` (a correlation kernel: the convolution is with its flip),
+    varying across the field as ``psf`` does."""
+    from ..model.psf import ConvolvedPsf
 
-    from ..model.psf import ImagePsf
-
-    k = psf.compute_kernel_image(*pos)
-    out = fftconvolve(k, pre_kernel[::-1, ::-1], mode="full")
-    return ImagePsf(out / out.sum(), average_position=pos)
+    return ConvolvedPsf(psf, pre_kernel[::-1, ::-1], average_position=pos)
