@@ -1,4 +1,5 @@
-"""Alard–Lupton PSF matching: kernel bases, candidates, the least-squares solve, PCA bases and spatial kernels."""
+"""Alard–Lupton PSF matching: kernel bases, candidates, the least-squares solve, PCA bases, spatial kernels and
+the spatial order the PSF models call for."""
 
 from .basis import (
     KernelBasis,
@@ -11,6 +12,7 @@ from .candidates import KernelCandidate, SpatialCellSet, detect_kernel_sources, 
 from .kernel import KernelSolution, SpatialBackground, SpatialFunction, SpatialKernel
 from .pca import PcaBasis, pca_kernel_basis
 from .solve import SpatialDesign, build_stamp_system, clipped_mean_std, fit_spatial, solve_psf_matching
+from .spatial_order import choose_spatial_kernel_order, predicted_kernel_residuals
 
 __all__ = [
     "KernelBasis",
@@ -33,4 +35,6 @@ __all__ = [
     "clipped_mean_std",
     "fit_spatial",
     "solve_psf_matching",
+    "choose_spatial_kernel_order",
+    "predicted_kernel_residuals",
 ]

@@ -24,6 +24,7 @@ from ..psfmatch.basis import make_kernel_basis_list, regularization_matrix
 from ..psfmatch.candidates import detect_kernel_sources, make_kernel_candidates
 from ..psfmatch.noise import noise_correlation
 from ..psfmatch.solve import solve_psf_matching
+from ..psfmatch.spatial_order import choose_spatial_kernel_order, predicted_kernel_residuals
 from .base import Struct, Task, timeMethod
 
 # Pixels the background refit ignores besides sources: no data, defects and the unconvolvable border.
@@ -226,6 +227,20 @@ class ImagePsfMatchConfig(pexConfig.Config):
             "Hermite terms can build the narrow kernel (science FWHM 1.8 px, template 20 % sharper: star chi2 "
             "p95 2.0-2.5 -> 1.5-1.7). Only when the target is convolved to a broader reference. None disables.",
     )
+    maxSpatialKernelOrder = pexConfig.Field(
+        dtype=int, optional=True, default=2,
+        doc="Not in LSST: the AL kernel's spatial order may be raised above kernel.spatialKernelOrder, up to this, "
+            "when the two PSF models say the kernel varies more across the field than that order can follow "
+            "(diffim.psfmatch.spatial_order: the best kernel of each order fitted to the PSF models on a 7x7 grid "
+            "leaves more than spatialOrderTolerance of a star's peak somewhere, and one order more at least halves "
+            "it). Science FWHM +-35 % across 1024^2 (the simulator's default is +-15 %): star chi2 p95 1.48-1.69 "
+            "-> 1.19-1.22. None disables.",
+    )
+    spatialOrderTolerance = pexConfig.RangeField(
+        dtype=float, default=0.05, min=0.0,
+        doc="Predicted kernel residual (fraction of a star's peak) above which maxSpatialKernelOrder may raise "
+            "the spatial order.",
+    )
     templateNoiseCorrection = pexConfig.Field(
         dtype=bool, default=True,
         doc="Not in LSST: remove the expected contribution of the convolved image's own pixel noise (variance "
@@ -387,6 +402,26 @@ class ImagePsfMatchTask(Task):
             return H, float(kc.lambdaScaling)
         return kc.lambdaValue * H, None
 
+    def _spatial_kernel_order(self, target: Exposure, reference: Exposure, basis, bbox) -> int:
+        """``kernel.spatialKernelOrder``, raised up to ``maxSpatialKernelOrder`` when the PSF models predict
+        that the kernel varies more than that order can follow (:mod:`diffim.psfmatch.spatial_order`)."""
+        kc = self.config.kernel.active
+        order, top = kc.spatialKernelOrder, self.config.maxSpatialKernelOrder
+        if (top is None or top <= order or basis.kind != "alard-lupton" or kc.usePcaForSpatialKernel
+                or target.psf is None or reference.psf is None):
+            return order
+        res = predicted_kernel_residuals(target.psf, reference.psf, basis, bbox, range(order, top + 1),
+                                         spatial_model_type=kc.spatialModelType)
+        for k, v in res.items():
+            self.metadata[f"predictedKernelResidualOrder{k}"] = v
+        chosen = choose_spatial_kernel_order(res, order, top, tolerance=self.config.spatialOrderTolerance)
+        self.metadata["spatialKernelOrderUsed"] = chosen
+        if chosen > order:
+            self.log.info("The PSF models vary across the field more than a spatial kernel of order %d can follow "
+                          "(predicted residual %.3f of a star's peak; order %d: %.3f): fitting order %d.",
+                          order, res[order], chosen, res[chosen], chosen)
+        return chosen
+
     def _fit(self, target: Exposure, reference: Exposure, candidateList, residualMeanScale: float = 1.0):
         """Fit ``reference ≈ corr(K, target) + bg``; returns (solution, basis). ``residualMeanScale``: see
         :meth:`matchExposures`."""
@@ -453,7 +488,8 @@ class ImagePsfMatchTask(Task):
         reg, reg_scaling = self._regularization(basis)
         solution = solve_psf_matching(
             target.masked_image, reference.masked_image, cands, basis, bbox=bbox,
-            spatial_kernel_order=kc.spatialKernelOrder, spatial_bg_order=kc.spatialBgOrder,
+            spatial_kernel_order=self._spatial_kernel_order(target, reference, basis, bbox),
+            spatial_bg_order=kc.spatialBgOrder,
             fit_for_background=kc.fitForBackground, spatial_model_type=kc.spatialModelType,
             size_cell_x=kc.sizeCellX, size_cell_y=kc.sizeCellY, n_star_per_cell=kc.nStarPerCell,
             max_spatial_iterations=kc.maxSpatialIterations, single_kernel_clipping=kc.singleKernelClipping,
