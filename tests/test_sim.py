@@ -369,6 +369,27 @@ def test_moffat_elliptical_scene_runs():
     assert np.isfinite(p.science.image).all()
 
 
+def test_rotated_template_keeps_the_science_star_density():
+    """A template rotated by 90° or 30° (and offset) is rendered on a grid just large enough for the rotated
+    science (a 90° turn of a square needs no more than the offset and 16 px), and stars and galaxies keep the
+    science's density: the science holds as many as without a rotation (the margin once diluted them 3–10×)."""
+    def counts(**kw):
+        p = simulate_pair(1024, seed=301, **kw)
+        kind = np.asarray(p.truth["kind"]).astype(str)
+        x, y = np.asarray(p.truth["x"], float), np.asarray(p.truth["y"], float)
+        inside = (x >= 0) & (x < 1024) & (y >= 0) & (y < 1024)
+        return p.template.shape[0], int(((kind == "star") & inside).sum()), int(((kind == "galaxy") & inside).sum())
+
+    _, stars0, gals0 = counts()
+    size90, stars90, gals90 = counts(template_rotation=90.0)
+    size30, stars30, gals30 = counts(template_rotation=30.0, template_offset=(40.5, -25.2))
+    assert size90 == 1024 + 2 * 16
+    assert size30 == 1024 + 2 * (int(np.ceil(512 * (np.cos(np.pi / 6) + 0.5 - 1) + np.hypot(40.5, 25.2))) + 16)
+    for stars, gals in ((stars90, gals90), (stars30, gals30)):
+        assert abs(stars - stars0) < 4 * np.sqrt(stars0)
+        assert abs(gals - gals0) < 4 * np.sqrt(gals0)
+
+
 def test_wcs_offset_template_rendered_on_its_own_grid():
     """With an offset/rotation the template has its own grid; truth template positions follow the WCSs,
     and aperture fluxes of clean stars at those positions match flux_template."""

@@ -19,7 +19,8 @@ Scene model
   science_calibration / template_scale`` nJy per count, so a static star has the same nJy in both.
 * Without a template WCS offset the two share one pixel grid; with ``template_offset``/``template_rotation``
   the template is rendered on its own grid (TAN WCS, same pixel scale) from the same sky, ``template_margin``
-  pixels larger on every side.
+  pixels larger on every side (None: what the offset, rotated science needs, plus 16); stars and galaxies
+  cover that margin at the science's density.
 
 Options (all keyword arguments of :func:`simulate_pair`; counts are per 1024² pixels and scale with the area)
 ---------------------------------------------------------------------------------------------------------
@@ -611,7 +612,10 @@ def simulate_pair(size: int = 1024, seed: int = 0, **options: Any) -> SimulatedP
     own_grid = offset != (0.0, 0.0) or rot != 0.0
     margin = opt["template_margin"]
     if margin is None:
-        margin = 0 if not own_grid else int(math.ceil(math.hypot(*offset) + abs(math.radians(rot)) * size * 0.71)) + 16
+        # The science rotated by `rot` about its centre spans (size / 2)(|cos| + |sin|) either side of it.
+        c, s_ = abs(math.cos(math.radians(rot))), abs(math.sin(math.radians(rot)))
+        reach = 0.5 * size * (c + s_ - 1.0) + math.hypot(*offset)
+        margin = 0 if not own_grid else int(math.ceil(reach)) + 16
     margin = int(margin)
     tsize = size + 2 * margin
     tmpl_box = Box(0, 0, tsize, tsize)
@@ -670,8 +674,12 @@ def simulate_pair(size: int = 1024, seed: int = 0, **options: Any) -> SimulatedP
         rows.append(r)
         return len(rows) - 1
 
+    # Stars and galaxies are placed over the grown region at the density their counts give the science (a
+    # larger template grid must not thin out the science's sky).
+    spread = ((hi_xy - lo_xy) / (size - 1 + 16.0)) ** 2
+
     # ---- static stars ------------------------------------------------------------------------------------
-    n_stars = int(opt["n_stars"])
+    n_stars = int(round(int(opt["n_stars"]) * spread))
     sx, sy = uniform_xy(n_stars)
     a = float(opt["star_alpha"])
     fmin, fmax = float(opt["star_flux_min"]), float(opt["star_flux_max"])
@@ -690,7 +698,7 @@ def simulate_pair(size: int = 1024, seed: int = 0, **options: Any) -> SimulatedP
         add_row("star", sx[i], sy[i], sflux[i], sflux[i] * scale)
 
     # ---- galaxies ---------------------------------------------------------------------------------------
-    n_gal = int(opt["n_galaxies"])
+    n_gal = int(round(int(opt["n_galaxies"]) * spread))
     gx, gy = uniform_xy(n_gal, inner=4)
     gflux = _log_uniform(rng, *opt["galaxy_flux_range"], n_gal)
     grad = _log_uniform(rng, *opt["galaxy_radius_range"], n_gal)
