@@ -103,6 +103,34 @@ def _fit_chebyshev(x, y, z, w, bbox: Box, order: int,
     return ApCorrModel(coeffs.reshape(order + 1, order + 1), bbox), (float(sol[-1]) if extra is not None else 0.0)
 
 
+def _clip_unweighted(ratio, ratio_err, x, y, use, bbox: Box, order: int, inv_f: np.ndarray | None,
+                     n_sigma_clip: float, n_iter: int, min_stars: int) -> np.ndarray:
+    """``use`` without the stars whose ratio is an outlier from an equal-weight fit (the model, plus ``b·inv_f``
+    if given: the additive term of the weighted fit; clipped at ``n_sigma_clip`` times the larger of the robust
+    scatter and the star's own error, iterated).
+
+    The weighted fit cannot find such stars itself when one of them is very bright: a star whose aperture holds a
+    neighbour with no peak of its own (a galaxy on its wing) has the smallest formal error of all, sets the
+    weighted model by itself, and the clipping centred on that model then rejects the good stars instead
+    (simulated pair, seed 303: 1.112 ± 0.002 against 0.96–1.00 for the 32 others, correction 1.077). With equal
+    weights one star moves the model by 1/N of its deviation.
+    """
+    for _ in range(max(1, n_iter)):
+        model, b = _fit_chebyshev(x[use], y[use], ratio[use], np.ones(int(use.sum())), bbox, order,
+                                  None if inv_f is None else inv_f[use])
+        resid = ratio - model(x, y) - (0.0 if inv_f is None else b * inv_f)
+        q25, q75 = np.percentile(resid[use], [25, 75])
+        sd = 0.741 * (q75 - q25)
+        if not (sd > 0):
+            break
+        new_use = use & (np.abs(resid) <= n_sigma_clip * np.maximum(sd, ratio_err))
+        n_par = (order + 1) * (order + 2) // 2 + (inv_f is not None)
+        if new_use.sum() < max(min_stars, n_par + 1) or np.array_equal(new_use, use):
+            break
+        use = new_use
+    return use
+
+
 @dataclass
 class ApCorrResult:
     """Measured aperture correction: the map, and per-star ratios and which stars were used."""
@@ -222,6 +250,8 @@ def measure_ap_corr(
     span = float(np.max(pf.flux[use]) / np.min(pf.flux[use]))  # use holds ≥ min_stars stars here
     n_terms = (order + 1) * (order + 2) // 2
     intercept = span >= 3.0 and use.sum() >= n_terms + 3
+    use = _clip_unweighted(ratio, ratio_err, x, y, use, bbox, order, inv_f if intercept else None, n_sigma_clip,
+                           n_iter, min_stars)
 
     def fit(w):
         return _fit_chebyshev(x[use], y[use], ratio[use], w[use], bbox, order, inv_f[use] if intercept else None)
