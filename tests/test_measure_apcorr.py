@@ -93,6 +93,32 @@ def test_background_error_does_not_bias_the_correction_through_faint_stars():
     assert abs(res.value / expected - 1) < 0.005
 
 
+def test_one_bright_contaminated_star_does_not_set_the_correction():
+    """Stars of 2·10⁴–5·10⁵ counts and one of 10⁶ whose 12-px aperture also holds a peakless neighbour 5.6 px away
+    with 11 % of its flux (a galaxy on its wing): that star's ratio, 1.11 × the truth, has the smallest error of
+    all, and a weighted fit alone (clipped about itself) is pulled to it. The equal-weight pass drops it first:
+    the correction stays within 0.5 % of the analytic one."""
+    model = _truncated_model()
+    rng = np.random.RandomState(7)
+    _, _, x, y = _scene(lambda _: 0.15, model, size=540)
+    img = rng.normal(0, SKY_SIGMA, (540, 540))
+    xb, yb = 270.3, 269.6
+    keep = np.hypot(x - xb, y - yb) > 30
+    x, y = np.append(x[keep], xb), np.append(y[keep], yb)
+    fluxes = np.append(np.exp(rng.uniform(np.log(2e4), np.log(5e5), keep.sum())), 1e6)
+    for xi, yi, f in zip(x, y, fluxes):
+        t, box = _true_star(xi, yi, 0.15)
+        img[box.slices()] += f * t
+    g, gbox = WING.compute_image(xb + 4.0, yb + 3.9)
+    img[gbox.slices()] += 1.1e5 * g
+    var = np.full(img.shape, SKY_SIGMA**2) + np.maximum(img, 0)
+    res = measure_ap_corr(img, var, None, model, x, y, order=0, min_snr=50, isolation_radius=20)
+    expected = np.mean([_expected_correction(a, b, 0.15, model) for a, b in zip(x[:-1], y[:-1])])
+    assert res.ratio[-1] / expected > 1.05 and res.ratio_err[-1] == res.ratio_err.min()
+    assert not res.used[-1]
+    assert abs(res.value / expected - 1) < 0.005
+
+
 def test_spatially_varying_ap_corr_first_order():
     """Wing fraction growing from 5 % to 25 % across the image: a first-order polynomial tracks the analytic
     correction at every star to 1 % (rms 0.4 %: the truth is a ratio of linear functions of x and depends on
