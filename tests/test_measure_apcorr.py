@@ -93,11 +93,9 @@ def test_background_error_does_not_bias_the_correction_through_faint_stars():
     assert abs(res.value / expected - 1) < 0.005
 
 
-def test_one_bright_contaminated_star_does_not_set_the_correction():
-    """Stars of 2·10⁴–5·10⁵ counts and one of 10⁶ whose 12-px aperture also holds a peakless neighbour 5.6 px away
-    with 11 % of its flux (a galaxy on its wing): that star's ratio, 1.11 × the truth, has the smallest error of
-    all, and a weighted fit alone (clipped about itself) is pulled to it. The equal-weight pass drops it first:
-    the correction stays within 0.5 % of the analytic one."""
+def _contaminated_scene(neighbour_flux: float):
+    """Stars of 2·10⁴–5·10⁵ counts on a grid and, last in the list, one of 10⁶ with a peakless neighbour (a wing
+    Gaussian 5.6 px away) of ``neighbour_flux`` counts."""
     model = _truncated_model()
     rng = np.random.RandomState(7)
     _, _, x, y = _scene(lambda _: 0.15, model, size=540)
@@ -110,12 +108,33 @@ def test_one_bright_contaminated_star_does_not_set_the_correction():
         t, box = _true_star(xi, yi, 0.15)
         img[box.slices()] += f * t
     g, gbox = WING.compute_image(xb + 4.0, yb + 3.9)
-    img[gbox.slices()] += 1.1e5 * g
+    img[gbox.slices()] += neighbour_flux * g
     var = np.full(img.shape, SKY_SIGMA**2) + np.maximum(img, 0)
-    res = measure_ap_corr(img, var, None, model, x, y, order=0, min_snr=50, isolation_radius=20)
     expected = np.mean([_expected_correction(a, b, 0.15, model) for a, b in zip(x[:-1], y[:-1])])
+    return img, var, model, x, y, expected
+
+
+@pytest.mark.parametrize("n_sigma_clip", [3.0, 1e9], ids=["clipping", "no_clipping"])
+def test_one_bright_contaminated_star_does_not_set_the_correction(n_sigma_clip):
+    """The 10⁶-count star's aperture also holds a peakless neighbour with 11 % of its flux (a galaxy on its wing):
+    its ratio, 1.11 × the truth, has the smallest error of all, and a weighted fit alone (clipped about itself)
+    is pulled to it. Two things drop it, each on its own: its PSF fit's misfit (√(χ² − N)/(S/N): 0.096, where the
+    truncated model leaves 0.028 on the other bright stars, so the cut is at 0.055) — the only one left without
+    clipping — and the equal-weight pass before the weighted fit. The correction stays within 0.5 %."""
+    img, var, model, x, y, expected = _contaminated_scene(1.1e5)
+    res = measure_ap_corr(img, var, None, model, x, y, order=0, min_snr=50, isolation_radius=20,
+                          n_sigma_clip=n_sigma_clip)
     assert res.ratio[-1] / expected > 1.05 and res.ratio_err[-1] == res.ratio_err.min()
     assert not res.used[-1]
+    assert abs(res.value / expected - 1) < 0.005
+
+
+def test_a_clean_bright_star_is_kept():
+    """The same scene without the neighbour: the bright star's misfit, 0.037 (the truncated model's own), is
+    below the cut and it is used."""
+    img, var, model, x, y, expected = _contaminated_scene(0.0)
+    res = measure_ap_corr(img, var, None, model, x, y, order=0, min_snr=50, isolation_radius=20, n_sigma_clip=1e9)
+    assert res.used[-1]
     assert abs(res.value / expected - 1) < 0.005
 
 

@@ -103,6 +103,32 @@ def _fit_chebyshev(x, y, z, w, bbox: Box, order: int,
     return ApCorrModel(coeffs.reshape(order + 1, order + 1), bbox), (float(sol[-1]) if extra is not None else 0.0)
 
 
+#: A star's PSF fit counts as contaminated when its χ² exceeds the pixel count by this many standard deviations
+#: and by more than _MISFIT_FLOOR of its own S/N² (see :func:`_contaminated`).
+_MISFIT_SIGNIFICANCE = 5.0
+_MISFIT_FLOOR = 0.03
+
+
+def _contaminated(pf, snr: np.ndarray, use: np.ndarray) -> np.ndarray:
+    """Stars whose PSF fit leaves a significant misfit larger than the usual one: something else in the stamp.
+
+    The misfit is √(χ² − N)/(S/N), the rms residual of the fit as a fraction of the star (N its pixels): ≈ 0 for
+    a star the model describes, ε for all bright stars if the model is ε off, and the neighbour's share of the
+    flux when a source without a peak of its own sits on the star's wing — whose flux the 12-px aperture takes
+    and the PSF fit does not (simulated Moffat β = 3.5, seed 201: a 9·10³-count transient 8.7 px from a
+    1.3·10⁵-count star, misfit 0.19, ratio 1.078 ± 0.006, correction 1.086). A star is dropped when its excess
+    χ² is significant (> 5σ of χ²) and its misfit exceeds both 3 % and twice the median of the significant
+    ones (≥ 5 of them: the level the PSF model's own errors leave).
+    """
+    excess = pf.chi2 - pf.npix
+    with np.errstate(divide="ignore", invalid="ignore"):
+        signif = excess / np.sqrt(2.0 * pf.npix)
+        misfit = np.sqrt(np.maximum(excess, 0.0)) / snr
+    sig = use & np.isfinite(signif) & (signif > _MISFIT_SIGNIFICANCE) & np.isfinite(misfit)
+    level = float(np.median(misfit[sig])) if sig.sum() >= 5 else 0.0
+    return sig & (misfit > max(_MISFIT_FLOOR, 2.0 * level))
+
+
 def _clip_unweighted(ratio, ratio_err, x, y, use, bbox: Box, order: int, inv_f: np.ndarray | None,
                      n_sigma_clip: float, n_iter: int, min_stars: int) -> np.ndarray:
     """``use`` without the stars whose ratio is an outlier from an equal-weight fit (the model, plus ``b·inv_f``
@@ -226,6 +252,7 @@ def measure_ap_corr(
         ratio_err = np.abs(ratio) * np.hypot(ap.flux_err / ap.flux, pf.flux_err / pf.flux)
         snr = pf.flux / pf.flux_err
     use = ~pf.flag & ~ap.flag & np.isfinite(ratio) & np.isfinite(ratio_err) & (snr >= min_snr)
+    use &= ~_contaminated(pf, snr, use)
     if len(x) > 1 and isolation_radius > 0:
         from scipy.spatial import cKDTree
 
