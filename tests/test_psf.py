@@ -166,6 +166,32 @@ def test_star_selector_task_with_lsst_columns():
     assert len(res.sourceCat) == res.selected.sum()
 
 
+def test_star_selector_accepts_stars_of_an_undersampled_psf():
+    """A PSF of FWHM 1.8 px (width √((Ixx+Iyy)/2) ≈ 0.8 px) is narrower than widthMin (0.9): given the exposure,
+    the limit drops to 0.75 × the PSF's width, so the stars are selected and the 0.3-px hot pixels still are not;
+    without it (or with a PSF of FWHM 4 px) widthMin stands and no star passes."""
+    from astropy.table import Table
+
+    from diffim.errors import DiffimError
+    from diffim.model import Exposure
+    from diffim.tasks.star_selector import ObjectSizeStarSelectorTask
+
+    rng = np.random.default_rng(6)
+    w = np.concatenate([0.8 * (1 + 0.02 * rng.standard_normal(40)), rng.uniform(0.28, 0.32, 10)])
+    cat = Table({"base_SdssShape_xx": w**2, "base_SdssShape_yy": w**2,
+                 "base_PsfFlux_instFlux": np.full(50, 1e5), "base_PsfFlux_instFluxErr": np.full(50, 100.0)})
+    sharp = Exposure(image=np.zeros((64, 64)), variance=np.ones((64, 64)), psf=GaussianPsf(1.8 / 2.3548, size=15))
+    res = ObjectSizeStarSelectorTask().run(cat, exposure=sharp)
+    assert res.selected[:40].sum() >= 36 and not res.selected[40:].any()
+    broad = Exposure(image=np.zeros((64, 64)), variance=np.ones((64, 64)), psf=GaussianPsf(4.0 / 2.3548, size=25))
+    for exposure in (None, broad):
+        try:
+            sel = ObjectSizeStarSelectorTask().run(cat, exposure=exposure).selected
+        except DiffimError:  # nothing passes the limits
+            sel = np.zeros(50, bool)
+        assert not sel[:40].any()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # PSF estimation
 # ----------------------------------------------------------------------------------------------------------
