@@ -112,7 +112,7 @@ class ObjectSizeStarSelectorTask(Task):
         except Exception:  # no usable PSF: the configured limit
             return width_min
         if np.isfinite(width) and 0 < 0.95 * width < width_min:
-            self.log.info("PSF width %.2f px is within 5 %% of widthMin %.2f px: stars down to %.2f px accepted.",
+            self.log.info("PSF width %.2f px is below 1.05 x widthMin (%.2f px): stars down to %.2f px accepted.",
                           width, width_min, 0.75 * width)
             return 0.75 * width
         return width_min
