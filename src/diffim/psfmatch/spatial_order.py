@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import PsfError
+from ..measure._stamps import kernel_image_stack
 from ..model.box import Box
 from ..model.psf import Psf
 from .basis import KernelBasis
@@ -28,14 +29,14 @@ __all__ = ["predicted_kernel_residuals", "choose_spatial_kernel_order"]
 _STAMP = 31
 
 
-def _centred(image: np.ndarray, n: int) -> np.ndarray:
-    """``image`` cropped or zero-padded to ``n × n`` about its centre pixel."""
-    h, w = image.shape
-    out = np.zeros((n, n))
+def _centred(stack: np.ndarray, n: int) -> np.ndarray:
+    """A stack of centred images, ``(k, h, w)``, cropped or zero-padded to ``(k, n, n)`` about the centre pixel."""
+    _, h, w = stack.shape
+    out = np.zeros((stack.shape[0], n, n))
     cy, cx, c = h // 2, w // 2, n // 2
     y0, y1 = max(0, cy - c), min(h, cy - c + n)
     x0, x1 = max(0, cx - c), min(w, cx - c + n)
-    out[y0 - (cy - c):y1 - (cy - c), x0 - (cx - c):x1 - (cx - c)] = image[y0:y1, x0:x1]
+    out[:, y0 - (cy - c):y1 - (cy - c), x0 - (cx - c):x1 - (cx - c)] = stack[:, y0:y1, x0:x1]
     return out
 
 
@@ -81,8 +82,8 @@ def predicted_kernel_residuals(
     ys = bbox.y0 + (np.arange(grid) + 0.5) * bbox.height / grid
     X, Y = (a.ravel() for a in np.meshgrid(xs, ys))
     try:
-        targets = np.stack([_centred(target_psf.compute_kernel_image(x, y), _STAMP + ks - 1) for x, y in zip(X, Y)])
-        refs = np.stack([_centred(reference_psf.compute_kernel_image(x, y), _STAMP) for x, y in zip(X, Y)])
+        targets = _centred(kernel_image_stack(target_psf, X, Y), _STAMP + ks - 1)
+        refs = _centred(kernel_image_stack(reference_psf, X, Y), _STAMP)
     except (PsfError, ValueError):
         return {}
     if not (np.isfinite(targets).all() and np.isfinite(refs).all()):
