@@ -235,11 +235,10 @@ def test_measured_correction_of_simulated_scenes_is_one(seed, options):
 
 
 def test_isolation_weighs_neighbours_by_flux():
-    """Aperture-correction stars (ImageDifferenceTask) are dropped for a detected peak within 24 px only when the
-    peak holds ≥ 0.5 % of their flux: a 300-count star 10 px from a 10⁵-count one (0.3 %) keeps it, a 2 000-count
-    one (2 %) does not, and a peak that cannot be measured (off the image) counts as a neighbour."""
-    from diffim.model import Exposure
-    from diffim.tasks.image_difference import _apcorr_isolated
+    """Aperture-correction stars are dropped for a detected peak within 24 px only when the peak holds ≥ 0.5 %
+    of their flux: a 300-count star 10 px from a 10⁵-count one (0.3 %) keeps it, a 2 000-count one (2 %) does
+    not, and a peak that cannot be measured (off the image) counts as a neighbour."""
+    from diffim.measure.apcorr import isolated_from_peaks
 
     rng = np.random.RandomState(2)
     img = rng.normal(0, SKY_SIGMA, (200, 300))
@@ -249,10 +248,9 @@ def test_isolation_weighs_neighbours_by_flux():
     for x, y, f in sources:
         stamp, box = psf.compute_image(x, y)
         img[box.slices()] += f * stamp
-    work = Exposure(image=img, variance=np.full(img.shape, SKY_SIGMA**2), psf=psf)
-    stars = Table({"x": [50.2, 150.3, 290.0], "y": [100.4, 99.8, 100.0], "base_PsfFlux_instFlux": [1e5, 1e5, 1e5]})
     px = [50.0, 60.0, 150.0, 160.0, 290.0, 310.0]  # the last peak, 20 px away, is off the 300-px-wide image
     py = [100.0, 100.0, 100.0, 100.0, 100.0, 100.0]
-    keep = _apcorr_isolated(stars, px, py, work, psf)
+    keep = isolated_from_peaks(img, np.full(img.shape, SKY_SIGMA**2), None, psf, [50.2, 150.3, 290.0],
+                               [100.4, 99.8, 100.0], [1e5, 1e5, 1e5], px, py)
     assert keep.tolist() == [True, False, False]
 

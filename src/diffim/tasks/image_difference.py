@@ -1299,7 +1299,7 @@ class ImageDifferenceTask(Task):
         They bring PSF fluxes to totals (the 12-px aperture fluxes divided by the PSF model's encircled energy):
         the science's photometric calibration here is not tied to a 12-px aperture, as an LSST calibration and
         the apCorrMap that comes with it are."""
-        from ..measure.apcorr import measure_ap_corr
+        from ..measure.apcorr import isolated_from_peaks, measure_ap_corr
         from ..sources import detect_and_measure_sources
 
         try:
@@ -1311,8 +1311,11 @@ class ImageDifferenceTask(Task):
             # Isolation from every detected source, not only from other stars: a neighbour inside the 12-px
             # aperture biases the ratio high.
             if len(stars) and len(sources.meta["all_x"]) > 1:
-                stars = stars[_apcorr_isolated(stars, sources.meta["all_x"], sources.meta["all_y"], work,
-                                               science.require_psf())]
+                stars = stars[isolated_from_peaks(
+                    work.image, work.variance, work.mask.array, science.require_psf(),
+                    np.asarray(stars["x"], float), np.asarray(stars["y"], float),
+                    np.asarray(stars["base_PsfFlux_instFlux"], float), sources.meta["all_x"], sources.meta["all_y"],
+                    xy0=work.xy0)]
             res = measure_ap_corr(work.image, work.variance, work.mask.array, science.require_psf(),
                                   np.asarray(stars["x"], float), np.asarray(stars["y"], float), bbox=science.bbox,
                                   xy0=science.xy0, bad_mask=science.mask.bitmask(
@@ -1385,39 +1388,6 @@ def _reference_colour(ref, name):
             return -2.5 * np.log10(np.asarray(ref["g_flux"], float) / np.asarray(ref["r_flux"], float))
     raise BadInputError(f"doSelectDcrCatalog needs g and r magnitudes (g_mag, r_mag) or fluxes (g_flux, r_flux) in "
                         f"the reference catalogue {name!r}.")
-
-
-#: A detected peak within twice the 12-px aperture radius of an aperture-correction star disqualifies the star
-#: when the peak's PSF flux is at least this fraction of the star's (see :func:`_apcorr_isolated`).
-APCORR_NEIGHBOUR_FRACTION = 0.005
-
-
-def _apcorr_isolated(stars, peak_x, peak_y, work, psf) -> np.ndarray:
-    """True for the ``stars`` with no detected peak within 24 px holding ≥ APCORR_NEIGHBOUR_FRACTION of their
-    PSF flux (the peaks' fluxes fitted on ``work``, the sky-subtracted science).
-
-    Any peak at all used to disqualify a star: with a sharp PSF (FWHM 2.5 px) stars of a few hundred counts are
-    5σ peaks, one lies within 24 px of nearly every bright star, and the correction was left to the faintest
-    (seed 402: 10 stars of ≤ 2.4·10⁴ counts, 0.943, flux bias −5.6 %), though a 600-count star 13 px away
-    moves a 2.9·10⁵-count star's ratio by 0.2 % at most.
-    """
-    from scipy.spatial import cKDTree
-
-    from ..measure.psf_flux import psf_flux
-
-    px, py = np.asarray(peak_x, float), np.asarray(peak_y, float)
-    sx, sy = np.asarray(stars["x"], float), np.asarray(stars["y"], float)
-    sflux = np.asarray(stars["base_PsfFlux_instFlux"], float)
-    pflux = psf_flux(work.image, work.variance, work.mask.array, psf, px, py, xy0=work.xy0).flux
-    keep = np.ones(len(sx), bool)
-    for i, near in enumerate(cKDTree(np.column_stack([px, py])).query_ball_point(np.column_stack([sx, sy]), 24.0)):
-        for j in near:
-            if np.hypot(px[j] - sx[i], py[j] - sy[i]) <= 1.5:  # the star's own peak
-                continue
-            if not (pflux[j] < APCORR_NEIGHBOUR_FRACTION * sflux[i]):  # NaN (unmeasurable) counts as a neighbour
-                keep[i] = False
-                break
-    return keep
 
 
 def _preconvolved_psf(psf, pre_kernel, pos):
